@@ -1,0 +1,14 @@
+"""The ``mvtcae`` command: thin wrappers over the platform's functions."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mvtcae-platform")
+def main() -> None:
+    """Train, tune, evaluate and ship MVTCAE multimodal VAEs on Ray, tracked in MLflow."""
+
+
+# Sub-command groups register here, one line each (imports stay inside each group's module).
