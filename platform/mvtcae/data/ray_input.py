@@ -1,0 +1,170 @@
+"""Ray Data input: dataset directory -> Ray Datasets per split -> MultimodalBatch.
+
+CPU budget: Ray Data read tasks here ask for ``READ_TASK_CPUS`` (0.25) CPU each, and
+training workers should ask for a fraction of a CPU too (e.g.
+``ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5})`` on a 2-CPU machine).
+If workers hold every logical CPU, read tasks can never be scheduled and training waits
+forever for its first batch.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from ray.data import DataIterator, Dataset, FileShuffleConfig, RandomSeedConfig
+
+from mvtcae.data.format import ID_COLUMN, LABEL_COLUMN, Manifest, load_manifest, presence_column
+from mvtcae.data.validate import validate_dataset
+from mvtcae.model.batch import MultimodalBatch
+
+READ_TASK_CPUS = 0.25
+MATERIALIZE_MAX_BYTES = 1 << 30
+"""Auto mode materialises when the whole dataset (uncompressed) is at most this many bytes
+and at most a fifth of the object store."""
+
+
+def open_splits(
+    path: str | os.PathLike,
+    materialize: bool | None = None,
+    *,
+    splits: list[str] | None = None,
+    validate: bool = True,
+    shuffle_train_files: bool = True,
+    seed: int | None = None,
+    read_num_cpus: float = READ_TASK_CPUS,
+) -> dict[str, Dataset]:
+    """Open the dataset directory ``path`` as one Ray Dataset per split (validated first).
+
+    ``materialize=None`` materialises when the dataset is small (see
+    ``MATERIALIZE_MAX_BYTES``): small datasets then skip the per-epoch re-read. The train
+    split's shard order is reshuffled at every execution (every epoch): a file shuffle when
+    streaming, a block-order shuffle when materialised.
+    """
+    manifest = validate_dataset(path) if validate else load_manifest(path)
+    names = splits or list(manifest.splits)
+    if materialize is None:
+        materialize = should_materialize(manifest)
+    return {
+        split: _open_split(
+            manifest,
+            Path(path),
+            split,
+            materialize,
+            shuffle_train_files and split == "train",
+            seed,
+            read_num_cpus,
+        )
+        for split in names
+    }
+
+
+def should_materialize(manifest: Manifest) -> bool:
+    """Whether the auto mode keeps this dataset in the object store."""
+    total = manifest.row_bytes * sum(s.num_rows for s in manifest.splits.values())
+    store = ray.cluster_resources().get("object_store_memory", 0) if ray.is_initialized() else 0
+    limit = min(MATERIALIZE_MAX_BYTES, store / 5) if store else MATERIALIZE_MAX_BYTES
+    return total <= limit
+
+
+def _open_split(
+    manifest: Manifest,
+    root: Path,
+    split: str,
+    materialize: bool,
+    shuffle_files: bool,
+    seed: int | None,
+    read_num_cpus: float,
+) -> Dataset:
+    paths = [str(p) for p in manifest.shard_paths(root, split)]
+    file_shuffle = FileShuffleConfig(seed=seed) if shuffle_files and not materialize else None
+    dataset = ray.data.read_parquet(
+        paths, num_cpus=read_num_cpus, shuffle=file_shuffle, partitioning=None
+    )
+    if not materialize:
+        return dataset
+    dataset = dataset.materialize()
+    if shuffle_files:
+        return dataset.randomize_block_order(seed=RandomSeedConfig(seed=seed))
+    return dataset
+
+
+def to_model_batch(
+    batch: Mapping[str, Any], manifest: Manifest, device: torch.device | str = "cpu"
+) -> MultimodalBatch:
+    """Convert a column batch (NumPy or torch) into a MultimodalBatch on ``device``.
+
+    Stored values move to the device first (uint8 is 4x smaller than float32), then become
+    float32 with the manifest's transform (``divide_255``: [0, 1]); masks become bool,
+    labels int64; sample ids go to ``meta["sample_id"]``.
+    """
+    data, masks = {}, {}
+    for name, spec in manifest.modalities.items():
+        stored = _as_tensor(batch[name], device)
+        values = stored.reshape(stored.shape[0], *spec.shape).to(torch.float32)
+        data[name] = values * spec.scale if spec.scale != 1.0 else values
+        masks[name] = _as_tensor(batch[presence_column(name)], device).to(torch.bool)
+    labels = None
+    if manifest.has_labels and LABEL_COLUMN in batch:
+        labels = _as_tensor(batch[LABEL_COLUMN], device).to(torch.int64)
+    meta = {}
+    if ID_COLUMN in batch:
+        meta["sample_id"] = _as_tensor(batch[ID_COLUMN], device).to(torch.int64)
+    return MultimodalBatch(data=data, masks=masks, labels=labels, meta=meta)
+
+
+def _as_tensor(values: Any, device: torch.device | str) -> torch.Tensor:
+    if isinstance(values, torch.Tensor):
+        return values.to(device, non_blocking=True)
+    array = np.asarray(values)
+    with warnings.catch_warnings():
+        # Ray hands out read-only arrays; the tensor is only read, never written in place.
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.as_tensor(array).to(device, non_blocking=True)
+
+
+def iter_model_batches(
+    source: Dataset | DataIterator,
+    manifest: Manifest,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    *,
+    shuffle: bool = False,
+    local_shuffle_buffer_size: int | None = None,
+    seed: int | None = None,
+    epoch: int = 0,
+    drop_last: bool = False,
+    prefetch_batches: int = 2,
+) -> Iterator[MultimodalBatch]:
+    """Yield MultimodalBatches from a Ray Dataset or DataIterator (a Train dataset shard).
+
+    ``shuffle=True`` mixes rows through a local buffer (default ``4 * batch_size`` rows);
+    for a Dataset it also randomises block order. Pass ``epoch`` with a ``seed`` to get a
+    different, reproducible order each epoch. A DataIterator's shard order is set by
+    ``open_splits`` (reshuffled each epoch).
+    """
+    shuffle_seed = None if seed is None else seed + epoch
+    if shuffle and isinstance(source, Dataset):
+        source = source.randomize_block_order(
+            seed=RandomSeedConfig(seed=shuffle_seed, reseed_after_execution=False)
+            if shuffle_seed is not None
+            else None
+        )
+    buffer = (local_shuffle_buffer_size or 4 * batch_size) if shuffle else None
+    # The local shuffle buffer rejects a seed without a buffer.
+    batches = source.iter_torch_batches(
+        batch_size=batch_size,
+        device="cpu",
+        drop_last=drop_last,
+        local_shuffle_buffer_size=buffer,
+        local_shuffle_seed=shuffle_seed if buffer else None,
+        prefetch_batches=prefetch_batches,
+    )
+    for batch in batches:
+        yield to_model_batch(batch, manifest, device)
