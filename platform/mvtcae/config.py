@@ -1,0 +1,276 @@
+"""The experiment config: one validated pydantic model per section, YAML in and out.
+
+Defaults run the demo on a laptop: a small PolyMNIST re-creation, two CPU workers on a local
+Ray, a SQLite MLflow store. Relative paths are resolved against the working directory once,
+when the config is built, because Ray workers run in their own session directories.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mvtcae.evaluate import EvalConfig
+from mvtcae.tracking import TrackingConfig
+
+DISTRIBUTIONS = ("normal", "laplace", "bernoulli", "categorical")
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not validate; the message names the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _absolute(path: Path | None) -> Path | None:
+    return None if path is None else Path(path).expanduser().resolve()
+
+
+class DataConfig(_Section):
+    """Which dataset to train on and how to prepare and read it."""
+
+    dataset: Literal["polymnist", "mfeat", "custom"] = "polymnist"
+    dir: Path | None = Field(
+        default=None, description="dataset directory; default data/<dataset>-<n_train>"
+    )
+    prepare_if_missing: bool = Field(
+        default=True, description="write the built-in dataset into `dir` when it is absent"
+    )
+    n_train: int = Field(default=2000, ge=10, description="PolyMNIST training tuples to write")
+    n_test: int = Field(default=500, ge=10, description="PolyMNIST test tuples to write")
+    missing_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
+    seed: int = 0
+    val_split: str | None = Field(
+        default=None,
+        description="split validated each epoch; default 'val' if present, else 'test'",
+    )
+    materialize: bool | None = Field(
+        default=None,
+        description="hold the splits in the object store; None lets the data layer decide",
+    )
+    shuffle_buffer: int = Field(
+        default=2048, ge=0, description="local shuffle buffer rows per worker"
+    )
+
+    @field_validator("dir")
+    @classmethod
+    def _resolve_dir(cls, v: Path | None) -> Path | None:
+        return _absolute(v)
+
+    @model_validator(mode="after")
+    def _custom_needs_dir(self) -> DataConfig:
+        if self.dataset == "custom" and self.dir is None:
+            raise ValueError("data.dir is required when data.dataset is 'custom'")
+        return self
+
+    def resolved_dir(self) -> Path:
+        """The dataset directory, absolute (the default one when none is configured)."""
+        if self.dir is not None:
+            return self.dir
+        name = f"{self.dataset}-{self.n_train}" if self.dataset == "polymnist" else self.dataset
+        return Path("data", name).resolve()
+
+
+class ModelSection(_Section):
+    """MVTCAE hyperparameters; shapes and default likelihoods come from the dataset manifest."""
+
+    latent_dim: int = Field(default=64, ge=1)
+    alpha: float = Field(default=5 / 6, ge=0.0, le=1.0)
+    beta: float = Field(default=2.5, gt=0.0)
+    networks: Literal["mlp", "conv"] = "mlp"
+    decoders_dist: dict[str, str] | None = Field(
+        default=None, description="{modality: distribution}; missing ones use the manifest's"
+    )
+    decoder_scale: float | dict[str, float] | None = Field(
+        default=0.75, description="scale of normal/laplace likelihoods: one value or per modality"
+    )
+    uses_likelihood_rescaling: bool = False
+    rescale_factors: dict[str, float] | None = None
+
+    @field_validator("decoders_dist")
+    @classmethod
+    def _known_distributions(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        for modality, dist in (v or {}).items():
+            if dist not in DISTRIBUTIONS:
+                raise ValueError(
+                    f"modality {modality!r}: unknown distribution {dist!r}; use one of {DISTRIBUTIONS}"
+                )
+        return v
+
+    @field_validator("decoder_scale")
+    @classmethod
+    def _positive_scale(cls, v: float | dict[str, float] | None) -> float | dict[str, float] | None:
+        values = v.items() if isinstance(v, dict) else [("all", v)]
+        for modality, scale in values:
+            if scale is not None and scale <= 0:
+                raise ValueError(f"modality {modality!r}: scale must be > 0, got {scale}")
+        return v
+
+
+class OptimizerConfig(_Section):
+    """Optimizer and its hyperparameters."""
+
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(default=1e-3, gt=0.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = Field(default=0.9, ge=0.0, description="sgd only")
+
+
+class ScheduleConfig(_Section):
+    """Learning-rate schedule, stepped once per epoch."""
+
+    name: Literal["constant", "cosine", "step"] = "constant"
+    warmup_epochs: int = Field(default=0, ge=0, description="linear warm-up from lr/10")
+    min_lr_ratio: float = Field(default=0.0, ge=0.0, le=1.0, description="cosine floor, times lr")
+    step_epochs: int = Field(default=30, ge=1, description="step schedule: epochs between decays")
+    gamma: float = Field(default=0.5, gt=0.0, le=1.0, description="step schedule: decay factor")
+
+
+class CheckpointSection(_Section):
+    """Which checkpoints to keep."""
+
+    num_to_keep: int = Field(default=2, ge=1)
+    metric: str = "val/loss"
+    mode: Literal["min", "max"] = "min"
+
+
+class TrainConfig(_Section):
+    """The Ray Train run: scaling, optimisation, precision, checkpoints and recovery."""
+
+    epochs: int = Field(default=5, ge=1)
+    batch_size: int = Field(default=256, ge=1, description="global batch, split across workers")
+    num_workers: int = Field(default=2, ge=1)
+    use_gpu: bool | None = Field(default=None, description="None: use GPUs if the cluster has any")
+    resources_per_worker: dict[str, float] | None = Field(
+        default=None, description="default {'CPU': 1} (plus {'GPU': 1} on GPU)"
+    )
+    threads_per_worker: int | None = Field(
+        default=None, ge=1, description="torch intra-op threads; default: the worker's CPUs"
+    )
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    grad_clip_norm: float | None = Field(default=None, gt=0.0, description="None: no clipping")
+    precision: Literal["fp32", "bf16"] = "fp32"
+    seed: int = 0
+    max_batches_per_epoch: int | None = Field(default=None, ge=1, description="cap, for smoke runs")
+    checkpoint: CheckpointSection = CheckpointSection()
+    max_failures: int = Field(default=2, ge=0, description="worker-group restarts before failing")
+    storage_path: Path = Field(default=Path("outputs/ray_results"), validate_default=True)
+    run_name: str | None = Field(default=None, description="Ray run name prefix; default: `name`")
+    ray_address: str | None = Field(
+        default=None, description="Ray cluster; None: RAY_ADDRESS, else a local Ray"
+    )
+    local_num_cpus: int | None = Field(
+        default=None,
+        ge=1,
+        description="logical CPUs of a local Ray; default leaves room for Ray Data",
+    )
+
+    @field_validator("storage_path")
+    @classmethod
+    def _resolve_storage(cls, v: Path) -> Path:
+        return _absolute(v)  # type: ignore[return-value]
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _positive_resources(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for name, amount in (v or {}).items():
+            if amount < 0:
+                raise ValueError(f"resource {name!r}: amount must be >= 0, got {amount}")
+        return v
+
+    @model_validator(mode="after")
+    def _batch_covers_workers(self) -> TrainConfig:
+        if self.batch_size < self.num_workers:
+            raise ValueError(
+                f"train.batch_size ({self.batch_size}) is smaller than train.num_workers "
+                f"({self.num_workers}): each worker needs at least one row per step"
+            )
+        return self
+
+
+class ExperimentConfig(_Section):
+    """Everything one training run needs, in one validated object."""
+
+    name: str = Field(default="mvtcae-demo", pattern=r"^[A-Za-z0-9_.-]+$")
+    data: DataConfig = DataConfig()
+    model: ModelSection = ModelSection()
+    train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON/YAML-safe dict of the whole config."""
+        return self.model_dump(mode="json")
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        """The config as YAML text, also written to ``path`` when given."""
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.field=value`` overrides (values parsed as YAML) to a raw config dict."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: expected section.field=value")
+        _set_dotted(raw, key.strip(), yaml.safe_load(text))
+    return raw
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "<root>"
+        got = f" (got {e['input']!r})" if e["type"] != "missing" and "input" in e else ""
+        lines.append(f"  {where}: {e['msg']}{got}")
+    return "\n".join(lines)
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "dict") -> ExperimentConfig:
+    """Validate a raw dict into an ExperimentConfig, raising ConfigError naming each bad field."""
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None
+) -> ExperimentConfig:
+    """Load a YAML config (or the embedded defaults when ``path`` is None) and apply overrides."""
+    raw: dict[str, Any] = {}
+    source = "embedded defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: top level must be a mapping of sections")
+        raw = loaded or {}
+    apply_overrides(raw, list(overrides or []))
+    return config_from_dict(raw, source)

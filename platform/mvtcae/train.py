@@ -1,0 +1,610 @@
+"""Distributed MVTCAE training on Ray Train (V2): the worker loop and the driver around it.
+
+The driver prepares the dataset, opens one MLflow run, and launches a ``TorchTrainer`` whose
+workers read their shard through Ray Data, train with DDP, validate each epoch, and report
+per-sample loss terms, throughput and a checkpoint (rank 0) every epoch. A killed worker
+restarts the worker group from the latest checkpoint (``FailureConfig``); ``resume=True``
+continues the latest run of the same name, in the same MLflow run. At the end the driver
+evaluates the best checkpoint and hands it to the registry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.data
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+
+from mvtcae import MVTCAE, MultimodalBatch, MVTCAEConfig
+from mvtcae.checkpoint import TrainerState, load_model, restore_optimizer, save_checkpoint
+from mvtcae.config import ExperimentConfig, ModelSection, ScheduleConfig, TrainConfig
+
+RUN_STATE_FILE = "mvtcae_run.json"
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks shared by the worker loop, the benchmark and tests
+# --------------------------------------------------------------------------------------------
+def model_config_for(section: ModelSection, manifest: Any) -> MVTCAEConfig:
+    """The MVTCAEConfig for a dataset: shapes and default likelihoods from its manifest."""
+    names = list(manifest.modalities)
+    unknown = sorted(set(section.decoders_dist or {}) - set(names))
+    if unknown:
+        raise ValueError(f"model.decoders_dist names modalities {unknown} not in dataset {names}")
+    dists = {
+        m: (section.decoders_dist or {}).get(m, manifest.modalities[m].distribution) for m in names
+    }
+    scales = section.decoder_scale
+    if isinstance(scales, dict):
+        bad = sorted(set(scales) - set(names))
+        if bad:
+            raise ValueError(f"model.decoder_scale names modalities {bad} not in dataset {names}")
+    params = {}
+    for m in names:
+        scale = scales.get(m) if isinstance(scales, dict) else scales
+        if scale is not None and dists[m] in ("normal", "laplace"):
+            params[m] = {"scale": float(scale)}
+    return MVTCAEConfig(
+        n_modalities=len(names),
+        latent_dim=section.latent_dim,
+        input_dims={m: tuple(manifest.modalities[m].shape) for m in names},
+        decoders_dist=dists,
+        decoder_dist_params=params or None,
+        uses_likelihood_rescaling=section.uses_likelihood_rescaling,
+        rescale_factors=section.rescale_factors,
+        alpha=section.alpha,
+        beta=section.beta,
+        default_networks=section.networks,
+    )
+
+
+def build_optimizer(params: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer named in the config."""
+    opt = cfg.optimizer
+    if opt.name == "adam":
+        return torch.optim.Adam(params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
+    if opt.name == "adamw":
+        return torch.optim.AdamW(params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
+    return torch.optim.SGD(params, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
+
+
+def lr_factor(epoch: int, schedule: ScheduleConfig, total_epochs: int) -> float:
+    """Learning-rate multiplier for a 0-based epoch."""
+    if epoch < schedule.warmup_epochs:
+        return 0.1 + 0.9 * epoch / schedule.warmup_epochs
+    if schedule.name == "cosine":
+        span = max(1, total_epochs - schedule.warmup_epochs)
+        progress = min(1.0, (epoch - schedule.warmup_epochs) / span)
+        cosine = 0.5 * (1.0 + torch.cos(torch.tensor(progress * torch.pi)).item())
+        return schedule.min_lr_ratio + (1.0 - schedule.min_lr_ratio) * cosine
+    if schedule.name == "step":
+        return schedule.gamma ** ((epoch - schedule.warmup_epochs) // schedule.step_epochs)
+    return 1.0
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-epoch LambdaLR following ``cfg.schedule`` (its state holds only numbers)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda e: lr_factor(e, cfg.schedule, cfg.epochs)
+    )
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast (fp32 weights) when asked, else a no-op context."""
+    if precision != "bf16":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether the device runs bf16 matmuls natively (CUDA with bf16, or AVX512-BF16/AMX CPUs)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    caps = torch.backends.cpu.get_cpu_capability()
+    return caps in ("AVX512", "AMX") or bool(
+        getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    )
+
+
+def train_step(
+    model: torch.nn.Module,
+    batch: MultimodalBatch,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    precision: str,
+    grad_clip_norm: float | None,
+) -> tuple[dict[str, float], float]:
+    """One optimisation step; returns the batch's loss sums and the gradient norm."""
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(device, precision):
+        out = model(batch)
+    out.loss.backward()
+    if grad_clip_norm is not None:
+        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm))
+    else:
+        norm = float("nan")
+    optimizer.step()
+    return _batch_sums(out), norm
+
+
+def _batch_sums(out: Any) -> dict[str, float]:
+    sums = {"loss": float(out.loss_sum.detach())}
+    for key, value in out.metrics.items():
+        name = key if key == "joint_divergence" or key.startswith("kld_") else f"recon_{key}"
+        sums[name] = float(value)
+    return sums
+
+
+def _add(total: dict[str, float], part: dict[str, float]) -> None:
+    for key, value in part.items():
+        total[key] = total.get(key, 0.0) + value
+
+
+# --------------------------------------------------------------------------------------------
+# The worker loop
+# --------------------------------------------------------------------------------------------
+def _all_reduce(
+    values: dict[str, float], device: torch.device, op: str = "sum"
+) -> dict[str, float]:
+    """Sum (or max) a dict of floats over the worker group; keys are identical on every rank."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return dict(values)
+    keys = sorted(values)
+    reduce_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=reduce_device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return dict(zip(keys, tensor.tolist(), strict=True))
+
+
+def _batches(shard: Any, manifest: Any, batch_size: int, device: torch.device, *,
+             shuffle_buffer: int = 0, seed: int = 0, epoch: int = 0,
+             limit: int | None = None) -> Iterator[MultimodalBatch]:  # fmt: skip
+    from mvtcae.data import iter_model_batches
+
+    batches = iter_model_batches(
+        shard, manifest, batch_size, device=device, shuffle=shuffle_buffer > 0,
+        local_shuffle_buffer_size=shuffle_buffer or None, seed=seed, epoch=epoch,
+    )  # fmt: skip
+    for i, batch in enumerate(batches):
+        if limit is not None and i >= limit:
+            break
+        yield batch
+
+
+def run_train_epoch(model, batches, optimizer, device, cfg: TrainConfig) -> dict[str, float]:
+    """Train over an iterable of batches; return this rank's loss sums, rows, time and grad norm."""
+    model.train()
+    totals: dict[str, float] = {}
+    rows = steps = 0
+    norm_sum = 0.0
+    start = time.perf_counter()
+    for batch in batches:
+        sums, norm = train_step(model, batch, optimizer, device, cfg.precision, cfg.grad_clip_norm)
+        _add(totals, sums)
+        rows += len(batch)
+        steps += 1
+        norm_sum += 0.0 if norm != norm else norm
+    totals.update(rows=float(rows), steps=float(steps), grad_norm_sum=norm_sum)
+    totals["time_s"] = time.perf_counter() - start
+    return totals
+
+
+@torch.no_grad()
+def run_validation(model: MVTCAE, batches) -> dict[str, float]:
+    """Loss sums of an fp32 pass over the batches (this rank's share)."""
+    model.eval()
+    totals: dict[str, float] = {}
+    rows = 0
+    for batch in batches:
+        _add(totals, _batch_sums(model(batch)))
+        rows += len(batch)
+    totals["rows"] = float(rows)
+    return totals
+
+
+def _per_sample(prefix: str, sums: dict[str, float]) -> dict[str, float]:
+    rows = max(sums.get("rows", 0.0), 1.0)
+    skip = {"rows", "steps", "time_s", "grad_norm_sum"}
+    return {f"{prefix}/{k}": v / rows for k, v in sums.items() if k not in skip}
+
+
+def epoch_metrics(epoch: int, train: dict[str, float], val: dict[str, float], train_time: float,
+                  epoch_time: float, lr: float) -> dict[str, float]:  # fmt: skip
+    """The metrics reported for an epoch from group-wide sums."""
+    metrics = {"epoch": float(epoch), "lr": lr}
+    metrics.update(_per_sample("train", train))
+    metrics.update(_per_sample("val", val))
+    if train.get("grad_norm_sum", 0.0) > 0:
+        metrics["train/grad_norm"] = train["grad_norm_sum"] / max(train["steps"], 1.0)
+    metrics["perf/samples_per_s"] = train["rows"] / max(train_time, 1e-9)
+    metrics["perf/train_time_s"] = train_time
+    metrics["perf/epoch_time_s"] = epoch_time
+    return metrics
+
+
+def _log_metrics_to_mlflow(
+    tracking_uri: str | None, run_id: str | None, metrics: dict, step: int
+) -> None:
+    if not run_id:
+        return
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    now = int(time.time() * 1000)
+    entries = [Metric(k, float(v), now, step) for k, v in metrics.items() if k != "epoch"]
+    MlflowClient(tracking_uri=tracking_uri).log_batch(run_id, metrics=entries, synchronous=True)
+
+
+def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
+    """Ray Train worker: restore, train with DDP, validate, report and checkpoint every epoch."""
+    from mvtcae.data import load_manifest
+
+    cfg = TrainConfig.model_validate(loop_cfg["train"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(int(loop_cfg["threads_per_worker"]))
+    torch.manual_seed(cfg.seed + rank)
+    device = ray.train.torch.get_device()
+    manifest = load_manifest(loop_cfg["dataset_dir"])
+
+    checkpoint = ray.train.get_checkpoint()
+    start_epoch = 1
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            model = load_model(ckpt_dir).to(device)
+            optimizer = build_optimizer(model.parameters(), cfg)
+            scheduler = build_scheduler(optimizer, cfg)
+            state = restore_optimizer(ckpt_dir, optimizer, scheduler, map_location=device)
+        start_epoch = state.epoch + 1
+        if rank == 0:
+            print(f"[mvtcae] rank 0 resumes after epoch {state.epoch} from {checkpoint.path}")
+            _log_metrics_to_mlflow(loop_cfg["tracking_uri"], loop_cfg["run_id"],
+                                   {"train/resumed_after_epoch": state.epoch}, state.epoch)  # fmt: skip
+    else:
+        model = MVTCAE(MVTCAEConfig.from_dict(loop_cfg["model_config"])).to(device)
+        optimizer = build_optimizer(model.parameters(), cfg)
+        scheduler = build_scheduler(optimizer, cfg)
+    ddp_model = ray.train.torch.prepare_model(model)
+
+    local_batch = max(1, cfg.batch_size // world)
+    shuffle_buffer = int(loop_cfg["shuffle_buffer"])
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        epoch_start = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        train_batches = _batches(ray.train.get_dataset_shard("train"), manifest, local_batch, device,
+                                 shuffle_buffer=shuffle_buffer, seed=cfg.seed + rank, epoch=epoch,
+                                 limit=cfg.max_batches_per_epoch)  # fmt: skip
+        train_sums = run_train_epoch(ddp_model, train_batches, optimizer, device, cfg)
+        scheduler.step()
+        val_batches = _batches(ray.train.get_dataset_shard("val"), manifest, local_batch, device)
+        val_sums = run_validation(model, val_batches)
+        train_time = _all_reduce({"t": train_sums.pop("time_s")}, device, op="max")["t"]
+        train_sums = _all_reduce(train_sums, device)
+        val_sums = _all_reduce(val_sums, device)
+        epoch_time = _all_reduce({"t": time.perf_counter() - epoch_start}, device, op="max")["t"]
+        metrics = epoch_metrics(epoch, train_sums, val_sums, train_time, epoch_time, lr)
+        _report(metrics, epoch, rank, world, model, optimizer, scheduler, cfg, loop_cfg)
+
+
+def _report(metrics, epoch, rank, world, model, optimizer, scheduler, cfg, loop_cfg) -> None:
+    """Every rank reports; rank 0 alone logs to MLflow and passes a checkpoint."""
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    line = "  ".join(
+        f"{k}={v:.4g}"
+        for k, v in metrics.items()
+        if k.startswith(("train/loss", "val/loss", "perf/s"))
+    )
+    print(f"[mvtcae] epoch {epoch}/{cfg.epochs}  {line}")
+    _log_metrics_to_mlflow(loop_cfg["tracking_uri"], loop_cfg["run_id"], metrics, epoch)
+    with tempfile.TemporaryDirectory(prefix="mvtcae-ckpt-") as tmp:
+        state = TrainerState(
+            epoch=epoch, metrics=metrics, precision=cfg.precision, world_size=world
+        )
+        save_checkpoint(tmp, model, optimizer, scheduler, state)
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}",
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# The driver
+# --------------------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    """What a training run produced."""
+
+    run_id: str | None
+    run_name: str
+    run_dir: Path
+    best_checkpoint: Path | None
+    final_metrics: dict[str, float]
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    registered: Any = None
+    tracking_uri: str | None = None
+    wall_time_s: float = 0.0
+
+
+def prepare_dataset(cfg: ExperimentConfig) -> tuple[Path, Any]:
+    """Return the dataset directory and manifest, writing a built-in dataset there if missing."""
+    import mvtcae.data as data_layer
+
+    data = cfg.data
+    directory = data.resolved_dir()
+    if (directory / "manifest.json").is_file():
+        return directory, data_layer.load_manifest(directory)
+    if data.dataset == "custom" or not data.prepare_if_missing:
+        raise FileNotFoundError(
+            f"data.dir {directory} holds no dataset (manifest.json missing); "
+            "prepare one with `mvtcae data prepare ...` or set data.prepare_if_missing: true"
+        )
+    print(f"[mvtcae] preparing {data.dataset} into {directory}")
+    if data.dataset == "polymnist":
+        manifest = data_layer.prepare_polymnist(
+            directory, n_train=data.n_train, n_test=data.n_test,
+            missing_ratio=data.missing_ratio, seed=data.seed,
+        )  # fmt: skip
+    else:
+        manifest = data_layer.prepare_mfeat(
+            directory, missing_ratio=data.missing_ratio, seed=data.seed
+        )
+    return directory, manifest
+
+
+def _worker_resources(cfg: TrainConfig, use_gpu: bool) -> dict[str, float]:
+    resources = dict(cfg.resources_per_worker or {"CPU": 1.0})
+    if use_gpu:
+        resources.setdefault("GPU", 1.0)
+    return resources
+
+
+def ensure_ray(cfg: TrainConfig) -> None:
+    """Connect to the configured Ray cluster, or start a local one with room for Ray Data."""
+    if ray.is_initialized():
+        return
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return
+    per_worker = _worker_resources(cfg, False).get("CPU", 1.0)
+    num_cpus = cfg.local_num_cpus or max(os.cpu_count() or 1, int(cfg.num_workers * per_worker) + 2)
+    ray.init(num_cpus=num_cpus)
+
+
+def scaling_config(cfg: TrainConfig) -> ScalingConfig:
+    """ScalingConfig from the config; GPUs are used when asked, or when there are any (auto)."""
+    use_gpu = cfg.use_gpu
+    if use_gpu is None:
+        use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    return ScalingConfig(
+        num_workers=cfg.num_workers,
+        use_gpu=use_gpu,
+        resources_per_worker=_worker_resources(cfg, use_gpu),
+    )
+
+
+def _threads_per_worker(cfg: TrainConfig) -> int:
+    if cfg.threads_per_worker:
+        return cfg.threads_per_worker
+    return max(1, int(round(_worker_resources(cfg, False).get("CPU", 1.0))))
+
+
+def _run_prefix(cfg: ExperimentConfig) -> str:
+    return cfg.train.run_name or cfg.name
+
+
+def latest_run_dir(cfg: ExperimentConfig) -> Path | None:
+    """The newest run directory of this config's run name under the storage path."""
+    root = cfg.train.storage_path
+    prefix = _run_prefix(cfg)
+    if not root.is_dir():
+        return None
+    runs = [p for p in root.glob(f"{prefix}-*") if (p / RUN_STATE_FILE).is_file()]
+    return max(runs, key=lambda p: p.name) if runs else None
+
+
+def _new_run_name(cfg: ExperimentConfig) -> str:
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
+    return f"{_run_prefix(cfg)}-{stamp}"
+
+
+def _open_splits(cfg: ExperimentConfig, dataset_dir: Path, manifest: Any) -> dict[str, Any]:
+    from mvtcae.data import open_splits
+
+    # The per-epoch lines are the progress display; Ray Data's bars would interleave with them.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    splits = open_splits(dataset_dir, materialize=cfg.data.materialize, seed=cfg.train.seed)
+    val_name = cfg.data.val_split or ("val" if "val" in manifest.splits else "test")
+    if "train" not in splits or val_name not in splits:
+        raise ValueError(
+            f"dataset {dataset_dir} has splits {sorted(splits)}; training needs 'train' and "
+            f"'{val_name}' (data.val_split)"
+        )
+    return {"train": splits["train"], "val": splits[val_name]}
+
+
+def build_trainer(cfg: ExperimentConfig, run_name: str, dataset_dir: Path, manifest: Any,
+                  run_id: str | None, tracking_uri: str | None) -> ray.train.torch.TorchTrainer:  # fmt: skip
+    """The TorchTrainer for this config (same name + storage path restores a run's state)."""
+    tc = cfg.train
+    loop_cfg = {
+        "train": tc.model_dump(mode="json"),
+        "model_config": model_config_for(cfg.model, manifest).to_dict(),
+        "dataset_dir": str(dataset_dir),
+        "shuffle_buffer": cfg.data.shuffle_buffer,
+        "threads_per_worker": _threads_per_worker(tc),
+        "run_id": run_id,
+        "tracking_uri": tracking_uri,
+    }
+    run_config = RunConfig(
+        name=run_name,
+        storage_path=str(tc.storage_path),
+        checkpoint_config=CheckpointConfig(
+            num_to_keep=tc.checkpoint.num_to_keep,
+            checkpoint_score_attribute=tc.checkpoint.metric,
+            checkpoint_score_order=tc.checkpoint.mode,
+        ),
+        failure_config=FailureConfig(max_failures=tc.max_failures),
+    )
+    return ray.train.torch.TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_cfg,
+        scaling_config=scaling_config(tc),
+        run_config=run_config,
+        datasets=_open_splits(cfg, dataset_dir, manifest),
+        dataset_config=DataConfig(datasets_to_split=["train", "val"]),
+    )
+
+
+def _best_checkpoint(result: Any, cfg: TrainConfig) -> tuple[Path | None, dict[str, float]]:
+    best = result.get_best_checkpoint(cfg.checkpoint.metric, cfg.checkpoint.mode)
+    if best is None:
+        return None, {}
+    metrics = next((m for c, m in result.best_checkpoints or [] if c.path == best.path), {})
+    return Path(best.path), dict(metrics)
+
+
+def train(cfg: ExperimentConfig, *, resume: bool = False) -> TrainResult:
+    """Train (or resume) a run, evaluate its best checkpoint and register it in MLflow."""
+    import mlflow
+
+    from mvtcae import tracking
+
+    started = time.perf_counter()
+    dataset_dir, manifest = prepare_dataset(cfg)
+    ensure_ray(cfg.train)
+    tracking_uri = tracking.resolve_tracking_uri(cfg.tracking)
+    run_dir, run_id = _start_or_resume(cfg, resume)
+    try:
+        trainer = build_trainer(cfg, run_dir.name, dataset_dir, manifest, run_id, tracking_uri)
+        result = trainer.fit()
+        best_path, best_metrics = _best_checkpoint(result, cfg.train)
+        final = {k: float(v) for k, v in (result.metrics or {}).items() if _is_number(v)}
+        out = TrainResult(
+            run_id=run_id, run_name=run_dir.name, run_dir=run_dir, best_checkpoint=best_path,
+            final_metrics=final, best_metrics=best_metrics, tracking_uri=tracking_uri,
+        )  # fmt: skip
+        if best_path is not None:
+            _evaluate_and_register(cfg, out, dataset_dir)
+    except BaseException:
+        mlflow.end_run(status="FAILED")
+        raise
+    mlflow.end_run()
+    out.wall_time_s = time.perf_counter() - started
+    return out
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _start_or_resume(cfg: ExperimentConfig, resume: bool) -> tuple[Path, str]:
+    """Pick the run directory and open its MLflow run: the latest one on resume, else a new one."""
+    from mvtcae import tracking
+
+    if resume:
+        run_dir = latest_run_dir(cfg)
+        if run_dir is None:
+            raise FileNotFoundError(
+                f"resume: no run named {_run_prefix(cfg)}-* under {cfg.train.storage_path}"
+            )
+        run_id = json.loads((run_dir / RUN_STATE_FILE).read_text())["mlflow_run_id"]
+        print(f"[mvtcae] resuming {run_dir.name} in MLflow run {run_id}")
+        tracking.start_run(cfg.tracking, run_id=run_id)
+        return run_dir, run_id
+    run_dir = cfg.train.storage_path / _new_run_name(cfg)
+    run_id = tracking.start_run(cfg.tracking, run_name=run_dir.name).info.run_id
+    tracking.log_config(cfg.to_dict(), run_id=run_id, tracking=cfg.tracking)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / RUN_STATE_FILE).write_text(
+        json.dumps({"mlflow_run_id": run_id, "config": cfg.to_dict()}, indent=2)
+    )
+    return run_dir, run_id
+
+
+def _evaluate_and_register(cfg: ExperimentConfig, out: TrainResult, dataset_dir: Path) -> None:
+    """Evaluate the best checkpoint in a Ray task (on a GPU if training had one), log, register."""
+    from mvtcae import tracking
+
+    use_gpu = bool(scaling_config(cfg.train).use_gpu)
+    task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(_evaluate_checkpoint)
+    report = ray.get(
+        task.remote(
+            str(out.best_checkpoint),
+            str(dataset_dir),
+            cfg.eval.model_dump(mode="json"),
+            str(out.run_dir / "evaluation"),
+            _threads_per_worker(cfg.train),
+        )  # fmt: skip
+    )
+    out.eval_metrics = {k: float(v) for k, v in report.metrics.items()}
+    step = int(out.final_metrics.get("epoch", 0))
+    tracking.log_evaluation(report, run_id=out.run_id, tracking=cfg.tracking, step=step)
+    if cfg.tracking.log_model:
+        out.registered = tracking.log_model_and_register(
+            out.best_checkpoint, cfg.tracking, out.eval_metrics, out.run_id
+        )
+
+
+def _evaluate_checkpoint(checkpoint: str, dataset_dir: str, eval_cfg: dict[str, Any],
+                         out_dir: str, threads: int) -> Any:  # fmt: skip
+    """Ray task body: load a checkpoint's model and evaluate it on the test split."""
+    from mvtcae.evaluate import EvalConfig, evaluate
+
+    torch.set_num_threads(max(1, threads))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(checkpoint).to(device)
+    config = EvalConfig.model_validate(eval_cfg)
+    return evaluate(model, dataset_dir, config, split="test", device=device, out_dir=out_dir)
+
+
+def format_summary(result: TrainResult) -> str:
+    """A plain-text table of the run's metrics, MLflow run, model version and how to look at it."""
+    rows: list[tuple[str, str]] = [
+        ("Ray run", result.run_name),
+        ("run directory", str(result.run_dir)),
+    ]
+    rows.append(("MLflow run", str(result.run_id)))
+    rows.append(("tracking URI", str(result.tracking_uri)))
+    for key in ("epoch", "train/loss", "val/loss", "perf/samples_per_s", "perf/epoch_time_s"):
+        if key in result.final_metrics:
+            rows.append((f"final {key}", f"{result.final_metrics[key]:.4g}"))
+    if result.best_checkpoint is not None:
+        rows.append(("best checkpoint", str(result.best_checkpoint)))
+    for key, value in sorted(result.eval_metrics.items()):
+        rows.append((key, f"{value:.4g}"))
+    reg = result.registered
+    if reg is not None:
+        rows.append(("registered model", f"{reg.name} v{reg.version}"))
+        rows.append(("alias", f"{reg.alias} ({'promoted' if reg.promoted else 'not promoted'})"))
+    rows.append(("wall time", f"{result.wall_time_s:.1f} s"))
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
+    uri = result.tracking_uri or ""
+    if uri.startswith("sqlite"):
+        lines.append(
+            f"MLflow UI: .venv/bin/mlflow ui --backend-store-uri {uri}  (then open http://127.0.0.1:5000)"
+        )
+    elif uri:
+        lines.append(f"MLflow UI: {uri}")
+    return "\n".join(lines)
