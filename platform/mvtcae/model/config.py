@@ -211,13 +211,8 @@ def _normalise_input_dims(input_dims: Any, n_modalities: int) -> dict[str, tuple
     for modality, shape in input_dims.items():
         if not isinstance(modality, str) or not modality:
             raise ConfigError(f"input_dims: modality names must be non-empty strings: {modality!r}")
-        if hasattr(shape, "__iter__"):
-            shape = tuple(shape)
-        else:
-            shape = (shape,)
-        if not shape or any(
-            isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape
-        ):
+        shape = tuple(shape) if hasattr(shape, "__iter__") else (shape,)
+        if not shape or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape):
             raise ConfigError(
                 f"input_dims[{modality!r}] must be a non-empty tuple of positive ints, got {shape!r}"
             )

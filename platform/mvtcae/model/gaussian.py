@@ -48,9 +48,7 @@ def kl_between(mu_q: Tensor, logvar_q: Tensor, mu_p: Tensor, logvar_p: Tensor) -
 
 def log_normal(z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
     """log N(z; mu, exp(logvar)) summed over the last dim (broadcasting)."""
-    return -0.5 * torch.sum(
-        (z - mu).pow(2) / logvar.exp() + logvar + math.log(2 * math.pi), dim=-1
-    )
+    return -0.5 * torch.sum((z - mu).pow(2) / logvar.exp() + logvar + math.log(2 * math.pi), dim=-1)
 
 
 def log_standard_normal(z: Tensor) -> Tensor:

@@ -102,8 +102,10 @@ class MVTCAE(nn.Module):
             mods = [m for m in self.modalities if m in batch.data]
         elif isinstance(cond_mod, str):
             mods = [cond_mod]
-        elif isinstance(cond_mod, list | tuple) and cond_mod and all(
-            isinstance(m, str) for m in cond_mod
+        elif (
+            isinstance(cond_mod, list | tuple)
+            and cond_mod
+            and all(isinstance(m, str) for m in cond_mod)
         ):
             mods = list(cond_mod)
         else:
@@ -113,7 +115,9 @@ class MVTCAE(nn.Module):
             )
         unknown = [m for m in mods if m not in self.modalities]
         if unknown:
-            raise ValueError(f"cond_mod names unknown modalities {unknown}; known: {self.modalities}")
+            raise ValueError(
+                f"cond_mod names unknown modalities {unknown}; known: {self.modalities}"
+            )
         absent = [m for m in mods if m not in batch.data]
         if absent:
             raise ValueError(f"cond_mod asks for modalities {absent} that the batch does not carry")
@@ -140,7 +144,13 @@ class MVTCAE(nn.Module):
         for i, m in enumerate(mods):
             row_present = None if present is None else present[i]
             rec = self._reconstruction_nll(m, z, batch.data[m]) * self.rescale_factors[m]
-            kld = kl_between(joint_mu, joint_logvar, mus[i], logvars[i])
+            mu_m, logvar_m = mus[i], logvars[i]
+            if row_present is not None:
+                # Finite stand-ins before the KL, so that neither value nor gradient is NaN.
+                keep = row_present.unsqueeze(-1)
+                mu_m = torch.where(keep, mu_m, joint_mu.detach())
+                logvar_m = torch.where(keep, logvar_m, joint_logvar.detach())
+            kld = kl_between(joint_mu, joint_logvar, mu_m, logvar_m)
             if row_present is not None:
                 rec = torch.where(row_present, rec, 0.0)
                 kld = torch.where(row_present, kld, 0.0)
@@ -203,7 +213,9 @@ class MVTCAE(nn.Module):
             z = z.reshape(-1, z.shape[-1])
         return ModelOutput(z=z, one_latent_space=True)
 
-    def decode(self, z: Tensor | ModelOutput, modalities: str | Sequence[str] = "all") -> ModelOutput:
+    def decode(
+        self, z: Tensor | ModelOutput, modalities: str | Sequence[str] = "all"
+    ) -> ModelOutput:
         """Decoder outputs {m: (..., *shape_m)} for latents z of shape (..., d)."""
         if not isinstance(z, Tensor):
             z = z.z
@@ -213,7 +225,9 @@ class MVTCAE(nn.Module):
             modalities = [modalities]
         unknown = [m for m in modalities if m not in self.modalities]
         if unknown:
-            raise ValueError(f"cannot decode unknown modalities {unknown}; known: {self.modalities}")
+            raise ValueError(
+                f"cannot decode unknown modalities {unknown}; known: {self.modalities}"
+            )
         z = z.to(self._dtype())
         return ModelOutput({m: self._decode_one(m, z) for m in modalities})
 
@@ -248,7 +262,9 @@ class MVTCAE(nn.Module):
         row's estimate covers its observed modalities, proposed from their product of experts.
         """
         if K < 1 or batch_size_K < 1:
-            raise ValueError(f"K and batch_size_K must be >= 1, got K={K}, batch_size_K={batch_size_K}")
+            raise ValueError(
+                f"K and batch_size_K must be >= 1, got K={K}, batch_size_K={batch_size_K}"
+            )
         was_training = self.training
         self.eval()
         try:
@@ -260,7 +276,9 @@ class MVTCAE(nn.Module):
             eps = mu.new_empty((K, *mu.shape)).normal_()  # one (K, n, d) draw, as multivae
             log_w = torch.cat(
                 [
-                    self._log_weights(batch, mods, present, mu, logvar, mu + eps[k:k + batch_size_K] * std)
+                    self._log_weights(
+                        batch, mods, present, mu, logvar, mu + eps[k : k + batch_size_K] * std
+                    )
                     for k in range(0, K, batch_size_K)
                 ]
             )
@@ -366,4 +384,6 @@ def _check_networks(
     for field_name in ("decoders_dist", "decoder_dist_params", "rescale_factors"):
         for m in getattr(cfg, field_name) or {}:
             if m not in modalities:
-                raise ConfigError(f"{field_name}: {m!r} is not a modality; modalities: {modalities}")
+                raise ConfigError(
+                    f"{field_name}: {m!r} is not a modality; modalities: {modalities}"
+                )

@@ -92,7 +92,9 @@ class ConvDecoder(nn.Module):
             (hi, wi), (ho, wo) = sizes[i], sizes[i - 1]
             pad = (ho - 2 * hi + 1, wo - 2 * wi + 1)  # output_padding that lands on (ho, wo)
             layers.append(
-                nn.ConvTranspose2d(chans[i], chans[i - 1], 3, stride=2, padding=1, output_padding=pad)
+                nn.ConvTranspose2d(
+                    chans[i], chans[i - 1], 3, stride=2, padding=1, output_padding=pad
+                )
             )
             if i > 1:
                 layers.append(nn.ReLU())

@@ -28,7 +28,10 @@ def network_reference(net: nn.Module) -> dict[str, Any]:
     A network that defines a JSON-serialisable ``init_kwargs`` dict is rebuilt with them.
     """
     cls = type(net)
-    return {"class": f"{cls.__module__}:{cls.__qualname__}", "init_kwargs": getattr(net, "init_kwargs", {})}
+    return {
+        "class": f"{cls.__module__}:{cls.__qualname__}",
+        "init_kwargs": getattr(net, "init_kwargs", {}),
+    }
 
 
 def build_from_reference(ref: dict[str, Any], where: str) -> nn.Module:
@@ -82,7 +85,9 @@ def load_model(
     src = Path(dir_path)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (src / name).is_file():
-            raise FileNotFoundError(f"{src}: no {name}; is this a directory written by MVTCAE.save?")
+            raise FileNotFoundError(
+                f"{src}: no {name}; is this a directory written by MVTCAE.save?"
+            )
     config = MVTCAEConfig.from_json_file(src / CONFIG_FILE)
     nets = {"encoders": encoders, "decoders": decoders}
     refs = None
