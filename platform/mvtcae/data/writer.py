@@ -37,6 +37,10 @@ from mvtcae.data.format import (
 
 DEFAULT_SHARD_BYTES = 16 * 2**20
 """Target uncompressed shard size: also the largest block Ray Data makes from one shard."""
+SHARD_COMPRESSION = "lz4"
+TENSOR_ENCODING = "BYTE_STREAM_SPLIT"
+"""Parquet stores uint8 as 4-byte INT32: splitting the byte streams lets LZ4 drop the three
+zero bytes (uint8 shards end up about raw size) and decodes 5-10x faster than zstd."""
 
 
 @dataclass
@@ -309,8 +313,18 @@ class DatasetWriter:
         relative = f"{split}/part-{len(state.shards):05d}.parquet"
         path = self.staging / relative
         path.parent.mkdir(parents=True, exist_ok=True)
-        # Dictionary encoding only inflates dense tensor bytes; row groups stay shard-sized.
-        pq.write_table(head, path, use_dictionary=False, row_group_size=rows, compression="zstd")
+        pq.write_table(
+            head,
+            path,
+            row_group_size=rows,
+            compression=SHARD_COMPRESSION,
+            use_dictionary=False,
+            column_encoding={
+                f"{m}.list.element": TENSOR_ENCODING
+                for m in self.schema.names
+                if m in self.manifest.modalities
+            },
+        )
         state.shards.append(
             ShardSpec(
                 file=relative,
@@ -328,9 +342,9 @@ def _integers(split: str, column: str, values: np.ndarray, n: int) -> np.ndarray
     values = np.asarray(values)
     if values.shape != (n,):
         raise DatasetError(f"split {split!r}, column {column!r}: shape {values.shape}, want ({n},)")
-    if not (np.issubdtype(values.dtype, np.integer) or values.dtype == np.bool_):
-        if not np.all(np.isfinite(values)) or np.any(values != np.round(values)):
-            raise DatasetError(f"split {split!r}, column {column!r}: values are not integers")
+    is_int = np.issubdtype(values.dtype, np.integer) or values.dtype == np.bool_
+    if not is_int and (not np.all(np.isfinite(values)) or np.any(values != np.round(values))):
+        raise DatasetError(f"split {split!r}, column {column!r}: values are not integers")
     return values.astype(np.int64)
 
 
