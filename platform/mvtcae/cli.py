@@ -12,3 +12,6 @@ def main() -> None:
 
 
 # Sub-command groups register here, one line each (imports stay inside each group's module).
+from mvtcae.data.cli import data as _data  # noqa: E402
+
+main.add_command(_data)
