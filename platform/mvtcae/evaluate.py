@@ -1,0 +1,61 @@
+"""Evaluation of a trained MVTCAE: the MVTCAE/MoPoE papers' measures, plus plots.
+
+Every measure is reported per number k of conditioning modalities, averaged over the subsets of
+that size (all of them, or a seeded sample of ``max_subsets_per_size``):
+
+- ``eval/latent_acc_<k>``: linear probe (logistic regression on posterior means of a training
+  subsample) tested on posterior means of the evaluated split, k = 1..M;
+- ``eval/coherence_<k>``: the remaining modalities generated from the k conditioning ones, judged
+  by per-modality classifiers that the platform trains on the training split (cached per dataset
+  checksum; their own test accuracy is ``eval/classifier_acc_<m>``), k = 1..M-1;
+- ``eval/joint_nll``: −log p(X) per sample (importance-weighted, joint posterior proposal), and
+  ``eval/joint_nll_<k>`` with the k-subsets' posteriors as proposals (as in MoPoE).
+
+Rows missing a modality that a measure needs are left out of that measure.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class EvalConfig(BaseModel):
+    """Which measures to compute and how much data and compute to spend on each."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    latent_accuracy: bool = True
+    coherence: bool = True
+    joint_nll: bool = True
+    plots: bool = True
+    max_samples: int | None = Field(default=2000, ge=1, description="rows of the evaluated split")
+    max_subsets_per_size: int | None = Field(
+        default=None, ge=1, description="subsets sampled per size k; None: all of them"
+    )
+    batch_size: int = Field(default=256, ge=1)
+    seed: int = 0
+    probe_train_samples: int = Field(default=5000, ge=10)
+    probe_max_iter: int = Field(default=1000, ge=10)
+    coherence_from_mean: bool = Field(
+        default=False, description="generate from the posterior mean instead of a sample"
+    )
+    classifier_epochs: int = Field(default=5, ge=1)
+    classifier_batch_size: int = Field(default=128, ge=1)
+    classifier_lr: float = Field(default=1e-3, gt=0)
+    classifier_train_samples: int | None = Field(default=None, ge=10)
+    classifier_cache_dir: Path | None = Field(
+        default=None,
+        description="None: $MVTCAE_CACHE_DIR/classifiers or ~/.cache/mvtcae/classifiers",
+    )
+    nll_K: int = Field(default=1000, ge=1)
+    nll_batch_size_K: int = Field(default=100, ge=1)
+    nll_max_samples: int = Field(default=200, ge=1)
+    nll_subsets_per_size: int | None = Field(
+        default=1, ge=0, description="subset proposals per size k for joint_nll_<k>; 0 disables"
+    )
+    grid_samples: int = Field(default=8, ge=1)
+    projection: Literal["pca", "tsne"] = "pca"
+    projection_samples: int = Field(default=1000, ge=10)

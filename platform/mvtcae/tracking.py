@@ -1,0 +1,507 @@
+"""MLflow tracking for the platform: runs, config and evaluation logging, model registry.
+
+The driver process owns one MLflow run per training (`start_run`) and passes its id to the
+workers; only rank 0 logs. Nothing here touches MLflow at import time: ``mlflow`` is imported
+inside the functions, so ``mvtcae.config`` can import `TrackingConfig` cheaply.
+
+The trained model is logged as an MLflow *model from code* (`mvtcae/mlflow_model_code.py`): the
+weights travel as ``model_config.json`` + ``model.safetensors`` artifacts, never pickled. It is
+registered under `TrackingConfig.registered_model_name`, and the promotion gate moves the
+``champion`` alias to the new version only when it beats the current champion on
+`TrackingConfig.promotion_metric`; otherwise the version gets the ``challenger`` alias. Either
+way the comparison is recorded as ``promotion.*`` tags on the version (and on the run).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    import mlflow
+    from mlflow import MlflowClient
+
+    from mvtcae import MVTCAE
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+MODEL_ARTIFACT_NAME = "model"
+_PARAMS_PER_BATCH = 100
+_MAX_PARAM_CHARS = 6000
+
+
+class TrackingConfig(BaseModel):
+    """Where and how runs are tracked, and how trained models are registered and promoted."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tracking_uri: str | None = Field(
+        default=None,
+        description="MLflow tracking URI; None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db",
+    )
+    experiment_name: str = "mvtcae"
+    artifact_location: str | None = Field(
+        default=None,
+        description="artifact root for a new experiment; None next to a SQLite store: <db dir>/mlartifacts",
+    )
+    registered_model_name: str | None = Field(
+        default="mvtcae", description="registry name; None logs the model without registering it"
+    )
+    promotion_metric: str = "eval/joint_nll"
+    promotion_mode: Literal["min", "max"] = "min"
+    log_model: bool = True
+
+
+@dataclass
+class RegisteredVersion:
+    """Outcome of logging + registering a model: the version and the promotion decision."""
+
+    name: str
+    version: int
+    alias: str
+    promoted: bool
+    comparison: dict[str, Any] = field(default_factory=dict)
+    model_uri: str = ""
+
+
+# ----------------------------------------------------------------------------- URIs and runs
+
+
+def resolve_tracking_uri(cfg: TrackingConfig | None = None) -> str:
+    """Tracking URI from the config, else ``MLFLOW_TRACKING_URI``, else a local SQLite store."""
+    uri = (cfg.tracking_uri if cfg else None) or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+    allow_file = os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() == "true"
+    if (uri.startswith("file:") or "://" not in uri) and not allow_file:
+        raise ValueError(
+            f"tracking URI {uri!r} is a file store, which this MLflow version refuses: use "
+            "'sqlite:///<absolute path>/mlflow.db' or an 'http://host:port' MLflow server"
+        )
+    return uri
+
+
+def resolve_artifact_location(cfg: TrackingConfig, tracking_uri: str) -> str | None:
+    """Artifact root for new experiments: the configured one, or ``mlartifacts`` beside SQLite."""
+    if cfg.artifact_location:
+        location = cfg.artifact_location
+        return location if "://" in location else str(Path(location).resolve())
+    if tracking_uri.startswith("sqlite:///"):
+        db_path = Path(tracking_uri.removeprefix("sqlite:///"))
+        if not db_path.is_absolute():
+            db_path = Path.cwd() / db_path
+        return str(db_path.resolve().parent / "mlartifacts")
+    return None
+
+
+def client_for(cfg: TrackingConfig | None = None) -> MlflowClient:
+    """An `MlflowClient` on the resolved tracking (and registry) URI."""
+    from mlflow import MlflowClient
+
+    uri = resolve_tracking_uri(cfg)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def ensure_experiment(cfg: TrackingConfig) -> str:
+    """Return the id of the configured experiment, creating it (with its artifact root) if new."""
+    from mlflow.exceptions import MlflowException
+
+    client = client_for(cfg)
+    existing = client.get_experiment_by_name(cfg.experiment_name)
+    if existing is not None:
+        return existing.experiment_id
+    location = resolve_artifact_location(cfg, resolve_tracking_uri(cfg))
+    try:
+        return client.create_experiment(cfg.experiment_name, artifact_location=location)
+    except MlflowException:
+        # Another driver created it between the lookup and the create.
+        existing = client.get_experiment_by_name(cfg.experiment_name)
+        if existing is None:
+            raise
+        return existing.experiment_id
+
+
+def start_run(
+    cfg: TrackingConfig,
+    *,
+    run_name: str | None = None,
+    run_id: str | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> mlflow.ActiveRun:
+    """Point MLflow at the tracking URI and start (or resume, with ``run_id``) a run."""
+    import mlflow
+
+    uri = resolve_tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    if run_id is not None:
+        return mlflow.start_run(run_id=run_id, tags=dict(tags or {}) or None)
+    experiment_id = ensure_experiment(cfg)
+    return mlflow.start_run(
+        experiment_id=experiment_id, run_name=run_name, tags=dict(tags or {}) or None
+    )
+
+
+def _active_run_id(run_id: str | None) -> str:
+    import mlflow
+
+    if run_id is not None:
+        return run_id
+    run = mlflow.active_run()
+    if run is None:
+        raise RuntimeError("no MLflow run: pass run_id or call inside `with start_run(cfg):`")
+    return run.info.run_id
+
+
+# ----------------------------------------------------------------------------- config, metrics
+
+
+def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Flatten a nested config to ``{"section.key": "value"}`` strings fit for MLflow params."""
+    flat: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten_config(value, prefix=f"{name}."))
+            continue
+        text = value if isinstance(value, str) else json.dumps(value, default=str)
+        flat[name] = text[:_MAX_PARAM_CHARS]
+    return flat
+
+
+def log_config(
+    config: Mapping[str, Any] | BaseModel,
+    *,
+    run_id: str | None = None,
+    tracking: TrackingConfig | None = None,
+    artifact_file: str = "config.yaml",
+) -> dict[str, str]:
+    """Log the config as flattened params plus the full YAML file; return the params."""
+    from mlflow.entities import Param
+
+    as_dict = config.model_dump(mode="json") if isinstance(config, BaseModel) else dict(config)
+    params = flatten_config(as_dict)
+    run_id = _active_run_id(run_id)
+    client = client_for(tracking)
+    items = [Param(k, v) for k, v in params.items()]
+    for start in range(0, len(items), _PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=items[start : start + _PARAMS_PER_BATCH])
+    client.log_text(run_id, yaml.safe_dump(as_dict, sort_keys=False), artifact_file)
+    return params
+
+
+def log_metrics(
+    metrics: Mapping[str, float],
+    *,
+    step: int | None = None,
+    run_id: str | None = None,
+    tracking: TrackingConfig | None = None,
+) -> None:
+    """Log finite float metrics in one batch (non-finite values are skipped with their name)."""
+    import time
+
+    from mlflow.entities import Metric
+
+    run_id = _active_run_id(run_id)
+    now = int(time.time() * 1000)
+    finite = {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}
+    items = [Metric(k, v, now, step or 0) for k, v in finite.items()]
+    client = client_for(tracking)
+    for start in range(0, len(items), 1000):
+        client.log_batch(run_id, metrics=items[start : start + 1000])
+
+
+def log_evaluation(
+    report: Any,
+    *,
+    run_id: str | None = None,
+    tracking: TrackingConfig | None = None,
+    step: int | None = None,
+    artifact_dir: str = "evaluation",
+) -> None:
+    """Log an `EvalReport`: its metrics, its JSON and its plots under ``artifact_dir/``."""
+    run_id = _active_run_id(run_id)
+    log_metrics(report.metrics, step=step, run_id=run_id, tracking=tracking)
+    client = client_for(tracking)
+    client.log_text(
+        run_id, json.dumps(report.to_dict(), indent=2), f"{artifact_dir}/evaluation.json"
+    )
+    for path in report.plots.values():
+        client.log_artifact(run_id, str(path), artifact_path=f"{artifact_dir}/plots")
+
+
+# ----------------------------------------------------------------------------- model logging
+
+
+def _model_code_file() -> Path:
+    return Path(__file__).with_name("mlflow_model_code.py")
+
+
+def _package_dir() -> Path:
+    return Path(__file__).resolve().parent
+
+
+def _pip_requirements() -> list[str]:
+    from importlib.metadata import version
+
+    def pin(package: str) -> str:
+        return f"{package}=={version(package).split('+')[0]}"
+
+    return [pin(p) for p in ("torch", "mlflow", "safetensors", "numpy", "pandas", "pydantic")]
+
+
+def _model_dir(model_or_dir: MVTCAE | str | Path, scratch: Path) -> Path:
+    if isinstance(model_or_dir, (str, Path)):
+        directory = Path(model_or_dir)
+        missing = [
+            f for f in ("model_config.json", "model.safetensors") if not (directory / f).is_file()
+        ]
+        if missing:
+            raise FileNotFoundError(f"model directory {directory} lacks {', '.join(missing)}")
+        return directory
+    model_or_dir.save(scratch)
+    return scratch
+
+
+def log_pyfunc_model(
+    model_or_dir: MVTCAE | str | Path, *, run_id: str | None = None, name: str = MODEL_ARTIFACT_NAME
+) -> Any:
+    """Log a saved MVTCAE (or a model directory) as a models-from-code pyfunc; return ModelInfo."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as scratch:
+        model_dir = _model_dir(model_or_dir, Path(scratch) / "model_dir")
+        with _run_context(run_id):
+            return mlflow.pyfunc.log_model(
+                name=name,
+                python_model=str(_model_code_file()),
+                artifacts={"model_dir": str(model_dir)},
+                code_paths=[str(_package_dir())],
+                pip_requirements=_pip_requirements(),
+                metadata={"weights_format": "safetensors", "framework": "mvtcae"},
+            )
+
+
+class _run_context:
+    """Make ``run_id`` the active run for a block, unless it is already the active run."""
+
+    def __init__(self, run_id: str | None) -> None:
+        self.run_id = run_id
+        self._started = None
+
+    def __enter__(self) -> None:
+        import mlflow
+
+        active = mlflow.active_run()
+        if self.run_id is None:
+            if active is None:
+                raise RuntimeError(
+                    "no MLflow run: pass run_id or call inside `with start_run(cfg):`"
+                )
+            return
+        if active is not None and active.info.run_id == self.run_id:
+            return
+        self._started = mlflow.start_run(run_id=self.run_id, nested=active is not None)
+
+    def __exit__(self, *exc: object) -> None:
+        import mlflow
+
+        if self._started is not None:
+            mlflow.end_run()
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def log_model_and_register(
+    model_or_dir: MVTCAE | str | Path,
+    cfg: TrackingConfig | Any,
+    metrics: Mapping[str, float] | None = None,
+    run_id: str | None = None,
+) -> RegisteredVersion | None:
+    """Log the model into the run, register it, and apply the champion promotion gate."""
+    tracking = _tracking_section(cfg)
+    import mlflow
+
+    uri = resolve_tracking_uri(tracking)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    run_id = _active_run_id(run_id)
+    info = log_pyfunc_model(model_or_dir, run_id=run_id)
+    if not tracking.registered_model_name:
+        return None
+    version = mlflow.register_model(info.model_uri, tracking.registered_model_name)
+    candidate = _candidate_value(tracking, metrics, run_id)
+    return promote_if_better(
+        tracking, int(version.version), candidate, run_id=run_id, model_uri=info.model_uri
+    )
+
+
+def _tracking_section(cfg: Any) -> TrackingConfig:
+    if isinstance(cfg, TrackingConfig):
+        return cfg
+    section = getattr(cfg, "tracking", None)
+    if isinstance(section, TrackingConfig):
+        return section
+    raise TypeError(
+        f"expected a TrackingConfig or a config with .tracking, got {type(cfg).__name__}"
+    )
+
+
+def _candidate_value(
+    cfg: TrackingConfig, metrics: Mapping[str, float] | None, run_id: str
+) -> float | None:
+    if metrics and cfg.promotion_metric in metrics:
+        return float(metrics[cfg.promotion_metric])
+    run_metrics = client_for(cfg).get_run(run_id).data.metrics
+    value = run_metrics.get(cfg.promotion_metric)
+    return None if value is None else float(value)
+
+
+def current_champion(cfg: TrackingConfig) -> tuple[int, float | None] | None:
+    """The champion version and its promotion-metric value, or None when there is none."""
+    from mlflow.exceptions import MlflowException
+
+    client = client_for(cfg)
+    try:
+        champion = client.get_model_version_by_alias(cfg.registered_model_name, CHAMPION)
+    except MlflowException:
+        return None
+    return int(champion.version), _version_metric(client, cfg, champion)
+
+
+def _version_metric(client: MlflowClient, cfg: TrackingConfig, version: Any) -> float | None:
+    tags = version.tags or {}
+    if tags.get("promotion.metric") == cfg.promotion_metric and _is_number(
+        tags.get("promotion.candidate")
+    ):
+        return float(tags["promotion.candidate"])
+    if version.run_id:
+        value = client.get_run(version.run_id).data.metrics.get(cfg.promotion_metric)
+        return None if value is None else float(value)
+    return None
+
+
+def _is_number(text: str | None) -> bool:
+    try:
+        return text is not None and math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+def decide_promotion(
+    candidate: float | None,
+    champion: float | None,
+    mode: Literal["min", "max"],
+    *,
+    has_champion: bool,
+) -> tuple[bool, str]:
+    """Return (promote?, reason): strictly better on the metric, or no comparable champion."""
+    if not has_champion:
+        return True, "no current champion"
+    if candidate is None or not math.isfinite(candidate):
+        return False, "candidate has no finite value for the promotion metric"
+    if champion is None or not math.isfinite(champion):
+        return True, "champion has no finite value for the promotion metric"
+    better = candidate < champion if mode == "min" else candidate > champion
+    relation = "better" if better else "not better"
+    return better, f"candidate {candidate:.6g} is {relation} than champion {champion:.6g} ({mode})"
+
+
+def promote_if_better(
+    cfg: TrackingConfig,
+    version: int,
+    candidate: float | None,
+    *,
+    run_id: str | None = None,
+    model_uri: str = "",
+) -> RegisteredVersion:
+    """Move ``champion`` to ``version`` if it beats the current one, else tag it challenger."""
+    client = client_for(cfg)
+    name = cfg.registered_model_name
+    if not name:
+        raise ValueError("tracking.registered_model_name is empty: nothing to promote")
+    champion = current_champion(cfg)
+    champion_version, champion_value = champion if champion else (None, None)
+    promoted, reason = decide_promotion(
+        candidate, champion_value, cfg.promotion_mode, has_champion=champion is not None
+    )
+    comparison = {
+        "metric": cfg.promotion_metric,
+        "mode": cfg.promotion_mode,
+        "candidate": candidate,
+        "champion": champion_value,
+        "champion_version": champion_version,
+        "decision": CHAMPION if promoted else CHALLENGER,
+        "reason": reason,
+    }
+    tags = {f"promotion.{k}": "none" if v is None else str(v) for k, v in comparison.items()}
+    tags["role"] = comparison["decision"]
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(version), key, value)
+    if promoted:
+        if champion_version is not None:
+            client.set_model_version_tag(name, str(champion_version), "role", "former_champion")
+        client.set_registered_model_alias(name, CHAMPION, str(version))
+    else:
+        client.set_registered_model_alias(name, CHALLENGER, str(version))
+    if run_id is not None:
+        client.set_tag(run_id, "promotion.decision", comparison["decision"])
+        client.set_tag(run_id, "registered_model", f"{name}/{version}")
+    return RegisteredVersion(
+        name=name,
+        version=version,
+        alias=comparison["decision"],
+        promoted=promoted,
+        comparison=comparison,
+        model_uri=model_uri,
+    )
+
+
+# ----------------------------------------------------------------------------- loading back
+
+
+def download_model_dir(
+    model_uri: str, tracking_uri: str | None = None, dst: str | Path | None = None
+) -> Path:
+    """Download a logged MVTCAE pyfunc and return its ``model_dir`` (config + safetensors)."""
+    import mlflow
+
+    if tracking_uri is not None:
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(tracking_uri)
+    local = Path(
+        mlflow.artifacts.download_artifacts(model_uri, dst_path=None if dst is None else str(dst))
+    )
+    candidates = list(_find_model_dirs(local))
+    if not candidates:
+        raise FileNotFoundError(f"{model_uri} holds no model_config.json + model.safetensors")
+    return candidates[0]
+
+
+def _find_model_dirs(root: Path) -> Iterator[Path]:
+    for config in sorted(root.rglob("model_config.json")):
+        if (config.parent / "model.safetensors").is_file():
+            yield config.parent
+
+
+def load_champion(
+    name: str, tracking_uri: str | None = None, *, alias: str = CHAMPION, device: str = "cpu"
+) -> MVTCAE:
+    """The registered model's ``alias`` version (default: the champion) as an `MVTCAE` object."""
+    from mvtcae import MVTCAE
+
+    uri = tracking_uri or resolve_tracking_uri(None)
+    with tempfile.TemporaryDirectory() as scratch:
+        model_dir = download_model_dir(f"models:/{name}@{alias}", uri, dst=scratch)
+        model = MVTCAE.load(model_dir)
+    return model.to(device).eval()

@@ -1,0 +1,47 @@
+"""Fixtures for tracking tests: a real SQLite MLflow store per test and a tiny real MVTCAE."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+import torch
+
+from mvtcae import MVTCAE, MVTCAEConfig
+from mvtcae.tracking import TrackingConfig
+
+
+@pytest.fixture
+def tracking(tmp_path, monkeypatch) -> TrackingConfig:
+    """A TrackingConfig on a fresh SQLite store; MLflow's global URIs are restored afterwards."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    yield TrackingConfig(
+        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+        experiment_name="tests",
+        registered_model_name="tiny-mvtcae",
+        promotion_metric="eval/joint_nll",
+        promotion_mode="min",
+    )
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+    mlflow.set_tracking_uri(previous[0])
+    mlflow.set_registry_uri(previous[1])
+
+
+@pytest.fixture
+def make_model():
+    """Factory for tiny real models, one per seed."""
+    return tiny_model
+
+
+def tiny_model(seed: int = 0) -> MVTCAE:
+    """A small two-modality MVTCAE: a 1x8x8 image (laplace) and a 5-vector (bernoulli)."""
+    torch.manual_seed(seed)
+    cfg = MVTCAEConfig(
+        n_modalities=2,
+        latent_dim=4,
+        input_dims={"img": (1, 8, 8), "vec": (5,)},
+        decoders_dist={"img": "laplace", "vec": "bernoulli"},
+        decoder_dist_params={"img": {"scale": 0.75}},
+    )
+    return MVTCAE(cfg).eval()

@@ -1,0 +1,120 @@
+"""The registered pyfunc: loads by alias, answers encode/predict like the MVTCAE, holds no pickle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from mvtcae import MultimodalBatch
+from mvtcae.serving import RequestError, parse_request
+from mvtcae.tracking import load_champion, log_model_and_register, start_run
+
+
+@pytest.fixture
+def champion(tracking, make_model):
+    """A tiny model logged and registered as champion; returns (model, tracking config)."""
+    model = make_model(3)
+    with start_run(tracking):
+        registered = log_model_and_register(model, tracking, {"eval/joint_nll": 1.0})
+    assert registered.alias == "champion"
+    return model, tracking
+
+
+def _inputs(n: int = 6) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {
+        "img": rng.random((n, 1, 8, 8), dtype=np.float32),
+        "vec": (rng.random((n, 5)) > 0.5).astype(np.float32),
+    }
+
+
+def _batch(arrays: dict[str, np.ndarray]) -> MultimodalBatch:
+    return MultimodalBatch(data={m: torch.from_numpy(a) for m, a in arrays.items()})
+
+
+def test_champion_pyfunc_encodes_like_the_model(champion):
+    model, tracking = champion
+    loaded = mlflow.pyfunc.load_model(f"models:/{tracking.registered_model_name}@champion")
+    x = _inputs()
+    got = loaded.predict({"task": "encode", **x})["z"]
+    want = model.encode(_batch(x), cond_mod="all", return_mean=True).z.detach().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+    got_img = loaded.predict({"task": "encode", "cond_mod": ["img"], **x})["z"]
+    want_img = model.encode(_batch(x), cond_mod="img", return_mean=True).z.detach().numpy()
+    np.testing.assert_allclose(got_img, want_img, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(got_img, got)
+
+
+def test_champion_pyfunc_cross_modal_predict(champion):
+    model, tracking = champion
+    loaded = mlflow.pyfunc.load_model(f"models:/{tracking.registered_model_name}@champion")
+    x = _inputs()
+    got = loaded.predict(
+        {"task": "predict", "cond_mod": "img", "gen_mod": ["vec", "img"], "img": x["img"]}
+    )
+    raw = model.predict(
+        _batch({"img": x["img"]}), cond_mod="img", gen_mod=["vec", "img"], return_mean=True
+    )
+    # vec is Bernoulli: the response is its mean, the sigmoid of the decoder's logits.
+    np.testing.assert_allclose(got["vec"], torch.sigmoid(raw["vec"]).detach().numpy(), atol=1e-6)
+    np.testing.assert_allclose(got["img"], raw["img"].detach().numpy(), atol=1e-6)
+    assert got["img"].shape == (6, 1, 8, 8)
+
+
+def test_dataframe_request_with_flat_rows_and_uint8(champion):
+    model, tracking = champion
+    loaded = mlflow.pyfunc.load_model(f"models:/{tracking.registered_model_name}@champion")
+    img_u8 = (np.random.default_rng(1).random((4, 1, 8, 8)) * 255).astype(np.uint8)
+    frame = pd.DataFrame({"task": ["encode"] * 4, "img": [row.reshape(-1) for row in img_u8]})
+    got = loaded.predict(frame)["z"]
+    want = model.encode(
+        _batch({"img": img_u8.astype(np.float32) / 255.0}), cond_mod="img", return_mean=True
+    ).z
+    np.testing.assert_allclose(got, want.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_load_champion_returns_the_same_weights(champion):
+    model, tracking = champion
+    back = load_champion(tracking.registered_model_name, tracking.tracking_uri)
+    assert type(back).__name__ == "MVTCAE"
+    for key, value in model.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key
+
+
+def test_logged_model_holds_config_and_safetensors_not_pickles(champion, tmp_path):
+    _, tracking = champion
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            f"models:/{tracking.registered_model_name}@champion", dst_path=str(tmp_path / "m")
+        )
+    )
+    files = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
+    assert "artifacts/model_dir/model.safetensors" in files
+    assert "artifacts/model_dir/model_config.json" in files
+    assert not [f for f in files if f.endswith((".pkl", ".pt", ".pth", ".cloudpickle"))]
+    assert (
+        json.loads((local / "artifacts/model_dir/model_config.json").read_text())["latent_dim"] == 4
+    )
+
+
+@pytest.mark.parametrize(
+    ("request_", "message"),
+    [
+        ({"task": "encode"}, "no modality data"),
+        ({"task": "decode", "img": np.zeros((1, 64))}, "task must be one of"),
+        ({"cond_mod": ["vec"], "img": np.zeros((1, 64))}, "no data for them"),
+        ({"img": np.zeros((2, 63))}, "expected"),
+        ({"gen_mod": ["audio"], "img": np.zeros((1, 64))}, "unknown modalities"),
+        ({"colour": 1, "img": np.zeros((1, 64))}, "neither options"),
+    ],
+)
+def test_bad_requests_are_refused_with_a_reason(request_, message):
+    with pytest.raises(RequestError, match=message):
+        parse_request(request_, {"img": (1, 8, 8), "vec": (5,)})

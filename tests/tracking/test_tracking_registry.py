@@ -1,0 +1,131 @@
+"""Tracking URI resolution, config logging and the champion promotion gate on a real store."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from mvtcae.tracking import (
+    TrackingConfig,
+    client_for,
+    decide_promotion,
+    flatten_config,
+    log_config,
+    log_metrics,
+    log_model_and_register,
+    resolve_artifact_location,
+    resolve_tracking_uri,
+    start_run,
+)
+
+
+def test_tracking_uri_precedence(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri(TrackingConfig()) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert resolve_tracking_uri(TrackingConfig()) == "http://mlflow:5000"
+    cfg = TrackingConfig(tracking_uri="sqlite:////data/runs.db")
+    assert resolve_tracking_uri(cfg) == "sqlite:////data/runs.db"
+    assert resolve_artifact_location(cfg, resolve_tracking_uri(cfg)) == "/data/mlartifacts"
+
+
+@pytest.mark.parametrize("uri", ["file:///tmp/mlruns", "./mlruns"])
+def test_file_store_is_refused(uri, monkeypatch):
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    with pytest.raises(ValueError, match="file store"):
+        resolve_tracking_uri(TrackingConfig(tracking_uri=uri))
+
+
+def test_flatten_config_names_nested_keys():
+    flat = flatten_config({"model": {"latent_dim": 8, "dims": [1, 2]}, "name": "x", "opt": None})
+    assert flat == {"model.latent_dim": "8", "model.dims": "[1, 2]", "name": "x", "opt": "null"}
+
+
+def test_log_config_writes_params_and_yaml(tracking, tmp_path):
+    config = {"train": {"epochs": 3, "lr": 0.001}, "model": {"latent_dim": 8}}
+    with start_run(tracking, run_name="cfg") as run:
+        log_config(config)
+        log_metrics({"train/loss": 1.5, "bad": math.nan}, step=2)
+    client = client_for(tracking)
+    logged = client.get_run(run.info.run_id)
+    assert logged.data.params == {"train.epochs": "3", "train.lr": "0.001", "model.latent_dim": "8"}
+    assert logged.data.metrics == {"train/loss": 1.5}
+    local = mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path="config.yaml", dst_path=str(tmp_path / "dl")
+    )
+    assert yaml.safe_load(Path(local).read_text()) == config
+    experiment = client.get_experiment(logged.info.experiment_id)
+    assert experiment.artifact_location.endswith("mlartifacts")
+
+
+@pytest.mark.parametrize(
+    ("candidate", "champion", "mode", "promoted"),
+    [
+        (1.0, 2.0, "min", True),
+        (2.0, 1.0, "min", False),
+        (2.0, 2.0, "min", False),
+        (0.9, 0.8, "max", True),
+        (math.nan, 2.0, "min", False),
+        (1.0, None, "max", True),
+    ],
+)
+def test_decide_promotion(candidate, champion, mode, promoted):
+    assert decide_promotion(candidate, champion, mode, has_champion=True)[0] is promoted
+
+
+def test_first_version_is_promoted_without_a_metric():
+    assert decide_promotion(None, None, "min", has_champion=False) == (True, "no current champion")
+
+
+def _train_run(tracking: TrackingConfig, make_model, seed: int, nll: float, pass_metrics: bool):
+    with start_run(tracking, run_name=f"seed{seed}") as run:
+        mlflow.log_metric("eval/joint_nll", nll)
+        metrics = {"eval/joint_nll": nll} if pass_metrics else None
+        return run.info.run_id, log_model_and_register(make_model(seed), tracking, metrics)
+
+
+def test_promotion_gate_promotes_and_refuses(tracking, make_model):
+    client = client_for(tracking)
+    name = tracking.registered_model_name
+
+    _, first = _train_run(tracking, make_model, seed=0, nll=10.0, pass_metrics=True)
+    assert (first.version, first.alias, first.promoted) == (1, "champion", True)
+
+    # Worse NLL, metric read back from the run: refused, tagged challenger with the comparison.
+    run_id, second = _train_run(tracking, make_model, seed=1, nll=12.0, pass_metrics=False)
+    assert (second.version, second.alias, second.promoted) == (2, "challenger", False)
+    assert int(client.get_model_version_by_alias(name, "champion").version) == 1
+    assert int(client.get_model_version_by_alias(name, "challenger").version) == 2
+    tags = client.get_model_version(name, "2").tags
+    assert tags["promotion.decision"] == "challenger"
+    assert tags["role"] == "challenger"
+    assert float(tags["promotion.candidate"]) == 12.0
+    assert float(tags["promotion.champion"]) == 10.0
+    assert tags["promotion.champion_version"] == "1"
+    assert tags["promotion.metric"] == "eval/joint_nll"
+    assert client.get_run(run_id).data.tags["promotion.decision"] == "challenger"
+
+    # Better NLL: the champion alias moves and the old champion is marked as such.
+    _, third = _train_run(tracking, make_model, seed=2, nll=8.0, pass_metrics=True)
+    assert (third.version, third.alias, third.promoted) == (3, "champion", True)
+    assert int(client.get_model_version_by_alias(name, "champion").version) == 3
+    assert client.get_model_version(name, "1").tags["role"] == "former_champion"
+    assert third.comparison["champion"] == 10.0 and third.comparison["champion_version"] == 1
+
+
+def test_max_mode_gate_uses_configured_metric(tracking, make_model):
+    cfg = tracking.model_copy(
+        update={"promotion_metric": "eval/coherence_1", "promotion_mode": "max"}
+    )
+    with start_run(cfg):
+        first = log_model_and_register(make_model(0), cfg, {"eval/coherence_1": 0.5})
+    with start_run(cfg):
+        worse = log_model_and_register(make_model(1), cfg, {"eval/coherence_1": 0.4})
+    with start_run(cfg):
+        better = log_model_and_register(make_model(2), cfg, {"eval/coherence_1": 0.7})
+    assert [first.promoted, worse.promoted, better.promoted] == [True, False, True]
