@@ -15,3 +15,6 @@ def main() -> None:
 from mvtcae.data.cli import data as _data  # noqa: E402
 
 main.add_command(_data)
+from mvtcae.commands.train import train_command as _train  # noqa: E402
+
+main.add_command(_train)

@@ -41,8 +41,8 @@ class DataConfig(_Section):
     prepare_if_missing: bool = Field(
         default=True, description="write the built-in dataset into `dir` when it is absent"
     )
-    n_train: int = Field(default=2000, ge=10, description="PolyMNIST training tuples to write")
-    n_test: int = Field(default=500, ge=10, description="PolyMNIST test tuples to write")
+    n_train: int = Field(default=5000, ge=10, description="PolyMNIST training tuples to write")
+    n_test: int = Field(default=1000, ge=10, description="PolyMNIST test tuples to write")
     missing_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
     seed: int = 0
     val_split: str | None = Field(

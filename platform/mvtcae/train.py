@@ -362,11 +362,11 @@ def prepare_dataset(cfg: ExperimentConfig) -> tuple[Path, Any]:
     if data.dataset == "polymnist":
         manifest = data_layer.prepare_polymnist(
             directory, n_train=data.n_train, n_test=data.n_test,
-            missing_ratio=data.missing_ratio, seed=data.seed,
+            missing_ratio=data.missing_ratio, seed=data.seed, progress=True,
         )  # fmt: skip
     else:
         manifest = data_layer.prepare_mfeat(
-            directory, missing_ratio=data.missing_ratio, seed=data.seed
+            directory, missing_ratio=data.missing_ratio, seed=data.seed, progress=True
         )
     return directory, manifest
 
