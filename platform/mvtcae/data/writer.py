@@ -259,7 +259,10 @@ class DatasetWriter:
             raise DatasetError(
                 f"split {split!r}: modalities {sorted(given)} differ from {sorted(expected)}"
             )
-        n = int(next(iter(data.values())).shape[0])
+        sizes = {m: int(np.shape(a)[0]) if np.ndim(a) else 0 for m, a in data.items()}
+        if len(set(sizes.values())) != 1:
+            raise DatasetError(f"split {split!r}: modalities disagree on row count: {sizes}")
+        n = next(iter(sizes.values()))
         columns: dict[str, pa.Array] = {ID_COLUMN: pa.array(self._ids(split, state, n, ids))}
         if self.manifest.has_labels:
             columns[LABEL_COLUMN] = pa.array(self._labels(split, n, labels))
