@@ -19,7 +19,13 @@ from .gaussian import (
     product_of_experts,
 )
 from .likelihoods import make_log_prob
-from .networks import decoder_tensor, default_decoder, default_encoder, gaussian_params
+from .networks import (
+    DEFAULT_DECODERS,
+    decoder_tensor,
+    default_decoder,
+    default_encoder,
+    gaussian_params,
+)
 from .output import ModelOutput
 
 
@@ -178,11 +184,15 @@ class MVTCAE(nn.Module):
         return out.reshape(*lead, *out.shape[1:]).to(z.dtype)
 
     def _reconstruction_nll(self, m: str, z: Tensor, x: Tensor) -> Tensor:
-        """−log p(x_m | z) summed over all non-batch dims, one value per row (n,)."""
+        """−log p(x_m | z) summed over the event dims: z (..., d) gives (...,).
+
+        ``x`` of shape (n, *shape_m) broadcasts against z's leading dims, e.g. (k, n, d).
+        """
         out = self._decode_one(m, z)
         target = x.to(out.dtype) if x.is_floating_point() else x
-        log_p = self.log_probs[m](out, target)
-        return -log_p.reshape(log_p.shape[0], -1).sum(-1)
+        # Default decoders return fresh tensors, which may be overwritten when no grad is kept.
+        inplace = not torch.is_grad_enabled() and isinstance(self.decoders[m], DEFAULT_DECODERS)
+        return -self.log_probs[m](out, target, z.dim() - 1, inplace=inplace)
 
     # -- inference and generation ----------------------------------------------------------
     def encode(
@@ -299,8 +309,7 @@ class MVTCAE(nn.Module):
         """log p(X|z) + log p(z) − log q(z|X) for z of shape (k, n, d): returns (k, n)."""
         log_w = log_standard_normal(z) - log_normal(z, mu, logvar)
         for i, m in enumerate(mods):
-            lp = -self._reconstruction_nll(m, z.flatten(0, 1), _repeat(batch.data[m], z.shape[0]))
-            lp = lp.reshape(z.shape[:2])
+            lp = -self._reconstruction_nll(m, z, batch.data[m])
             log_w = log_w + (lp if present is None else torch.where(present[i], lp, 0.0))
         return log_w
 
@@ -325,11 +334,6 @@ class MVTCAE(nn.Module):
         return load_model(cls, dir_path, encoders, decoders, map_location)
 
     load_from_folder = load  # multivae's name
-
-
-def _repeat(x: Tensor, k: int) -> Tensor:
-    """(n, ...) -> (k * n, ...) without copying when possible, sample-major."""
-    return x.unsqueeze(0).expand(k, *x.shape).reshape(k * x.shape[0], *x.shape[1:])
 
 
 def _presence(batch: MultimodalBatch, mods: Sequence[str]) -> Tensor | None:

@@ -21,9 +21,9 @@ class MLPEncoder(nn.Module):
         self.body = nn.Sequential(
             nn.Flatten(start_dim=1),
             nn.Linear(math.prod(self.input_shape), hidden),
-            nn.ReLU(),
+            nn.ReLU(inplace=True),
             nn.Linear(hidden, hidden),
-            nn.ReLU(),
+            nn.ReLU(inplace=True),
         )
         self.mu = nn.Linear(hidden, latent_dim)
         self.logvar = nn.Linear(hidden, latent_dim)
@@ -41,7 +41,7 @@ class MLPDecoder(nn.Module):
         self.output_shape = tuple(output_shape)
         self.net = nn.Sequential(
             nn.Linear(latent_dim, hidden),
-            nn.ReLU(),
+            nn.ReLU(inplace=True),
             nn.Linear(hidden, math.prod(self.output_shape)),
         )
 
@@ -63,7 +63,7 @@ class ConvEncoder(nn.Module):
         c, h, w = input_shape
         layers: list[nn.Module] = []
         for out_c in self.channels:
-            layers += [nn.Conv2d(c, out_c, 3, stride=2, padding=1), nn.ReLU()]
+            layers += [nn.Conv2d(c, out_c, 3, stride=2, padding=1), nn.ReLU(inplace=True)]
             c, h, w = out_c, _halved(h), _halved(w)
         self.body = nn.Sequential(*layers, nn.Flatten(start_dim=1))
         self.mu = nn.Linear(c * h * w, latent_dim)
@@ -86,7 +86,9 @@ class ConvDecoder(nn.Module):
             sizes.append((_halved(sizes[-1][0]), _halved(sizes[-1][1])))
         chans = [c, *ConvEncoder.channels]
         self.start = (chans[-1], *sizes[-1])
-        self.project = nn.Sequential(nn.Linear(latent_dim, math.prod(self.start)), nn.ReLU())
+        self.project = nn.Sequential(
+            nn.Linear(latent_dim, math.prod(self.start)), nn.ReLU(inplace=True)
+        )
         layers: list[nn.Module] = []
         for i in range(len(ConvEncoder.channels), 0, -1):
             (hi, wi), (ho, wo) = sizes[i], sizes[i - 1]
@@ -97,13 +99,16 @@ class ConvDecoder(nn.Module):
                 )
             )
             if i > 1:
-                layers.append(nn.ReLU())
+                layers.append(nn.ReLU(inplace=True))
         self.body = nn.Sequential(*layers)
 
     def forward(self, z: Tensor) -> Tensor:
         lead = z.shape[:-1]
         h = self.project(z.reshape(-1, z.shape[-1])).reshape(-1, *self.start)
         return self.body(h).reshape(*lead, *self.output_shape)
+
+
+DEFAULT_DECODERS = (MLPDecoder, ConvDecoder)
 
 
 def default_encoder(shape: tuple[int, ...], latent_dim: int, family: str) -> nn.Module:
