@@ -36,3 +36,29 @@ clean: ## Remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache
 
 .PHONY: help install test lint bench-model clean
+
+# --- Ray cluster: a local head + second node + MLflow server, and job submission -------------
+# (docs/cluster.md). Everything binds to 127.0.0.1; processes are stopped by their PIDs.
+CLUSTER := $(BIN)/python -m mvtcae.cluster
+TRAIN_CONFIG ?= jobs/configs/train.yaml
+TUNE_CONFIG ?= jobs/configs/tune.yaml
+
+cluster-up: install ## Start a local 2-node Ray cluster and an MLflow server (token auth, 127.0.0.1)
+	$(CLUSTER) up
+
+cluster-down: ## Stop exactly what cluster-up started, by PID
+	$(CLUSTER) down
+
+cluster-status: ## Show the local cluster's processes, nodes and addresses
+	$(CLUSTER) status
+
+submit-train: install ## ray job submit jobs/train.py to the local cluster (TRAIN_CONFIG=...)
+	$(CLUSTER) submit -- python jobs/train.py --config $(TRAIN_CONFIG)
+
+submit-tune: install ## ray job submit jobs/tune.py to the local cluster (TUNE_CONFIG=...)
+	$(CLUSTER) submit -- python jobs/tune.py --config $(TUNE_CONFIG)
+
+test-cluster: install ## Run only the infra manifest and local-cluster tests
+	$(BIN)/pytest -q --timeout=900 tests/infra tests/cluster
+
+.PHONY: cluster-up cluster-down cluster-status submit-train submit-tune test-cluster

@@ -1,0 +1,618 @@
+"""A local multi-node Ray cluster with an MLflow server, stopped by PID, and job submission.
+
+``make cluster-up`` starts a Ray head, a second Ray node and ``mlflow server`` on this machine,
+each in its own process session, and records their PIDs in ``.cluster/state.json``;
+``make cluster-down`` stops exactly those process trees (``ray stop`` would kill every Ray process
+on the machine). Everything listens on 127.0.0.1 on non-default ports, and Ray's token
+authentication is on, with a token of this cluster's own in ``.cluster/auth_token``.
+
+Run as ``python -m mvtcae.cluster {up,down,status,env,submit}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import secrets
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+RUNTIME_ENV_FILE = REPO_ROOT / "infra" / "local" / "runtime_env.yaml"
+# Client-side settings that would point Ray at another cluster or another token.
+_FOREIGN_RAY_ENV = ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE")
+
+
+class ClusterError(RuntimeError):
+    """The local cluster cannot start, be reached or be stopped; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """Where the local cluster keeps its state and which ports it uses (all on 127.0.0.1).
+
+    Ports come from one block starting at ``port_base``: GCS, Ray client and the autoscaler's
+    and dashboard's metrics (+0, +1, +6, +7), ten per node from +10 (node manager, object
+    manager, agents, metrics), then 100 worker ports per node from +100.
+    """
+
+    state_dir: Path
+    head_temp_dir: Path
+    node_temp_dir: Path
+    port_base: int = 16400
+    dashboard_port: int = 8266
+    mlflow_port: int = 5055
+    cpus_per_node: int = 2
+    object_store_bytes: int = 512 * 1024**2
+
+    @property
+    def gcs_address(self) -> str:
+        return f"127.0.0.1:{self.port_base}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    @property
+    def mlflow_uri(self) -> str:
+        return f"http://127.0.0.1:{self.mlflow_port}"
+
+    @property
+    def token_path(self) -> Path:
+        return self.state_dir / "auth_token"
+
+    @property
+    def state_file(self) -> Path:
+        return self.state_dir / "state.json"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.state_dir / "logs"
+
+    @property
+    def storage_dir(self) -> Path:
+        """Checkpoint storage every node reaches (one host: a shared directory)."""
+        return self.state_dir / "storage"
+
+    @property
+    def mlflow_dir(self) -> Path:
+        return self.state_dir / "mlflow"
+
+    def node_ports(self, index: int) -> dict[str, int]:
+        """The ``ray start`` port options of node ``index`` (0: head)."""
+        base = self.port_base + 10 * (index + 1)
+        workers = self.port_base + 100 * (index + 1)
+        return {
+            "node-manager-port": base,
+            "object-manager-port": base + 1,
+            "dashboard-agent-listen-port": base + 2,
+            "dashboard-agent-grpc-port": base + 3,
+            "runtime-env-agent-port": base + 4,
+            "metrics-export-port": base + 5,
+            "min-worker-port": workers,
+            "max-worker-port": workers + 99,
+        }
+
+    def all_ports(self) -> list[int]:
+        fixed = [self.port_base + i for i in (0, 1, 6, 7)] + [self.dashboard_port, self.mlflow_port]
+        ranged = []
+        for i in (0, 1):
+            p = self.node_ports(i)
+            ranged += [v for k, v in p.items() if not k.endswith("worker-port")]
+            ranged += range(p["min-worker-port"], p["max-worker-port"] + 1)
+        return fixed + ranged
+
+
+def default_spec() -> ClusterSpec:
+    """The spec ``make cluster-*`` uses; MVTCAE_CLUSTER_* environment variables override it."""
+    env = os.environ.get
+    return ClusterSpec(
+        state_dir=Path(env("MVTCAE_CLUSTER_DIR", REPO_ROOT / ".cluster")).resolve(),
+        head_temp_dir=Path(env("MVTCAE_CLUSTER_HEAD_TMP", "/tmp/mvtcae-ray-head")),
+        node_temp_dir=Path(env("MVTCAE_CLUSTER_NODE_TMP", "/tmp/mvtcae-ray-node2")),
+        port_base=int(env("MVTCAE_CLUSTER_PORT_BASE", "16400")),
+        dashboard_port=int(env("MVTCAE_CLUSTER_DASHBOARD_PORT", "8266")),
+        mlflow_port=int(env("MVTCAE_CLUSTER_MLFLOW_PORT", "5055")),
+    )
+
+
+# --- environment and token ---------------------------------------------------------------------
+
+
+def client_env(spec: ClusterSpec, base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for Ray processes and clients of this cluster: token auth with its token."""
+    env = {k: v for k, v in (os.environ if base is None else base).items()}
+    for key in _FOREIGN_RAY_ENV:
+        env.pop(key, None)
+    env.update(
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN_PATH=str(spec.token_path),
+        RAY_USAGE_STATS_ENABLED="0",
+        # Ray's own metrics exporters default to fixed ports shared by every local cluster.
+        AUTOSCALER_METRIC_PORT=str(spec.port_base + 6),
+        DASHBOARD_METRIC_PORT=str(spec.port_base + 7),
+        # A job's `python ...` entrypoint must find this environment's interpreter.
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", os.defpath)]),
+    )
+    return env
+
+
+def ensure_token(spec: ClusterSpec) -> None:
+    """Create this cluster's auth token (owner-only file) unless it exists."""
+    spec.state_dir.mkdir(parents=True, exist_ok=True)
+    if spec.token_path.exists():
+        return
+    fd = os.open(spec.token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+
+
+def read_token(spec: ClusterSpec) -> str:
+    try:
+        return spec.token_path.read_text().strip()
+    except FileNotFoundError:
+        raise ClusterError(f"no token at {spec.token_path}: run `make cluster-up` first") from None
+
+
+# --- processes, by PID -------------------------------------------------------------------------
+
+
+def _proc_stat(pid: int) -> tuple[int, int, int] | None:
+    """(parent pid, process group, start time in clock ticks), or None if ``pid`` has exited."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = raw[raw.rindex(")") + 2 :].split()
+    # After the command name: state, ppid, pgrp, ... starttime is field 22 of the full line.
+    if fields[0] in ("Z", "X"):
+        return None  # Exited; only waiting for its parent to reap it.
+    return int(fields[1]), int(fields[2]), int(fields[19])
+
+
+def _all_pids() -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+
+
+def _descendants(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for pid in _all_pids():
+        stat = _proc_stat(pid)
+        if stat is not None:
+            children.setdefault(stat[0], []).append(pid)
+    found, todo = set(), [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _group_members(pgid: int) -> set[int]:
+    return {pid for pid in _all_pids() if (s := _proc_stat(pid)) is not None and s[1] == pgid}
+
+
+def _belongs_to(pid: int, temp_dirs: list[Path]) -> bool:
+    """Whether a process is a Ray process or job of a cluster with one of these temp dirs.
+
+    Ray processes take the temp or session dir as an option; workers and job drivers run in a
+    directory under it. Other processes that merely mention the path (`tail -f` of a log, a shell)
+    are not matched.
+    """
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return False
+    command = " ".join(args)
+    for d in map(str, temp_dirs):
+        if re.search(rf"--[\w-]+[= ]{re.escape(d)}(/|\s|$)", command):
+            return True
+        is_ray_python = args[0].startswith("ray::") or Path(args[0]).name.startswith("python")
+        if is_ray_python and (cwd == d or cwd.startswith(d + "/")):
+            return True
+    return False
+
+
+def strays(spec: ClusterSpec) -> list[int]:
+    """Processes that still belong to this cluster (by its temp dirs), if any."""
+    dirs = [spec.head_temp_dir, spec.node_temp_dir]
+    me = os.getpid()
+    return sorted(p for p in _all_pids() if p != me and _belongs_to(p, dirs))
+
+
+def _spawn(name: str, argv: list[str], env: dict[str, str], spec: ClusterSpec) -> dict[str, Any]:
+    """Start ``argv`` as the leader of a new session; its PID is its process group id."""
+    spec.log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = spec.log_dir / f"{name}.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO_ROOT,
+            start_new_session=True,
+        )
+    stat = _proc_stat(proc.pid)
+    return {
+        "name": name,
+        "pid": proc.pid,
+        "start_time": stat[2] if stat else None,
+        "log": str(log_path),
+        "argv": argv,
+    }
+
+
+def _is_same_process(record: dict[str, Any]) -> bool:
+    stat = _proc_stat(record["pid"])
+    return stat is not None and stat[2] == record["start_time"]
+
+
+def _signal_all(pids: set[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def stop_process_tree(record: dict[str, Any], grace_s: float = 8.0) -> set[int]:
+    """SIGTERM a recorded session leader, its process group and descendants; SIGKILL leftovers.
+
+    The grace is short: a Ray head's GCS and monitor take 20 s or more to honour SIGTERM, and a
+    local cluster holds nothing that needs a graceful exit (checkpoints and runs are on disk).
+    """
+    if not _is_same_process(record):
+        return set()  # Already gone (or the PID now belongs to someone else: leave it alone).
+    leader = record["pid"]
+    targets = {leader} | _group_members(leader) | _descendants(leader)
+    _signal_all(targets, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        alive = {p for p in targets if _proc_stat(p) is not None}
+        alive |= _group_members(leader)
+        if not alive:
+            return targets
+        time.sleep(0.2)
+    _signal_all(alive | _group_members(leader), signal.SIGKILL)
+    return targets
+
+
+# --- state -------------------------------------------------------------------------------------
+
+
+def _load_state(spec: ClusterSpec) -> dict[str, Any] | None:
+    try:
+        return json.loads(spec.state_file.read_text())
+    except FileNotFoundError:
+        return None
+
+
+def _save_state(spec: ClusterSpec, processes: list[dict[str, Any]]) -> None:
+    state = {
+        "dashboard_url": spec.dashboard_url,
+        "gcs_address": spec.gcs_address,
+        "mlflow_uri": spec.mlflow_uri,
+        "storage_path": str(spec.storage_dir),
+        "token_path": str(spec.token_path),
+        "processes": processes,
+    }
+    tmp = spec.state_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.replace(spec.state_file)
+
+
+def running_processes(spec: ClusterSpec) -> list[dict[str, Any]]:
+    state = _load_state(spec)
+    return [p for p in (state or {}).get("processes", []) if _is_same_process(p)]
+
+
+# --- HTTP checks -------------------------------------------------------------------------------
+
+
+def http_get(url: str, token: str | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
+    """(status, body) of a GET; a refused connection is status 0."""
+    request = urllib.request.Request(url)
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return 0, b""
+
+
+def alive_nodes(spec: ClusterSpec, token: str) -> int:
+    """Number of ALIVE Ray nodes, from the dashboard's state API."""
+    status, body = http_get(f"{spec.dashboard_url}/api/v0/nodes?limit=100", token)
+    if status != 200:
+        return 0
+    nodes = json.loads(body)["data"]["result"]["result"]
+    return sum(1 for n in nodes if n.get("state") == "ALIVE")
+
+
+def _wait(what: str, check, timeout_s: float, records: list[dict[str, Any]]) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return
+        for record in records:
+            if not _is_same_process(record):
+                raise ClusterError(
+                    f"{record['name']} exited while waiting for {what}; "
+                    f"see {record['log']}:\n{_tail(record['log'])}"
+                )
+        time.sleep(1.0)
+    raise ClusterError(
+        f"timed out after {timeout_s:.0f}s waiting for {what}; logs in {records[-1]['log']}"
+    )
+
+
+def _tail(path: str, lines: int = 20) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return ""
+
+
+# --- up / down ---------------------------------------------------------------------------------
+
+
+def _bin(name: str) -> str:
+    """A console script of this interpreter's environment (.venv/bin/ray, .venv/bin/mlflow)."""
+    return str(Path(sys.executable).parent / name)
+
+
+def ray_start_argv(spec: ClusterSpec, index: int) -> list[str]:
+    """``ray start --block`` for node ``index`` (0: the head)."""
+    temp_dir = spec.head_temp_dir if index == 0 else spec.node_temp_dir
+    argv = [
+        _bin("ray"),
+        "start",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        f"--temp-dir={temp_dir}",
+        f"--num-cpus={spec.cpus_per_node}",
+        "--num-gpus=0",
+        f"--object-store-memory={spec.object_store_bytes}",
+        "--disable-usage-stats",
+    ]
+    argv += [f"--{k}={v}" for k, v in spec.node_ports(index).items()]
+    if index == 0:
+        argv += [
+            "--head",
+            f"--port={spec.port_base}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={spec.dashboard_port}",
+            "--include-dashboard=true",
+            f"--ray-client-server-port={spec.port_base + 1}",
+        ]
+    else:
+        argv += [f"--address={spec.gcs_address}"]
+    return argv
+
+
+def mlflow_server_argv(spec: ClusterSpec) -> list[str]:
+    """``mlflow server`` on 127.0.0.1: SQLite backend, artifacts proxied by the server."""
+    return [
+        _bin("mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(spec.mlflow_port),
+        "--backend-store-uri",
+        f"sqlite:///{spec.mlflow_dir / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(spec.mlflow_dir / "artifacts"),
+        "--serve-artifacts",
+        "--workers",
+        "1",
+    ]
+
+
+def busy_ports(ports: list[int]) -> list[int]:
+    busy = []
+    for port in ports:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            # As servers do: a port held only by closed connections (TIME_WAIT) is free.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                busy.append(port)
+    return busy
+
+
+def up(spec: ClusterSpec, timeout_s: float = 180.0) -> dict[str, Any]:
+    """Start head, second node and MLflow server; return the state. Stops all of it on failure."""
+    if running_processes(spec):
+        raise ClusterError(
+            f"a cluster from {spec.state_dir} is already running: `make cluster-down` first"
+        )
+    if busy := busy_ports(spec.all_ports()):
+        raise ClusterError(
+            f"ports already in use on 127.0.0.1: {busy[:10]}; choose another "
+            "block with MVTCAE_CLUSTER_PORT_BASE / _DASHBOARD_PORT / _MLFLOW_PORT"
+        )
+    for path in (spec.head_temp_dir, spec.node_temp_dir):
+        # Ray's Unix sockets live under the temp dir; their paths are limited to ~107 bytes.
+        if len(str(path)) > 40:
+            raise ClusterError(f"temp dir {path} is too long for Ray's socket paths")
+    ensure_token(spec)
+    for path in (spec.storage_dir, spec.mlflow_dir / "artifacts", spec.log_dir):
+        path.mkdir(parents=True, exist_ok=True)
+    env = client_env(spec)
+    token = read_token(spec)
+    records: list[dict[str, Any]] = []
+    try:
+        records.append(_spawn("mlflow", mlflow_server_argv(spec), env, spec))
+        records.append(_spawn("ray-head", ray_start_argv(spec, 0), env, spec))
+        _save_state(spec, records)
+        _wait("the Ray head", lambda: alive_nodes(spec, token) >= 1, timeout_s, records)
+        records.append(_spawn("ray-node2", ray_start_argv(spec, 1), env, spec))
+        _save_state(spec, records)
+        _wait("the second Ray node", lambda: alive_nodes(spec, token) >= 2, timeout_s, records)
+        _wait(
+            "the MLflow server",
+            lambda: http_get(f"{spec.mlflow_uri}/health")[0] == 200,
+            timeout_s,
+            records,
+        )
+    except BaseException:
+        down(spec)
+        raise
+    return _load_state(spec) or {}
+
+
+def down(spec: ClusterSpec) -> list[int]:
+    """Stop the recorded processes (newest first) and anything left in this cluster's dirs."""
+    state = _load_state(spec)
+    stopped: set[int] = set()
+    for record in reversed((state or {}).get("processes", [])):
+        stopped |= stop_process_tree(record)
+    # Processes re-parented away from the recorded trees (a detached job driver) still name
+    # this cluster's temp dirs in their command line or working directory.
+    leftovers = set(strays(spec))
+    if leftovers:
+        _signal_all(leftovers, signal.SIGKILL)
+        stopped |= leftovers
+    if spec.state_file.exists():
+        spec.state_file.unlink()
+    deadline = time.monotonic() + 10
+    while (remaining := strays(spec)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if remaining:
+        raise ClusterError(f"processes of this cluster survived SIGKILL: {remaining}")
+    return sorted(stopped)
+
+
+# --- job submission ----------------------------------------------------------------------------
+
+
+def runtime_env(spec: ClusterSpec) -> dict[str, Any]:
+    """The submitted job's runtime env: infra/local/runtime_env.yaml plus this cluster's URIs."""
+    env = yaml.safe_load(RUNTIME_ENV_FILE.read_text())
+    env.setdefault("env_vars", {}).update(
+        MLFLOW_TRACKING_URI=spec.mlflow_uri,
+        MVTCAE_STORAGE_PATH=str(spec.storage_dir),
+    )
+    return env
+
+
+def submit_argv(
+    spec: ClusterSpec, entrypoint: list[str], submission_id: str | None = None, wait: bool = True
+) -> list[str]:
+    """``ray job submit --working-dir .`` of ``entrypoint`` to this cluster (run from the repo)."""
+    if not entrypoint:
+        raise ClusterError("no entrypoint: give the command after `--`, e.g. -- python jobs/x.py")
+    argv = [
+        _bin("ray"),
+        "job",
+        "submit",
+        f"--address={spec.dashboard_url}",
+        "--working-dir=.",
+        f"--runtime-env-json={json.dumps(runtime_env(spec))}",
+    ]
+    if submission_id:
+        argv.append(f"--submission-id={submission_id}")
+    if not wait:
+        argv.append("--no-wait")
+    return [*argv, "--", *entrypoint]
+
+
+def submit(
+    spec: ClusterSpec, entrypoint: list[str], submission_id: str | None = None, wait: bool = True
+) -> int:
+    """Submit a job to the running local cluster; the exit status of ``ray job submit``."""
+    if not running_processes(spec):
+        raise ClusterError(f"no local cluster running from {spec.state_dir}: `make cluster-up`")
+    argv = submit_argv(spec, entrypoint, submission_id, wait)
+    print("+ " + shlex.join(argv[:3] + argv[3:]), flush=True)
+    return subprocess.run(argv, cwd=REPO_ROOT, env=client_env(spec)).returncode
+
+
+# --- command line ------------------------------------------------------------------------------
+
+
+def _print_status(spec: ClusterSpec) -> int:
+    records = running_processes(spec)
+    if not records:
+        print(f"no local cluster running from {spec.state_dir}")
+        return 1
+    for r in records:
+        print(f"{r['name']:<10} pid {r['pid']:<8} log {r['log']}")
+    print(f"Ray nodes alive: {alive_nodes(spec, read_token(spec))}")
+    print(f"dashboard / job API: {spec.dashboard_url}   MLflow: {spec.mlflow_uri}")
+    print(f"checkpoint storage: {spec.storage_dir}")
+    return 0
+
+
+def _print_env(spec: ClusterSpec) -> int:
+    """Shell exports that point `ray job ...` and MLflow clients at this cluster."""
+    exports = {
+        "RAY_ADDRESS": spec.dashboard_url,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(spec.token_path),
+        "MLFLOW_TRACKING_URI": spec.mlflow_uri,
+    }
+    print("\n".join(f"export {k}={shlex.quote(v)}" for k, v in exports.items()))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m mvtcae.cluster", description=__doc__.split("\n")[0]
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("up", help="start the Ray head, a second node and the MLflow server")
+    sub.add_parser("down", help="stop exactly what `up` started, by PID")
+    sub.add_parser("status", help="show the running cluster")
+    sub.add_parser("env", help="print shell exports for `ray job` and MLflow clients")
+    p_submit = sub.add_parser("submit", help="ray job submit --working-dir . -- ENTRYPOINT...")
+    p_submit.add_argument("--submission-id")
+    p_submit.add_argument("--no-wait", action="store_true")
+    p_submit.add_argument("entrypoint", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    spec = default_spec()
+    try:
+        if args.command == "up":
+            state = up(spec)
+            print(f"Ray dashboard and job API: {state['dashboard_url']} (token: {spec.token_path})")
+            print(f"MLflow server: {state['mlflow_uri']}   checkpoints: {state['storage_path']}")
+            print("Submit with `make submit-train`; stop with `make cluster-down`.")
+            return 0
+        if args.command == "down":
+            stopped = down(spec)
+            print(f"stopped {len(stopped)} processes" if stopped else "nothing was running")
+            return 0
+        if args.command == "status":
+            return _print_status(spec)
+        if args.command == "env":
+            return _print_env(spec)
+        entrypoint = args.entrypoint[1:] if args.entrypoint[:1] == ["--"] else args.entrypoint
+        return submit(spec, entrypoint, args.submission_id, wait=not args.no_wait)
+    except ClusterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
