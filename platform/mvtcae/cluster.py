@@ -290,6 +290,9 @@ def stop_process_tree(record: dict[str, Any], grace_s: float = 8.0) -> set[int]:
             return targets
         time.sleep(0.2)
     _signal_all(alive | _group_members(leader), signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while any(_proc_stat(p) is not None for p in alive) and time.monotonic() < deadline:
+        time.sleep(0.1)
     return targets
 
 
