@@ -35,3 +35,12 @@ def dataset(tmp_path: Path, arrays: dict[str, SplitArrays]) -> Path:
     out = tmp_path / "ds"
     write_arrays(out, arrays, name="tiny", num_classes=4, rows_per_shard=32)
     return out
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, SplitArrays]]:
+    """One dataset per test module, with its arrays; tests must not modify it."""
+    arrays = {"train": make_split(N_TRAIN, 1), "test": make_split(N_TEST, 2)}
+    root = tmp_path_factory.mktemp("shared") / "ds"
+    write_arrays(root, arrays, name="tiny", num_classes=4, rows_per_shard=32)
+    return root, arrays

@@ -1,0 +1,179 @@
+"""Ray Data input: arrays written as shards come back as MultimodalBatches through real Ray."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import torch
+from ray.data.dataset import MaterializedDataset
+
+from mvtcae.data import (
+    DatasetError,
+    iter_model_batches,
+    load_manifest,
+    load_split_arrays,
+    open_splits,
+    ray_input,
+    to_model_batch,
+)
+from mvtcae.data.ray_input import should_materialize
+from mvtcae.model.batch import MultimodalBatch
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_session() -> Iterator[None]:
+    """One local Ray session for the module, with spare logical CPUs for read tasks."""
+    ray.init(address="local", num_cpus=4, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+def collect(batches) -> tuple[dict, list[int]]:
+    """Concatenate batches into arrays keyed like load_split_arrays, plus batch sizes."""
+    out: dict = {"data": {}, "masks": {}, "labels": [], "ids": []}
+    sizes = []
+    for batch in batches:
+        assert isinstance(batch, MultimodalBatch)
+        sizes.append(len(batch))
+        for m in batch.data:
+            out["data"].setdefault(m, []).append(batch.data[m].numpy())
+            out["masks"].setdefault(m, []).append(batch.masks[m].numpy())
+        out["labels"].append(batch.labels.numpy())
+        out["ids"].append(batch.meta["sample_id"].numpy())
+    joined = {
+        "data": {m: np.concatenate(v) for m, v in out["data"].items()},
+        "masks": {m: np.concatenate(v) for m, v in out["masks"].items()},
+        "labels": np.concatenate(out["labels"]),
+        "ids": np.concatenate(out["ids"]),
+    }
+    return joined, sizes
+
+
+def assert_matches_arrays(read: dict, split) -> None:
+    """Rows (matched by sample id) equal the written arrays in the model's input form."""
+    order = np.argsort(read["ids"])
+    np.testing.assert_array_equal(read["ids"][order], np.arange(split.num_rows))
+    expected_img = torch.from_numpy(split.data["img"]).float() / 255.0
+    expected_img[~torch.from_numpy(split.masks["img"])] = 0
+    np.testing.assert_allclose(read["data"]["img"][order], expected_img.numpy(), atol=1e-7)
+    expected_vec = np.where(split.masks["vec"][:, None], split.data["vec"], 0)
+    np.testing.assert_array_equal(read["data"]["vec"][order], expected_vec)
+    for m in ("img", "vec"):
+        np.testing.assert_array_equal(read["masks"][m][order], split.masks[m])
+    np.testing.assert_array_equal(read["labels"][order], split.labels)
+
+
+@pytest.fixture(scope="module")
+def materialized(written) -> dict[str, ray.data.Dataset]:
+    """Both splits opened in materialised mode."""
+    return open_splits(written[0], materialize=True)
+
+
+def test_round_trip_materialized(written, materialized) -> None:
+    root, arrays = written
+    manifest = load_manifest(root)
+    assert set(materialized) == {"train", "test"}
+    # The train split adds a per-epoch block-order shuffle on top of the materialised blocks.
+    assert isinstance(materialized["test"], MaterializedDataset)
+    batches = list(iter_model_batches(materialized["train"], manifest, 20, shuffle=True, seed=0))
+    first = batches[0]
+    assert first.data["img"].shape == (20, 3, 6, 5) and first.data["img"].dtype == torch.float32
+    assert first.data["vec"].dtype == torch.float32 and first.masks["img"].dtype == torch.bool
+    assert first.labels.dtype == torch.int64 and float(first.data["img"].max()) <= 1.0
+    read, sizes = collect(batches)
+    assert sum(sizes) == 96 and sizes[-1] == 16
+    assert_matches_arrays(read, arrays["train"])
+    test_read, _ = collect(iter_model_batches(materialized["test"], manifest, 1000))
+    assert_matches_arrays(test_read, arrays["test"])
+
+
+def test_round_trip_streaming_through_a_data_iterator(written) -> None:
+    root, arrays = written
+    splits = open_splits(root, materialize=False, splits=["train"])
+    assert list(splits) == ["train"] and not isinstance(splits["train"], MaterializedDataset)
+    iterator = splits["train"].iterator()  # what ray.train.get_dataset_shard returns
+    batches = iter_model_batches(
+        iterator, load_manifest(root), 20, shuffle=True, local_shuffle_buffer_size=50
+    )
+    read, sizes = collect(batches)
+    assert sum(sizes) == 96
+    assert_matches_arrays(read, arrays["train"])
+
+
+def test_epochs_are_shuffled_differently_and_drop_last(written, materialized) -> None:
+    manifest = load_manifest(written[0])
+    epochs = [
+        collect(
+            iter_model_batches(
+                materialized["train"], manifest, 20, shuffle=True, seed=7, epoch=e, drop_last=True
+            )
+        )
+        for e in (0, 1)
+    ]
+    for read, sizes in epochs:
+        assert sizes == [20, 20, 20, 20] and len(set(read["ids"])) == 80
+    assert not np.array_equal(epochs[0][0]["ids"], epochs[1][0]["ids"])
+
+
+def test_auto_mode_materialises_only_small_datasets(written, monkeypatch) -> None:
+    manifest = load_manifest(written[0])
+    assert should_materialize(manifest)
+    monkeypatch.setattr(ray_input, "MATERIALIZE_MAX_BYTES", manifest.row_bytes * 100)
+    assert not should_materialize(manifest)  # 120 rows > 100 rows' worth
+
+
+def test_open_splits_validates_first(dataset: Path) -> None:
+    (dataset / "test" / "part-00000.parquet").write_bytes(b"not parquet")
+    with pytest.raises(DatasetError, match="test/part-00000.parquet"):
+        open_splits(dataset)
+
+
+def test_to_model_batch_on_in_memory_arrays(dataset: Path, arrays) -> None:
+    manifest = load_manifest(dataset)
+    split = load_split_arrays(dataset, "test")
+    columns = {m: a for m, a in split["data"].items()}
+    columns.update({f"{m}__present": a for m, a in split["masks"].items()})
+    columns.update(label=split["labels"], sample_id=split["ids"])
+    batch = to_model_batch(columns, manifest, "cpu")
+    read, _ = collect([batch])
+    assert_matches_arrays(read, arrays["test"])
+
+
+@pytest.mark.slow
+def test_ray_train_workers_with_fractional_cpus(dataset: Path, tmp_path: Path) -> None:
+    """Two Train workers at 0.5 CPU each read disjoint shards that cover the split."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    out = tmp_path / "seen"
+    out.mkdir()
+    manifest = load_manifest(dataset)
+
+    def loop(config: dict) -> None:
+        shard = ray.train.get_dataset_shard("train")
+        rank = ray.train.get_context().get_world_rank()
+        for epoch in range(2):
+            ids = [
+                b.meta["sample_id"].numpy()
+                for b in iter_model_batches(shard, manifest, 16, shuffle=True, epoch=epoch)
+            ]
+            np.save(f"{config['out']}/rank{rank}-epoch{epoch}.npy", np.concatenate(ids))
+            ray.train.report({"epoch": epoch})
+
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config={"out": str(out)},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+        datasets=open_splits(dataset, materialize=False, splits=["train"]),
+        run_config=RunConfig(name="data-input", storage_path=str(tmp_path / "runs")),
+    )
+    trainer.fit()
+    for epoch in range(2):
+        parts = [np.load(out / f"rank{r}-epoch{epoch}.npy") for r in range(2)]
+        assert all(len(p) for p in parts)
+        assert sorted(np.concatenate(parts)) == list(range(96))
