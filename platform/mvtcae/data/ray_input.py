@@ -1,10 +1,12 @@
 """Ray Data input: dataset directory -> Ray Datasets per split -> MultimodalBatch.
 
-CPU budget: Ray Data read tasks here ask for ``READ_TASK_CPUS`` (0.25) CPU each, and
-training workers should ask for a fraction of a CPU too (e.g.
-``ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5})`` on a 2-CPU machine).
-If workers hold every logical CPU, read tasks can never be scheduled and training waits
-forever for its first batch.
+CPU budget: Ray Data read tasks here ask for ``READ_TASK_CPUS`` (0.25) CPU each (at most
+``READ_CONCURRENCY`` at once), plus one 1-CPU file-listing task per execution when
+streaming, and training workers should ask for a fraction of a CPU too (e.g.
+``ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5})`` on a 2-CPU machine, or
+``ray.init(num_cpus=...)`` with a few logical CPUs more than the workers hold). If workers
+hold every logical CPU, read tasks can never be scheduled and training waits forever for
+its first batch.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from mvtcae.data.validate import validate_dataset
 from mvtcae.model.batch import MultimodalBatch
 
 READ_TASK_CPUS = 0.25
+READ_CONCURRENCY = 4
+"""At most this many read tasks at once: each read worker holds a few hundred MB of decode
+buffers, so unbounded fractional-CPU readers would grow memory with the shard count."""
 MATERIALIZE_MAX_BYTES = 1 << 30
 """Auto mode materialises when the whole dataset (uncompressed) is at most this many bytes
 and at most a fifth of the object store."""
@@ -39,13 +44,16 @@ def open_splits(
     shuffle_train_files: bool = True,
     seed: int | None = None,
     read_num_cpus: float = READ_TASK_CPUS,
+    read_concurrency: int | None = READ_CONCURRENCY,
 ) -> dict[str, Dataset]:
     """Open the dataset directory ``path`` as one Ray Dataset per split (validated first).
 
     ``materialize=None`` materialises when the dataset is small (see
     ``MATERIALIZE_MAX_BYTES``): small datasets then skip the per-epoch re-read. The train
     split's shard order is reshuffled at every execution (every epoch): a file shuffle when
-    streaming, a block-order shuffle when materialised.
+    streaming, a block-order shuffle when materialised; ``seed`` makes that sequence
+    reproducible. Read tasks ask for ``read_num_cpus`` CPU each, at most
+    ``read_concurrency`` at once (see the module docstring for the CPU budget).
     """
     manifest = validate_dataset(path) if validate else load_manifest(path)
     names = splits or list(manifest.splits)
@@ -60,6 +68,7 @@ def open_splits(
             shuffle_train_files and split == "train",
             seed,
             read_num_cpus,
+            read_concurrency,
         )
         for split in names
     }
@@ -81,11 +90,16 @@ def _open_split(
     shuffle_files: bool,
     seed: int | None,
     read_num_cpus: float,
+    read_concurrency: int | None,
 ) -> Dataset:
     paths = [str(p) for p in manifest.shard_paths(root, split)]
     file_shuffle = FileShuffleConfig(seed=seed) if shuffle_files and not materialize else None
     dataset = ray.data.read_parquet(
-        paths, num_cpus=read_num_cpus, shuffle=file_shuffle, partitioning=None
+        paths,
+        num_cpus=read_num_cpus,
+        concurrency=read_concurrency,
+        shuffle=file_shuffle,
+        partitioning=None,
     )
     if not materialize:
         return dataset
