@@ -145,6 +145,9 @@ def client_env(spec: ClusterSpec, base: dict[str, str] | None = None) -> dict[st
         # Ray's own metrics exporters default to fixed ports shared by every local cluster.
         AUTOSCALER_METRIC_PORT=str(spec.port_base + 6),
         DASHBOARD_METRIC_PORT=str(spec.port_base + 7),
+        # Ray's state API (Train V2's placement-group cleaner uses it inside workers) otherwise
+        # auto-detects the cluster by scanning the host, and fails when others run Ray here too.
+        RAY_API_SERVER_ADDRESS=spec.dashboard_url,
         # A job's `python ...` entrypoint must find this environment's interpreter.
         PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", os.defpath)]),
     )

@@ -4,6 +4,7 @@ submitted job uploads, and stopping process trees by PID (with real, short-lived
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import stat
 import subprocess
@@ -61,6 +62,8 @@ def test_client_env_uses_this_clusters_token_only(spec):
     assert env["RAY_AUTH_MODE"] == "token"
     assert env["RAY_AUTH_TOKEN_PATH"] == str(spec.token_path)
     assert "RAY_ADDRESS" not in env and "RAY_AUTH_TOKEN" not in env
+    # Workers' state-API clients must not auto-detect among other Ray clusters on the host.
+    assert env["RAY_API_SERVER_ADDRESS"] == spec.dashboard_url
     assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
 
 
@@ -106,11 +109,12 @@ def test_runtime_env_is_valid_for_ray(spec):
 
 
 def test_what_must_not_travel_stays_out_of_the_uploaded_package(spec, tmp_path):
-    # Ray's own packaging (what `ray job submit --working-dir` zips), without .gitignore help.
+    # Ray's own packaging (what `ray job submit --working-dir` zips), without .gitignore help:
+    # the runtime env's excludes plus the repository's .rayignore.
     from ray._private.runtime_env.packaging import create_package
 
     repo = tmp_path / "repo"
-    keep = ["jobs/train.py", "jobs/configs/train.yaml", "platform/mvtcae/__init__.py"]
+    keep = ["jobs/train.py", "jobs/configs/demo.yaml", "platform/mvtcae/data/__init__.py"]
     drop = [
         ".git/HEAD",
         ".venv/bin/python",
@@ -119,6 +123,7 @@ def test_what_must_not_travel_stays_out_of_the_uploaded_package(spec, tmp_path):
         "mlruns/0/meta.yaml",
         "mlartifacts/1/model.pt",
         "mlflow.db",
+        "outputs/ray_results/run/result.json",
         "checkpoints/epoch-3/model.safetensors",
         "ray_results/run/result.json",
         ".cluster/auth_token",
@@ -127,12 +132,31 @@ def test_what_must_not_travel_stays_out_of_the_uploaded_package(spec, tmp_path):
     for name in keep + drop:
         (repo / name).parent.mkdir(parents=True, exist_ok=True)
         (repo / name).write_text("x")
+    shutil.copy(cluster.REPO_ROOT / ".rayignore", repo / ".rayignore")
     package = tmp_path / "pkg.zip"
     excludes = cluster.runtime_env(spec)["excludes"]
     create_package(str(repo), package, include_gitignore=False, excludes=excludes)
     uploaded = set(zipfile.ZipFile(package).namelist())
     assert set(keep) <= uploaded
     assert uploaded.isdisjoint(drop), uploaded & set(drop)
+
+
+def test_the_uploaded_package_module_is_complete(spec, tmp_path):
+    # The py_module upload gets the same excludes, relative to platform/mvtcae itself.
+    from ray._private.runtime_env.packaging import create_package
+
+    package = tmp_path / "module.zip"
+    module = cluster.REPO_ROOT / "platform" / "mvtcae"
+    excludes = cluster.runtime_env(spec)["excludes"]
+    create_package(str(module), package, include_gitignore=True, include_parent_dir=True,
+                   excludes=excludes)  # fmt: skip
+    uploaded = {n for n in zipfile.ZipFile(package).namelist() if n.endswith(".py")}
+    expected = {
+        str(p.relative_to(module.parent))
+        for p in module.rglob("*.py")
+        if "__pycache__" not in p.parts
+    }
+    assert uploaded == expected
 
 
 def _python(code: str, **kwargs) -> subprocess.Popen:

@@ -222,6 +222,22 @@ def test_ray_pods_set_resources_and_memory_backed_shm():
                 assert volumes[shm["name"]]["emptyDir"]["medium"] == "Memory", where
 
 
+def test_ray_pods_share_the_dataset_volume():
+    (claim,) = objects_of("PersistentVolumeClaim")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    (client_config,) = [
+        c for c in objects_of("ConfigMap") if c["metadata"]["name"] == "mvtcae-mlflow-client"
+    ]
+    assert client_config["data"]["MVTCAE_DATA_DIR"].startswith("/mnt/shared/")
+    for name, spec in ray_cluster_specs():
+        for group, pod in pod_templates(spec):
+            volumes = {v["name"]: v for v in pod["volumes"]}
+            for container in pod["containers"]:
+                (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/mnt/shared"]
+                source = volumes[mount["name"]]["persistentVolumeClaim"]["claimName"]
+                assert source == claim["metadata"]["name"], f"{name}/{group}"
+
+
 def test_rayjobs_match_the_long_lived_cluster():
     (cluster,) = objects_of("RayCluster")
 
@@ -249,11 +265,16 @@ def test_rayjob_runs_the_repository_job(name, script):
     for relative in (argv[1], config):
         if not (REPO / relative).exists():
             pytest.skip(f"{relative} does not exist yet")
+    # Shared locations come from the ConfigMap, expanded by the entrypoint's shell on the head.
+    assert "train.storage_path=$MVTCAE_STORAGE_PATH" in argv
+    assert "data.dir=$MVTCAE_DATA_DIR" in argv
     assert spec["shutdownAfterJobFinishes"] is True
     assert spec["ttlSecondsAfterFinished"] > 0 and spec["activeDeadlineSeconds"] > 0
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert runtime_env["working_dir"] == "/app"
-    assert {".git", ".venv", "mlruns/", "*.db", "checkpoints/"} <= set(runtime_env["excludes"])
+    assert {"/.git/", "/.venv/", "/data/", "/mlruns/", "*.db", "/checkpoints/"} <= set(
+        runtime_env["excludes"]
+    )
 
 
 # --- secure defaults ---------------------------------------------------------------------------
