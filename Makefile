@@ -33,16 +33,22 @@ lint: install ## Run ruff
 bench-model: install ## Benchmark the model's loss step and joint NLL
 	$(BIN)/python jobs/bench_model.py
 
+bench-data: install ## Benchmark Ray Data vs pyarrow reading and streaming memory
+	$(BIN)/python jobs/bench_data.py
+
 clean: ## Remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache
 
-.PHONY: help install test lint bench-model clean
+.PHONY: help install test lint bench-model bench-data clean
 
 # --- Ray cluster: a local head + second node + MLflow server, and job submission -------------
 # (docs/cluster.md). Everything binds to 127.0.0.1; processes are stopped by their PIDs.
-CLUSTER := $(BIN)/python -m mvtcae.cluster
-TRAIN_CONFIG ?= jobs/configs/train.yaml
+CLUSTER_DIR ?= $(CURDIR)/.cluster
+CLUSTER := MVTCAE_CLUSTER_DIR=$(CLUSTER_DIR) $(BIN)/python -m mvtcae.cluster
+TRAIN_CONFIG ?= jobs/configs/demo.yaml
 TUNE_CONFIG ?= jobs/configs/tune.yaml
+# Checkpoints go to the cluster's shared directory, which every node reaches.
+SUBMIT_SET := --set train.storage_path=$(CLUSTER_DIR)/storage
 
 cluster-up: install ## Start a local 2-node Ray cluster and an MLflow server (token auth, 127.0.0.1)
 	$(CLUSTER) up
@@ -54,10 +60,10 @@ cluster-status: ## Show the local cluster's processes, nodes and addresses
 	$(CLUSTER) status
 
 submit-train: install ## ray job submit jobs/train.py to the local cluster (TRAIN_CONFIG=...)
-	$(CLUSTER) submit -- python jobs/train.py --config $(TRAIN_CONFIG)
+	$(CLUSTER) submit -- python jobs/train.py --config $(TRAIN_CONFIG) $(SUBMIT_SET)
 
 submit-tune: install ## ray job submit jobs/tune.py to the local cluster (TUNE_CONFIG=...)
-	$(CLUSTER) submit -- python jobs/tune.py --config $(TUNE_CONFIG)
+	$(CLUSTER) submit -- python jobs/tune.py --config $(TUNE_CONFIG) $(SUBMIT_SET)
 
 test-cluster: install ## Run only the infra manifest and local-cluster tests
 	$(BIN)/pytest -q --timeout=900 tests/infra tests/cluster
