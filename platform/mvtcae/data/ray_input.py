@@ -122,7 +122,11 @@ def to_model_batch(
     for name, spec in manifest.modalities.items():
         stored = _as_tensor(batch[name], device)
         values = stored.reshape(stored.shape[0], *spec.shape).to(torch.float32)
-        data[name] = values * spec.scale if spec.scale != 1.0 else values
+        if spec.scale != 1.0:
+            # In place only when the conversion made a new tensor (never the caller's memory).
+            fresh = stored.dtype != torch.float32
+            values = values.mul_(spec.scale) if fresh else values * spec.scale
+        data[name] = values
         masks[name] = _as_tensor(batch[presence_column(name)], device).to(torch.bool)
     labels = None
     if manifest.has_labels and LABEL_COLUMN in batch:
@@ -158,20 +162,13 @@ def iter_model_batches(
 ) -> Iterator[MultimodalBatch]:
     """Yield MultimodalBatches from a Ray Dataset or DataIterator (a Train dataset shard).
 
-    ``shuffle=True`` mixes rows through a local buffer (default ``4 * batch_size`` rows);
-    for a Dataset it also randomises block order. Pass ``epoch`` with a ``seed`` to get a
-    different, reproducible order each epoch. A DataIterator's shard order is set by
-    ``open_splits`` (reshuffled each epoch).
+    ``shuffle=True`` mixes rows through a local buffer (default ``4 * batch_size`` rows),
+    seeded by ``seed + epoch`` when a seed is given. Shard order is the dataset's business:
+    ``open_splits`` reshuffles the train split's shards every epoch. (A block-order shuffle
+    here would be an all-to-all barrier that stops a streamed dataset from streaming.)
     """
     shuffle_seed = None if seed is None else seed + epoch
-    if shuffle and isinstance(source, Dataset):
-        source = source.randomize_block_order(
-            seed=RandomSeedConfig(seed=shuffle_seed, reseed_after_execution=False)
-            if shuffle_seed is not None
-            else None
-        )
     buffer = (local_shuffle_buffer_size or 4 * batch_size) if shuffle else None
-    # The local shuffle buffer rejects a seed without a buffer.
     batches = source.iter_torch_batches(
         batch_size=batch_size,
         device="cpu",
