@@ -54,7 +54,7 @@ class ClusterSpec:
     head_temp_dir: Path
     node_temp_dir: Path
     port_base: int = 16400
-    dashboard_port: int = 8266
+    dashboard_port: int = 18265
     mlflow_port: int = 5055
     cpus_per_node: int = 2
     object_store_bytes: int = 512 * 1024**2
@@ -125,7 +125,7 @@ def default_spec() -> ClusterSpec:
         head_temp_dir=Path(env("MVTCAE_CLUSTER_HEAD_TMP", "/tmp/mvtcae-ray-head")),
         node_temp_dir=Path(env("MVTCAE_CLUSTER_NODE_TMP", "/tmp/mvtcae-ray-node2")),
         port_base=int(env("MVTCAE_CLUSTER_PORT_BASE", "16400")),
-        dashboard_port=int(env("MVTCAE_CLUSTER_DASHBOARD_PORT", "8266")),
+        dashboard_port=int(env("MVTCAE_CLUSTER_DASHBOARD_PORT", "18265")),
         mlflow_port=int(env("MVTCAE_CLUSTER_MLFLOW_PORT", "5055")),
     )
 
@@ -135,13 +135,16 @@ def default_spec() -> ClusterSpec:
 
 def client_env(spec: ClusterSpec, base: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for Ray processes and clients of this cluster: token auth with its token."""
-    env = {k: v for k, v in (os.environ if base is None else base).items()}
+    env = dict(os.environ if base is None else base)
     for key in _FOREIGN_RAY_ENV:
         env.pop(key, None)
     env.update(
         RAY_AUTH_MODE="token",
         RAY_AUTH_TOKEN_PATH=str(spec.token_path),
         RAY_USAGE_STATS_ENABLED="0",
+        # Jobs find the tracking server and shared storage even when submitted by hand.
+        MLFLOW_TRACKING_URI=spec.mlflow_uri,
+        MVTCAE_STORAGE_PATH=str(spec.storage_dir),
         # Ray's own metrics exporters default to fixed ports shared by every local cluster.
         AUTOSCALER_METRIC_PORT=str(spec.port_base + 6),
         DASHBOARD_METRIC_PORT=str(spec.port_base + 7),
