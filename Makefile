@@ -46,7 +46,7 @@ clean: ## Remove the virtual environment and caches
 CLUSTER_DIR ?= $(CURDIR)/.cluster
 CLUSTER := MVTCAE_CLUSTER_DIR=$(CLUSTER_DIR) $(BIN)/python -m mvtcae.cluster
 TRAIN_CONFIG ?= jobs/configs/demo.yaml
-TUNE_CONFIG ?= jobs/configs/tune.yaml
+TUNE_CONFIG ?= jobs/configs/tune_demo.yaml
 # Checkpoints go to the cluster's shared directory, which every node reaches.
 SUBMIT_SET := --set train.storage_path=$(CLUSTER_DIR)/storage
 
@@ -63,7 +63,8 @@ submit-train: install ## ray job submit jobs/train.py to the local cluster (TRAI
 	$(CLUSTER) submit -- python jobs/train.py --config $(TRAIN_CONFIG) $(SUBMIT_SET)
 
 submit-tune: install ## ray job submit jobs/tune.py to the local cluster (TUNE_CONFIG=...)
-	$(CLUSTER) submit -- python jobs/tune.py --config $(TUNE_CONFIG) $(SUBMIT_SET)
+	$(CLUSTER) submit -- python jobs/tune.py --config $(TUNE_CONFIG) $(SUBMIT_SET) \
+		--set tune.storage=sqlite:///$(CLUSTER_DIR)/storage/optuna.db
 
 test-cluster: install ## Run only the infra manifest and local-cluster tests
 	$(BIN)/pytest -q --timeout=900 tests/infra tests/cluster
