@@ -16,10 +16,18 @@ Rows missing a modality that a measure needs are left out of that measure.
 
 from __future__ import annotations
 
+import json
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    import torch
+
+    from mvtcae import MVTCAE
 
 
 class EvalConfig(BaseModel):
@@ -59,3 +67,69 @@ class EvalConfig(BaseModel):
     grid_samples: int = Field(default=8, ge=1)
     projection: Literal["pca", "tsne"] = "pca"
     projection_samples: int = Field(default=1000, ge=10)
+
+
+@dataclass
+class EvalReport:
+    """Flat metrics (``eval/...``), plot paths and per-subset details of one evaluation."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    plots: dict[str, Path] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe form: NaN becomes None, paths become strings."""
+        clean = {k: (v if math.isfinite(v) else None) for k, v in self.metrics.items()}
+        return {
+            "metrics": clean,
+            "plots": {k: str(p) for k, p in self.plots.items()},
+            "details": self.details,
+        }
+
+    def save_json(self, path: str | Path) -> Path:
+        """Write :meth:`to_dict` as indented JSON."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2, default=str))
+        return path
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def evaluate(
+    model: MVTCAE,
+    dataset_dir: str | Path,
+    cfg: EvalConfig | None = None,
+    *,
+    split: str = "test",
+    device: str | torch.device = "cpu",
+    out_dir: str | Path | None = None,
+) -> EvalReport:
+    """Evaluate ``model`` on a split of the dataset; write evaluation.json and plots to out_dir."""
+    import torch
+
+    from mvtcae import measures
+
+    cfg = cfg or EvalConfig()
+    device = torch.device(device)
+    model = model.to(device).eval()
+    test = measures.load_eval_split(dataset_dir, split, cfg.max_samples, cfg.seed)
+    measures.check_modalities(model, test, dataset_dir)
+    report = EvalReport(
+        details={"split": split, "rows": len(test), "config": cfg.model_dump(mode="json")}
+    )
+    fork_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(cfg.seed)
+        measures.labelled_measures(model, dataset_dir, test, cfg, device, report)
+        if cfg.joint_nll:
+            torch.manual_seed(cfg.seed)
+            metrics, details = measures.joint_nll(model, test, cfg, device)
+            report.metrics.update(metrics)
+            report.details["joint_nll_by_subset"] = details
+        if cfg.plots and out_dir is not None:
+            report.plots = measures.make_plots(model, test, cfg, Path(out_dir) / "plots", device)
+    if out_dir is not None:
+        report.save_json(Path(out_dir) / "evaluation.json")
+    return report

@@ -10,6 +10,15 @@ from mvtcae import MVTCAE, MVTCAEConfig
 from mvtcae.tracking import TrackingConfig
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One intra-op thread: two compete badly with other processes on a shared 2-core box."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def tracking(tmp_path, monkeypatch) -> TrackingConfig:
     """A TrackingConfig on a fresh SQLite store; MLflow's global URIs are restored afterwards."""
