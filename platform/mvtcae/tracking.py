@@ -489,7 +489,9 @@ def download_model_dir(
 
 
 def _find_model_dirs(root: Path) -> Iterator[Path]:
-    for config in sorted(root.rglob("model_config.json")):
+    """Directories under ``root`` holding a saved MVTCAE, shallowest first."""
+    configs = sorted(root.rglob("model_config.json"), key=lambda p: (len(p.parts), str(p)))
+    for config in configs:
         if (config.parent / "model.safetensors").is_file():
             yield config.parent
 
@@ -504,4 +506,26 @@ def load_champion(
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = download_model_dir(f"models:/{name}@{alias}", uri, dst=scratch)
         model = MVTCAE.load(model_dir)
+    return model.to(device).eval()
+
+
+def load_model_from(
+    ref: str | Path, tracking_uri: str | None = None, *, device: str = "cpu"
+) -> MVTCAE:
+    """An `MVTCAE` from a model/checkpoint directory or an MLflow URI (models:/…, runs:/…)."""
+    from mvtcae import MVTCAE
+
+    text = str(ref)
+    if "://" not in text and ":/" not in text:
+        directory = Path(text)
+        found = next(_find_model_dirs(directory), None) if directory.is_dir() else None
+        if found is None:
+            raise FileNotFoundError(
+                f"{directory}: no model_config.json + model.safetensors found; give a model or "
+                "checkpoint directory, or an MLflow URI such as models:/<name>@champion"
+            )
+        return MVTCAE.load(str(found)).to(device).eval()
+    uri = tracking_uri or resolve_tracking_uri(None)
+    with tempfile.TemporaryDirectory() as scratch:
+        model = MVTCAE.load(str(download_model_dir(text, uri, dst=scratch)))
     return model.to(device).eval()

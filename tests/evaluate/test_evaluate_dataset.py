@@ -150,3 +150,75 @@ def test_evaluate_refuses_a_dataset_without_the_models_modalities(dataset, tmp_p
     other = MVTCAE(MVTCAEConfig(n_modalities=1, latent_dim=2, input_dims={"audio": (3,)}))
     with pytest.raises(ValueError, match="lacks the model's modalities"):
         evaluate(other, dataset, small_config(tmp_path))
+
+
+def _cli_overrides(tmp_path) -> list[str]:
+    values = {
+        "eval.latent_accuracy": "false",
+        "eval.coherence": "false",
+        "eval.nll_K": "10",
+        "eval.nll_max_samples": "20",
+        "eval.nll_subsets_per_size": "0",
+        "eval.grid_samples": "3",
+        "tracking.tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
+        "tracking.registered_model_name": "cli-model",
+    }
+    return [arg for k, v in values.items() for arg in ("--set", f"{k}={v}")]
+
+
+def test_cli_evaluates_a_model_directory(dataset, trained, tmp_path):
+    from click.testing import CliRunner
+
+    from mvtcae.cli import main
+
+    trained.save(str(tmp_path / "model"))
+    out = tmp_path / "eval"
+    args = ["evaluate", str(tmp_path / "model"), "--data", str(dataset), "--out", str(out)]
+    result = CliRunner().invoke(main, [*args, "--device", "cpu", *_cli_overrides(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "eval/joint_nll" in result.output
+    saved = json.loads((out / "evaluation.json").read_text())
+    assert set(saved["metrics"]) == {"eval/joint_nll"}
+    assert (out / "plots" / "reconstruction.png").is_file()
+
+
+def test_cli_evaluates_the_registered_champion_into_a_run(dataset, trained, tmp_path):
+    import mlflow
+    from click.testing import CliRunner
+
+    from mvtcae.cli import main
+    from mvtcae.tracking import TrackingConfig, client_for, log_model_and_register, start_run
+
+    tracking = TrackingConfig(
+        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", registered_model_name="cli-model"
+    )
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    try:
+        with start_run(tracking) as run:
+            log_model_and_register(trained, tracking, {"eval/joint_nll": 1.0})
+        args = ["evaluate", "models:/cli-model@champion", "--data", str(dataset)]
+        args += ["--out", str(tmp_path / "eval"), "--log-run", run.info.run_id]
+        result = CliRunner().invoke(main, [*args, *_cli_overrides(tmp_path)])
+        assert result.exit_code == 0, result.output
+        client = client_for(tracking)
+        logged = client.get_run(run.info.run_id).data.metrics
+        saved = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+        assert logged["eval/joint_nll"] == pytest.approx(saved["metrics"]["eval/joint_nll"])
+        names = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+        assert names == {"evaluation/evaluation.json", "evaluation/plots"}
+        plots = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation/plots")}
+        assert "evaluation/plots/latent_pca.png" in plots
+    finally:
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])
+
+
+def test_cli_refuses_a_missing_model(dataset, tmp_path):
+    from click.testing import CliRunner
+
+    from mvtcae.cli import main
+
+    args = ["evaluate", str(tmp_path / "nothing"), "--data", str(dataset), "--device", "cpu"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2
+    assert "no model_config.json" in result.output
