@@ -18,3 +18,6 @@ main.add_command(_data)
 from mvtcae.commands.train import train_command as _train  # noqa: E402
 
 main.add_command(_train)
+from mvtcae.commands.evaluate import evaluate_command as _evaluate  # noqa: E402
+
+main.add_command(_evaluate)
