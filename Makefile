@@ -48,7 +48,7 @@ CLUSTER := MVTCAE_CLUSTER_DIR=$(CLUSTER_DIR) $(BIN)/python -m mvtcae.cluster
 TRAIN_CONFIG ?= jobs/configs/demo.yaml
 TUNE_CONFIG ?= jobs/configs/tune_demo.yaml
 # Checkpoints go to the cluster's shared directory, which every node reaches.
-SUBMIT_SET := --set train.storage_path=$(CLUSTER_DIR)/storage
+SUBMIT_SET := --set train.storage_path=$(CLUSTER_DIR)/storage/ray_results
 
 cluster-up: install ## Start a local 2-node Ray cluster and an MLflow server (token auth, 127.0.0.1)
 	$(CLUSTER) up

@@ -277,25 +277,31 @@ def _signal_all(pids: set[int], sig: int) -> None:
             os.kill(pid, sig)
 
 
-def stop_process_tree(record: dict[str, Any], grace_s: float = 8.0) -> set[int]:
-    """SIGTERM a recorded session leader, its process group and descendants; SIGKILL leftovers.
+def stop_process_trees(records: list[dict[str, Any]], grace_s: float = 8.0) -> set[int]:
+    """SIGTERM recorded session leaders, their process groups and descendants, all at once;
+    SIGKILL whatever is left after ``grace_s``. Returns the PIDs signalled.
 
     The grace is short: a Ray head's GCS and monitor take 20 s or more to honour SIGTERM, and a
     local cluster holds nothing that needs a graceful exit (checkpoints and runs are on disk).
+    A recorded PID that now belongs to another process (its start time differs) is left alone.
     """
-    if not _is_same_process(record):
-        return set()  # Already gone (or the PID now belongs to someone else: leave it alone).
-    leader = record["pid"]
-    targets = {leader} | _group_members(leader) | _descendants(leader)
+    leaders = [r["pid"] for r in records if _is_same_process(r)]
+
+    def members() -> set[int]:
+        return set().union(*(_group_members(pid) for pid in leaders)) if leaders else set()
+
+    targets = set(leaders) | members()
+    for pid in leaders:
+        targets |= _descendants(pid)
     _signal_all(targets, signal.SIGTERM)
+    alive = targets
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:
-        alive = {p for p in targets if _proc_stat(p) is not None}
-        alive |= _group_members(leader)
+        alive = {p for p in targets if _proc_stat(p) is not None} | members()
         if not alive:
             return targets
         time.sleep(0.2)
-    _signal_all(alive | _group_members(leader), signal.SIGKILL)
+    _signal_all(alive | members(), signal.SIGKILL)
     deadline = time.monotonic() + 5
     while any(_proc_stat(p) is not None for p in alive) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -492,11 +498,9 @@ def up(spec: ClusterSpec, timeout_s: float = 180.0) -> dict[str, Any]:
 
 
 def down(spec: ClusterSpec) -> list[int]:
-    """Stop the recorded processes (newest first) and anything left in this cluster's dirs."""
+    """Stop the recorded processes and anything left that runs in this cluster's temp dirs."""
     state = _load_state(spec)
-    stopped: set[int] = set()
-    for record in reversed((state or {}).get("processes", [])):
-        stopped |= stop_process_tree(record)
+    stopped = stop_process_trees((state or {}).get("processes", []))
     # Processes re-parented away from the recorded trees (a detached job driver) still name
     # this cluster's temp dirs in their command line or working directory.
     leftovers = set(strays(spec))

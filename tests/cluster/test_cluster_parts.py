@@ -179,7 +179,7 @@ def test_stop_process_tree_reaches_children_in_other_sessions(spec):
         time.sleep(0.1)
     grandchild = int(log.read_text().split()[0])
     assert cluster._proc_stat(grandchild)[1] != record["pid"]  # another process group
-    stopped = cluster.stop_process_tree(record, grace_s=5)
+    stopped = cluster.stop_process_trees([record], grace_s=5)
     assert {record["pid"], grandchild} <= stopped
     for pid in (record["pid"], grandchild):
         assert cluster._proc_stat(pid) is None
@@ -190,7 +190,7 @@ def test_stop_process_tree_kills_what_ignores_sigterm(spec):
     record = cluster._spawn("stubborn", [sys.executable, "-c", code], os.environ.copy(), spec)
     time.sleep(0.5)
     started = time.monotonic()
-    cluster.stop_process_tree(record, grace_s=1)
+    cluster.stop_process_trees([record], grace_s=1)
     assert cluster._proc_stat(record["pid"]) is None
     assert time.monotonic() - started < 10
 
@@ -199,7 +199,7 @@ def test_stop_process_tree_leaves_a_reused_pid_alone(spec):
     proc = _python("import time; time.sleep(300)")
     try:
         record = {"name": "old", "pid": proc.pid, "start_time": 1, "log": "-"}
-        assert cluster.stop_process_tree(record) == set()
+        assert cluster.stop_process_trees([record]) == set()
         assert proc.poll() is None
     finally:
         proc.kill()
