@@ -36,10 +36,29 @@ bench-model: install ## Benchmark the model's loss step and joint NLL
 bench-data: install ## Benchmark Ray Data vs pyarrow reading and streaming memory
 	$(BIN)/python jobs/bench_data.py
 
+demo: install ## The main job: prepare PolyMNIST, train 2 Ray workers, evaluate, register, summarise
+	$(BIN)/python jobs/train.py $(ARGS)
+
+bench-train: install ## Ray Train (1/2 workers, fp32/bf16) vs a plain PyTorch loop: samples/s
+	$(BIN)/python jobs/bench_train.py $(ARGS)
+
+# Loss-weight sweeps (docs/tuning.md). TUNE_CONFIG is also what `submit-tune` submits.
+TUNE_CONFIG ?= jobs/configs/tune_demo.yaml
+OPTUNA_STORAGE ?= sqlite:///outputs/optuna.db
+
+tune: install ## Ray Tune + Optuna sweep of alpha/beta, tracked in MLflow (TUNE_CONFIG=..., ARGS=--resume)
+	$(BIN)/mvtcae tune --config $(TUNE_CONFIG) $(ARGS)
+
+optuna-dashboard: install ## Live view of the sweeps' Optuna studies on http://127.0.0.1:8080
+	$(BIN)/optuna-dashboard $(OPTUNA_STORAGE) --host 127.0.0.1 --port 8080
+
+bench-tune: install ## Tune overhead of a small sweep, and TPE against random search over seeds
+	$(BIN)/python jobs/bench_tune.py $(ARGS)
+
 clean: ## Remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache
 
-.PHONY: help install test lint bench-model bench-data clean
+.PHONY: help install test lint bench-model bench-data demo bench-train clean
 
 # --- Ray cluster: a local head + second node + MLflow server, and job submission -------------
 # (docs/cluster.md). Everything binds to 127.0.0.1; processes are stopped by their PIDs.
