@@ -18,6 +18,9 @@ main.add_command(_data)
 from mvtcae.commands.train import train_command as _train  # noqa: E402
 
 main.add_command(_train)
+from mvtcae.commands.tune import tune_command as _tune  # noqa: E402
+
+main.add_command(_tune)
 from mvtcae.commands.evaluate import evaluate_command as _evaluate  # noqa: E402
 
 main.add_command(_evaluate)

@@ -1,0 +1,415 @@
+"""Searching MVTCAE's loss weights: Ray Tune trials driven by Optuna, tracked in MLflow.
+
+A tune YAML names a base experiment config and a ``tune:`` section (search space, objectives,
+budget, ASHA, study name and storage). ``run_sweep`` starts one MLflow parent run, a Ray Tune
+``Tuner`` whose trials each run the platform's Ray Train training (`mvtcae.tune_trial`), an
+``OptunaSearch`` TPE sampler whose study lives in an RDB storage, and ASHA on epochs. Because α
+and β change the loss itself, the objective is an evaluation measure on the validation split
+(``val/joint_nll``, ``val/coherence_<k>``, ``val/latent_acc_<k>``), computed after every epoch.
+At the end the study's plots are logged and the best trial's model goes through the promotion
+gate of `mvtcae.tracking`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mvtcae.config import ConfigError, ExperimentConfig, apply_overrides, config_from_dict
+
+SWEEP_STATE_FILE = "mvtcae_sweep.json"
+OBJECTIVE_PATTERN = re.compile(r"^val/(joint_nll(_\d+)?|coherence_\d+|latent_acc_\d+)$")
+LOSS_LIKE = re.compile(r"(^|/)(loss|joint_divergence|kld_.*|recon_.*)$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ParamSpec(_Section):
+    """One searched hyperparameter: a distribution over a dotted experiment-config field."""
+
+    type: Literal["uniform", "loguniform", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    step: int | None = Field(default=None, ge=1, description="int only")
+    log: bool = Field(default=False, description="int only: sample on a log scale")
+    choices: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ParamSpec:
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("categorical needs a non-empty `choices` list")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError(f"{self.type} needs `low` and `high`")
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be smaller than high ({self.high})")
+        if (self.type == "loguniform" or self.log) and self.low <= 0:
+            raise ValueError(f"a log scale needs low > 0, got {self.low}")
+        return self
+
+    def extremes(self) -> list[Any]:
+        """The values at the edges of the distribution (for validating against the base config)."""
+        if self.type == "categorical":
+            return list(self.choices or [])
+        if self.type == "int":
+            return [int(self.low), int(self.high)]  # type: ignore[arg-type]
+        return [self.low, self.high]
+
+    def to_optuna(self) -> Any:
+        """The Optuna distribution."""
+        from optuna.distributions import (
+            CategoricalDistribution,
+            FloatDistribution,
+            IntDistribution,
+        )
+
+        if self.type == "categorical":
+            return CategoricalDistribution(self.choices)
+        if self.type == "int":
+            return IntDistribution(int(self.low), int(self.high), log=self.log, step=self.step or 1)
+        return FloatDistribution(self.low, self.high, log=self.type == "loguniform")
+
+
+class Objective(_Section):
+    """A measure to optimise, reported on the validation split after every epoch."""
+
+    metric: str = "val/joint_nll"
+    mode: Literal["min", "max"] = "min"
+
+    @field_validator("metric")
+    @classmethod
+    def _weight_independent(cls, v: str) -> str:
+        if LOSS_LIKE.search(v):
+            raise ValueError(
+                f"{v!r} is a term of the training loss, whose value α and β change, so it is not "
+                "comparable across trials: use val/joint_nll, val/coherence_<k> or val/latent_acc_<k>"
+            )
+        if not OBJECTIVE_PATTERN.match(v):
+            raise ValueError(
+                f"unknown objective {v!r}: use val/joint_nll, val/joint_nll_<k>, "
+                "val/coherence_<k> or val/latent_acc_<k>"
+            )
+        return v
+
+
+class AshaConfig(_Section):
+    """ASHA early stopping on epochs (Tune's training iterations)."""
+
+    enabled: bool = True
+    grace_period: int = Field(default=1, ge=1, description="epochs every trial runs")
+    reduction_factor: float = Field(default=2.0, gt=1.0)
+    brackets: int = Field(default=1, ge=1)
+
+
+def _default_space() -> dict[str, ParamSpec]:
+    return {
+        "model.alpha": ParamSpec(type="uniform", low=0.0, high=1.0),
+        "model.beta": ParamSpec(type="loguniform", low=0.1, high=10.0),
+    }
+
+
+class TuneConfig(_Section):
+    """The ``tune:`` section: what to search, what to optimise, and the budget."""
+
+    study_name: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Optuna study and Tune experiment name; default <experiment name>-sweep",
+    )
+    storage: str = Field(
+        default="sqlite:///outputs/optuna.db",
+        description="Optuna RDB storage (any SQLAlchemy URL); relative SQLite paths use the cwd",
+    )
+    space: dict[str, ParamSpec] = Field(default_factory=_default_space)
+    objectives: list[Objective] = Field(default_factory=lambda: [Objective()], min_length=1)
+    num_samples: int = Field(default=8, ge=1, description="trials in the whole sweep")
+    max_concurrent: int = Field(default=2, ge=1)
+    seed: int = 0
+    sampler: Literal["tpe", "random"] = "tpe"
+    asha: AshaConfig = AshaConfig()
+    points_to_evaluate: list[dict[str, Any]] = Field(
+        default_factory=list, description="trials to run first, e.g. the paper's α and β"
+    )
+    val_max_samples: int = Field(
+        default=500, ge=1, description="validation rows evaluated after every epoch"
+    )
+    final_eval: bool = Field(
+        default=True, description="evaluate each finished trial on the test split (eval section)"
+    )
+    register_best: bool = Field(default=True, description="best trial through the promotion gate")
+    trial_cpus: float = Field(default=0.01, gt=0.0, description="CPUs of the Tune driver function")
+    resume: bool = False
+
+    @field_validator("space")
+    @classmethod
+    def _non_empty(cls, v: dict[str, ParamSpec]) -> dict[str, ParamSpec]:
+        if not v:
+            raise ValueError("the search space is empty")
+        return v
+
+    @field_validator("storage")
+    @classmethod
+    def _absolute_sqlite(cls, v: str) -> str:
+        if "://" not in v:
+            raise ValueError(f"{v!r} is not a SQLAlchemy URL, e.g. sqlite:///outputs/optuna.db")
+        if v.startswith("sqlite:///") and not v.startswith("sqlite:////"):
+            return f"sqlite:///{Path(v.removeprefix('sqlite:///')).resolve()}"
+        return v
+
+    @model_validator(mode="after")
+    def _known_points(self) -> TuneConfig:
+        for i, point in enumerate(self.points_to_evaluate):
+            unknown = sorted(set(point) - set(self.space))
+            if unknown:
+                raise ValueError(
+                    f"points_to_evaluate[{i}] names {unknown}, not in the search space"
+                )
+        return self
+
+    @property
+    def metrics(self) -> list[str]:
+        """Objective metric names, in order."""
+        return [o.metric for o in self.objectives]
+
+    @property
+    def modes(self) -> list[str]:
+        """Objective modes, in order."""
+        return [o.mode for o in self.objectives]
+
+    @property
+    def multi_objective(self) -> bool:
+        """Whether the study has more than one objective (a Pareto front)."""
+        return len(self.objectives) > 1
+
+
+class TuneFile(_Section):
+    """A tune YAML: the base experiment config, overrides to it, and the ``tune:`` section."""
+
+    base: Path | None = Field(default=None, description="experiment YAML, relative to this file")
+    base_overrides: list[str] = Field(default_factory=list, description="section.field=value")
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+
+
+@dataclass
+class SweepSpec:
+    """A validated sweep: the base experiment config and the tune section."""
+
+    experiment: ExperimentConfig
+    tune: TuneConfig
+    source: Path | None = None
+
+    @property
+    def study_name(self) -> str:
+        """The Optuna study name, which is also the Tune experiment's name."""
+        return self.tune.study_name or f"{self.experiment.name}-sweep"
+
+    @property
+    def experiment_dir(self) -> Path:
+        """Where Tune keeps the sweep's state (restored by ``--resume``)."""
+        return self.experiment.train.storage_path / self.study_name
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe form: the full experiment config and the tune section."""
+        return {"experiment": self.experiment.to_dict(), "tune": self.tune.model_dump(mode="json")}
+
+
+def _format_errors(err: ValidationError, source: str, prefix: str = "") -> str:
+    lines = [f"invalid tune config ({source}):"]
+    for e in err.errors():
+        where = prefix + ".".join(str(p) for p in e["loc"])
+        lines.append(f"  {where or '<root>'}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def _split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    tune_items = [o.removeprefix("tune.") for o in overrides if o.startswith("tune.")]
+    base_items = [o for o in overrides if not o.startswith("tune.")]
+    return tune_items, base_items
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"tune config {path} does not exist") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"tune config {path} is not valid YAML: {err}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"tune config {path}: top level must be a mapping")
+    return loaded or {}
+
+
+def load_tune_config(
+    path: str | Path | None = None, overrides: list[str] | None = None
+) -> SweepSpec:
+    """Load a tune YAML; ``tune.x=v`` overrides go to the tune section, others to the base."""
+    source = Path(path).resolve() if path is not None else None
+    raw = _read_yaml(source) if source is not None else {}
+    tune_items, base_items = _split_overrides(list(overrides or []))
+    raw.setdefault("tune", {})
+    if not isinstance(raw["tune"], dict):
+        raise ConfigError(f"tune config {source}: `tune` must be a mapping")
+    apply_overrides(raw["tune"], tune_items)
+    try:
+        tune_file = TuneFile.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, str(source or "defaults"))) from None
+    experiment = _load_base(tune_file, source, base_items)
+    spec = SweepSpec(experiment=experiment, tune=tune_file.tune, source=source)
+    check_space_against_base(spec)
+    check_budget(spec)
+    return spec
+
+
+def _load_base(tune_file: TuneFile, source: Path | None, overrides: list[str]) -> ExperimentConfig:
+    from mvtcae.config import load_config
+
+    base = tune_file.base
+    if base is not None and not base.is_absolute() and source is not None:
+        base = source.parent / base
+    return load_config(base, [*tune_file.base_overrides, *overrides])
+
+
+def trial_config(
+    base: dict[str, Any], params: dict[str, Any], source: str = "trial"
+) -> ExperimentConfig:
+    """The base experiment config with a trial's sampled values set (validated)."""
+    raw = json.loads(json.dumps(base))
+    apply_overrides(raw, [f"{key}={json.dumps(value)}" for key, value in params.items()])
+    return config_from_dict(raw, source)
+
+
+def check_space_against_base(spec: SweepSpec) -> None:
+    """Raise ConfigError naming the parameter when a search-space edge is not a valid config."""
+    base = spec.experiment.to_dict()
+    for name, param in spec.tune.space.items():
+        for value in param.extremes():
+            try:
+                trial_config(base, {name: value}, source=f"tune.space[{name!r}] = {value!r}")
+            except ConfigError as err:
+                raise ConfigError(str(err)) from None
+
+
+def check_budget(spec: SweepSpec) -> None:
+    """Raise ConfigError when ASHA's grace period exceeds the training's epochs."""
+    asha, epochs = spec.tune.asha, spec.experiment.train.epochs
+    if asha.enabled and asha.grace_period > epochs:
+        raise ConfigError(
+            f"tune.asha.grace_period ({asha.grace_period}) exceeds train.epochs ({epochs})"
+        )
+
+
+def trial_eval_config(spec: SweepSpec) -> Any:
+    """The per-epoch validation EvalConfig: only the measures the objectives need, no plots."""
+    metrics = spec.tune.metrics
+    needs = {
+        "joint_nll": any(m.startswith("val/joint_nll") for m in metrics),
+        "coherence": any(m.startswith("val/coherence_") for m in metrics),
+        "latent_accuracy": any(m.startswith("val/latent_acc_") for m in metrics),
+    }
+    subset_nll = any(re.match(r"^val/joint_nll_\d+$", m) for m in metrics)
+    return spec.experiment.eval.model_copy(
+        update={
+            **needs,
+            "plots": False,
+            "max_samples": spec.tune.val_max_samples,
+            "nll_subsets_per_size": (spec.experiment.eval.nll_subsets_per_size or 1)
+            if subset_nll
+            else 0,
+        }
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Running a sweep
+# --------------------------------------------------------------------------------------------
+@dataclass
+class SweepResult:
+    """What a sweep produced."""
+
+    study_name: str
+    storage: str
+    experiment_dir: Path
+    parent_run_id: str
+    tracking_uri: str
+    finished: bool
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None
+    pareto_front: list[dict[str, Any]] = field(default_factory=list)
+    registered: Any = None
+    artifacts: dict[str, Path] = field(default_factory=dict)
+    wall_time_s: float = 0.0
+    trial_time_s: float = 0.0
+
+
+def start_local_ray(num_cpus: int) -> None:
+    """Start a local Ray whose workers know its dashboard address.
+
+    Train V2's placement-group cleaner looks the cluster up by address; with another Ray
+    instance on the same host the lookup fails and stopped trials leak their placement groups.
+    """
+    import ray
+
+    port = _dashboard_port(int(os.environ.get("MVTCAE_DASHBOARD_PORT", "8265")))
+    ray.init(
+        num_cpus=num_cpus,
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
+        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+    )
+    print(f"[mvtcae.tune] Ray dashboard: http://127.0.0.1:{port}")
+
+
+def _dashboard_port(preferred: int) -> int:
+    """``preferred`` when it is free on 127.0.0.1, else a free port."""
+    import socket
+
+    for candidate in (preferred, 0):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", candidate))
+            except OSError:
+                continue
+            return sock.getsockname()[1]
+    raise RuntimeError("no free TCP port on 127.0.0.1 for the Ray dashboard")
+
+
+def ensure_ray_for_sweep(spec: SweepSpec) -> None:
+    """Connect to the configured Ray cluster, or start a local one sized for the concurrent trials."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    tc = spec.experiment.train
+    address = tc.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return
+    per_worker = (tc.resources_per_worker or {"CPU": 1.0}).get("CPU", 1.0)
+    needed = math.ceil(spec.tune.max_concurrent * tc.num_workers * per_worker) + 2
+    start_local_ray(tc.local_num_cpus or max(os.cpu_count() or 1, needed))
+
+
+def run_sweep(spec: SweepSpec, *, resume: bool | None = None) -> SweepResult:
+    """Run (or resume) the sweep; return the trials, best trial, Pareto front and registry outcome."""
+    from mvtcae import tune_runner
+
+    return tune_runner.run(spec, resume=spec.tune.resume if resume is None else resume)
+
+
+def format_sweep_summary(result: SweepResult) -> str:
+    """A plain-text summary of a sweep: trials, best trial, front, registry and where to look."""
+    from mvtcae import tune_runner
+
+    return tune_runner.summary(result)

@@ -1,0 +1,358 @@
+"""The sweep driver: MLflow parent run, Tuner (new or restored), study artifacts, registration."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from mvtcae.tune import SWEEP_STATE_FILE, ConfigError, SweepResult, SweepSpec, ensure_ray_for_sweep
+from mvtcae.tune_trial import RUN_ID_KEY, SWEEP_TAG, SweepContext, run_trial
+
+PARENT_ROLE_TAG = "mvtcae.tune.role"
+
+
+def run(spec: SweepSpec, *, resume: bool) -> SweepResult:
+    """Run or resume the sweep described by ``spec``; see `mvtcae.tune.run_sweep`."""
+    import optuna
+
+    from mvtcae import tracking, tune_study
+    from mvtcae.train import prepare_dataset
+
+    started = time.perf_counter()
+    spec = _with_resolved_tracking(spec)
+    dataset_dir, manifest = prepare_dataset(spec.experiment)
+    check_sweep_state(spec, resume)
+    storage = tune_study.open_storage(spec.tune.storage)
+    parent_run_id = _open_parent_run(spec, resume)
+    ensure_ray_for_sweep(spec)
+    context = _context(spec, dataset_dir, manifest, parent_run_id)
+    grid = _tuner(spec, context, storage, resume).fit()
+    study = optuna.load_study(study_name=spec.study_name, storage=storage)
+    finished = tune_study.count_finished(study) >= spec.tune.num_samples
+    if finished:
+        tune_study.fail_orphans(study)
+    _close_child_runs(spec, grid)
+    result = SweepResult(
+        study_name=spec.study_name, storage=spec.tune.storage,
+        experiment_dir=spec.experiment_dir, parent_run_id=parent_run_id,
+        tracking_uri=str(spec.experiment.tracking.tracking_uri), finished=finished,
+        trials=tune_study.trial_rows(study), pareto_front=tune_study.pareto_front(study),
+        trial_time_s=_summed_trial_time(grid),
+    )  # fmt: skip
+    result.best = _best_with_checkpoint(spec, study, grid)
+    result.artifacts = _log_study(spec, study, result)
+    if finished and result.best is not None and spec.tune.register_best:
+        result.registered = _register(spec, result.best)
+    result.wall_time_s = time.perf_counter() - started
+    _close_parent_run(spec, result)
+    tracking_cfg = spec.experiment.tracking
+    tracking.client_for(tracking_cfg).log_metric(
+        parent_run_id, "sweep/wall_time_s", result.wall_time_s
+    )
+    return result
+
+
+def _with_resolved_tracking(spec: SweepSpec) -> SweepSpec:
+    """Pin the tracking URI once: trials run in Ray session directories, not here."""
+    from mvtcae import tracking
+
+    uri = tracking.resolve_tracking_uri(spec.experiment.tracking)
+    experiment = spec.experiment.model_copy(deep=True)
+    experiment.tracking = experiment.tracking.model_copy(update={"tracking_uri": uri})
+    return SweepSpec(experiment=experiment, tune=spec.tune, source=spec.source)
+
+
+def check_sweep_state(spec: SweepSpec, resume: bool) -> None:
+    """Refuse to start over an existing sweep, or to resume one that is not there."""
+    from ray.tune import Tuner
+
+    exp_dir = spec.experiment_dir
+    exists = (exp_dir / SWEEP_STATE_FILE).is_file()
+    if resume and not (exists and Tuner.can_restore(str(exp_dir))):
+        raise ConfigError(
+            f"--resume: no sweep to resume at {exp_dir} (tune.study_name {spec.study_name!r}); "
+            "run it once without --resume"
+        )
+    if not resume and exists:
+        raise ConfigError(
+            f"a sweep named {spec.study_name!r} already exists at {exp_dir}: continue it with "
+            "--resume, or choose another tune.study_name"
+        )
+    if not resume:
+        _refuse_used_study(spec)
+
+
+def _refuse_used_study(spec: SweepSpec) -> None:
+    import optuna
+
+    from mvtcae.tune_study import open_storage
+
+    storage = open_storage(spec.tune.storage)
+    names = {s.study_name for s in optuna.get_all_study_summaries(storage)}
+    if spec.study_name in names:
+        raise ConfigError(
+            f"tune.study_name {spec.study_name!r} already exists in {spec.tune.storage} without a "
+            f"sweep at {spec.experiment_dir}: choose another study name"
+        )
+
+
+def _open_parent_run(spec: SweepSpec, resume: bool) -> str:
+    """Create (or reopen on resume) the sweep's MLflow parent run; return its id."""
+    import yaml
+
+    from mvtcae import tracking
+
+    client = tracking.client_for(spec.experiment.tracking)
+    state_file = spec.experiment_dir / SWEEP_STATE_FILE
+    if resume:
+        run_id = json.loads(state_file.read_text())["parent_run_id"]
+        client.update_run(run_id, status="RUNNING")
+        client.set_tag(run_id, "mvtcae.tune.resumed_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
+        return run_id
+    experiment_id = tracking.ensure_experiment(spec.experiment.tracking)
+    tags = {
+        SWEEP_TAG: spec.study_name,
+        PARENT_ROLE_TAG: "sweep",
+        "optuna.study_name": spec.study_name,
+        "optuna.storage": _safe_url(spec.tune.storage),
+    }
+    run_id = client.create_run(experiment_id, run_name=spec.study_name, tags=tags).info.run_id
+    tracking.log_config(spec.experiment.to_dict(), run_id=run_id, tracking=spec.experiment.tracking)
+    tune_params = tracking.flatten_config(spec.tune.model_dump(mode="json"), prefix="tune.")
+    for key, value in tune_params.items():
+        client.log_param(run_id, key, value)
+    client.log_text(run_id, yaml.safe_dump(spec.to_dict(), sort_keys=False), "sweep.yaml")
+    spec.experiment_dir.mkdir(parents=True, exist_ok=True)
+    state = {"parent_run_id": run_id, "study_name": spec.study_name, "storage": spec.tune.storage}
+    state_file.write_text(json.dumps(state, indent=2))
+    return run_id
+
+
+def _safe_url(url: str) -> str:
+    """The storage URL without a password."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _context(spec: SweepSpec, dataset_dir: Path, manifest: Any, parent_run_id: str) -> SweepContext:
+    from mvtcae import tracking
+    from mvtcae.tune import trial_eval_config
+
+    base = spec.experiment.to_dict()
+    # Trials keep their latest checkpoints: the objective is measured on the reported epoch, so
+    # the model that goes to the registry is the one whose value Optuna recorded.
+    base["train"]["checkpoint"].update(metric="epoch", mode="max")
+    base["train"]["storage_path"] = str(spec.experiment_dir / "train_runs")
+    val = spec.experiment.data.val_split or ("val" if "val" in manifest.splits else "test")
+    return SweepContext(
+        base_config=base,
+        dataset_dir=str(dataset_dir),
+        val_split=val,
+        tracking_uri=str(spec.experiment.tracking.tracking_uri),
+        experiment_id=tracking.ensure_experiment(spec.experiment.tracking),
+        parent_run_id=parent_run_id,
+        sweep_name=spec.study_name,
+        epoch_eval=trial_eval_config(spec).model_dump(mode="json"),
+        objectives=tuple(spec.tune.metrics),
+        final_eval=spec.tune.final_eval,
+    )
+
+
+def _tuner(spec: SweepSpec, context: SweepContext, storage: Any, resume: bool) -> Any:
+    from ray import tune
+
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, context=context), {"CPU": spec.tune.trial_cpus}
+    )
+    if resume:
+        print(f"[mvtcae.tune] resuming sweep {spec.study_name} from {spec.experiment_dir}")
+        return tune.Tuner.restore(
+            str(spec.experiment_dir), trainable, resume_unfinished=True, resume_errored=False
+        )
+    from mvtcae.tune_study import build_searcher
+
+    tune_config = tune.TuneConfig(
+        search_alg=build_searcher(spec, storage),
+        scheduler=_scheduler(spec),
+        num_samples=spec.tune.num_samples,
+        max_concurrent_trials=spec.tune.max_concurrent,
+        trial_dirname_creator=_trial_dirname,
+    )
+    run_config = tune.RunConfig(
+        name=spec.study_name,
+        storage_path=str(spec.experiment.train.storage_path),
+        failure_config=tune.FailureConfig(max_failures=0),
+        verbose=1,
+    )
+    return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
+
+
+def _trial_dirname(trial: Any) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def _scheduler(spec: SweepSpec) -> Any:
+    """ASHA on epochs, on the first objective (Tune's schedulers take one metric)."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    asha = spec.tune.asha
+    if not asha.enabled:
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        metric=spec.tune.metrics[0],
+        mode=spec.tune.modes[0],
+        # One past the last epoch: at max_t ASHA stops every trial, which would kill the trial
+        # function before its NaN check and final evaluation.
+        max_t=spec.experiment.train.epochs + 1,
+        grace_period=asha.grace_period,
+        reduction_factor=asha.reduction_factor,
+        brackets=asha.brackets,
+    )
+
+
+def _close_child_runs(spec: SweepSpec, grid: Any) -> None:
+    """Trials that Tune stopped (ASHA) or cut short never ended their MLflow run: end it here."""
+    from mvtcae import tracking
+
+    client = tracking.client_for(spec.experiment.tracking)
+    epochs = spec.experiment.train.epochs
+    statuses = {t.trial_id: t.status for t in getattr(grid, "_trials", [])}
+    for result in grid:
+        metrics = result.metrics or {}
+        run_id = metrics.get(RUN_ID_KEY)
+        if not run_id or client.get_run(run_id).info.status != "RUNNING":
+            continue
+        status = statuses.get(metrics.get("trial_id"), "TERMINATED")
+        if result.error is not None or status == "ERROR":
+            client.set_terminated(run_id, status="FAILED")
+        elif status != "TERMINATED":
+            client.set_tag(run_id, "mvtcae.tune.interrupted", f"trial was {status}")
+            client.set_terminated(run_id, status="KILLED")
+        else:
+            epoch = int(metrics.get("epoch", epochs))
+            if epoch < epochs:
+                client.set_tag(run_id, "mvtcae.tune.early_stopped", f"after epoch {epoch} (ASHA)")
+            client.set_terminated(run_id, status="FINISHED")
+
+
+def _summed_trial_time(grid: Any) -> float:
+    total = 0.0
+    for result in grid:
+        value = (result.metrics or {}).get("time_total_s")
+        if isinstance(value, int | float) and math.isfinite(value):
+            total += float(value)
+    return total
+
+
+def _best_with_checkpoint(spec: SweepSpec, study: Any, grid: Any) -> dict[str, Any] | None:
+    """The best study trial joined with its Tune result's checkpoint and MLflow run."""
+    from mvtcae.tune_study import best_row
+
+    row = best_row(study, spec.tune.modes)
+    if row is None:
+        return None
+    by_trial = {r.metrics.get("trial_id"): r for r in grid if r.metrics}
+    result = by_trial.get(row["tune_trial_id"])
+    metrics = result.metrics if result is not None else {}
+    return {
+        **row,
+        "checkpoint": metrics.get("checkpoint_path"),
+        "mlflow_run_id": row["mlflow_run_id"] or metrics.get(RUN_ID_KEY),
+        "epoch": metrics.get("epoch"),
+    }
+
+
+def _log_study(spec: SweepSpec, study: Any, result: SweepResult) -> dict[str, Path]:
+    """Save the study's plots, trials and front under the sweep dir and in the parent run."""
+    from mvtcae import tracking
+    from mvtcae.tune_study import save_study_plots
+
+    out_dir = spec.experiment_dir / "study"
+    artifacts = save_study_plots(study, spec.tune.metrics, out_dir)
+    for name, rows in (("trials", result.trials), ("pareto_front", result.pareto_front)):
+        path = out_dir / f"{name}.json"
+        path.write_text(json.dumps(rows, indent=2, default=str))
+        artifacts[name] = path
+    client = tracking.client_for(spec.experiment.tracking)
+    for path in artifacts.values():
+        client.log_artifact(result.parent_run_id, str(path), artifact_path="study")
+    return artifacts
+
+
+def _register(spec: SweepSpec, best: dict[str, Any]) -> Any:
+    """The best trial's checkpoint through the training issue's promotion gate."""
+    from mvtcae import tracking
+
+    if not best.get("checkpoint") or not best.get("mlflow_run_id"):
+        print(f"[mvtcae.tune] best trial {best['number']} has no checkpoint: nothing to register")
+        return None
+    if not spec.experiment.tracking.log_model:
+        return None
+    return tracking.log_model_and_register(
+        best["checkpoint"], spec.experiment.tracking, None, best["mlflow_run_id"]
+    )
+
+
+def _close_parent_run(spec: SweepSpec, result: SweepResult) -> None:
+    from mvtcae import tracking
+
+    client = tracking.client_for(spec.experiment.tracking)
+    run_id = result.parent_run_id
+    counts = dict.fromkeys(("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING"), 0)
+    for row in result.trials:
+        counts[row["state"]] = counts.get(row["state"], 0) + 1
+    for state, n in counts.items():
+        client.log_metric(run_id, f"sweep/trials_{state.lower()}", n)
+    client.log_metric(run_id, "sweep/summed_trial_time_s", result.trial_time_s)
+    client.log_metric(run_id, "sweep/pareto_front_size", len(result.pareto_front))
+    if result.best is not None:
+        client.set_tag(run_id, "best.trial_number", str(result.best["number"]))
+        client.set_tag(run_id, "best.mlflow_run_id", str(result.best["mlflow_run_id"]))
+        for metric, value in zip(spec.tune.metrics, result.best["values"], strict=True):
+            client.log_metric(run_id, f"best/{metric}", value)
+        for name, value in result.best["params"].items():
+            client.set_tag(run_id, f"best.{name}", str(value))
+    if result.registered is not None:
+        reg = result.registered
+        client.set_tag(run_id, "registered_model", f"{reg.name}/{reg.version} ({reg.alias})")
+    client.set_tag(run_id, "mvtcae.tune.state", "finished" if result.finished else "interrupted")
+    client.set_terminated(run_id, status="FINISHED" if result.finished else "KILLED")
+
+
+def summary(result: SweepResult) -> str:
+    """A plain-text table of the sweep's trials, best trial, front and registry outcome."""
+    lines = [
+        f"study            {result.study_name}  ({result.storage})",
+        f"sweep directory  {result.experiment_dir}",
+        f"MLflow parent    {result.parent_run_id}  ({result.tracking_uri})",
+        f"state            {'finished' if result.finished else 'interrupted: continue with --resume'}",
+        f"wall time        {result.wall_time_s:.1f} s (trials summed {result.trial_time_s:.1f} s)",
+        "",
+        f"{'#':>3}  {'state':9} {'values':28} params",
+    ]
+    for row in result.trials:
+        values = "-" if row["values"] is None else ", ".join(f"{v:.5g}" for v in row["values"])
+        params = ", ".join(f"{k}={_short(v)}" for k, v in row["params"].items())
+        lines.append(f"{row['number']:>3}  {row['state']:9} {values:28} {params}")
+    if result.best is not None:
+        lines.append("")
+        lines.append(f"best trial       #{result.best['number']}  values {result.best['values']}")
+        lines.append(f"best run         {result.best['mlflow_run_id']}")
+    if len(result.pareto_front) > 1 or (result.pareto_front and result.best is None):
+        numbers = ", ".join(f"#{r['number']}" for r in result.pareto_front)
+        lines.append(f"Pareto front     {numbers}")
+    if result.registered is not None:
+        reg = result.registered
+        lines.append(f"registered       {reg.name} v{reg.version} -> {reg.alias}")
+    lines.append("")
+    lines.append(f"optuna-dashboard {result.storage}  (--host 127.0.0.1)")
+    return "\n".join(lines)
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
