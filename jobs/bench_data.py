@@ -199,6 +199,7 @@ class MemorySampler:
         self.interval = interval
         self.peak_driver_kib = 0
         self.peak_total_kib = 0
+        self.peak_processes = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -210,6 +211,7 @@ class MemorySampler:
             total = sum(_proc_kib(pid, "smaps_rollup", "Pss:") for pid in pids)
             self.peak_driver_kib = max(self.peak_driver_kib, driver)
             self.peak_total_kib = max(self.peak_total_kib, total)
+            self.peak_processes = max(self.peak_processes, len(pids))
             self._stop.wait(self.interval)
 
     def __enter__(self) -> MemorySampler:
@@ -261,6 +263,7 @@ def memory_profile(root: Path, manifest: Manifest, args: argparse.Namespace, loc
                 "seconds": seconds,
                 "peak_driver_rss_mb": sampler.peak_driver_kib * 1024 / 1e6,
                 "peak_total_pss_mb": sampler.peak_total_kib * 1024 / 1e6 if local else None,
+                "peak_processes": sampler.peak_processes,
                 "spilled_mib": spilled_mib() - spilled_before,
             }
         )
@@ -296,13 +299,14 @@ def print_memory(results: list) -> None:
     print("\nPeak memory while streaming once (MB)")
     print(
         f"{'x store':>8}{'rows':>9}{'data MB':>10}{'store MB':>10}{'driver RSS':>12}"
-        f"{'total PSS':>11}{'spilled MiB':>13}{'s':>7}"
+        f"{'total PSS':>11}{'processes':>11}{'spilled MiB':>13}{'s':>7}"
     )
     for r in results:
         total = "n/a" if r["peak_total_pss_mb"] is None else f"{r['peak_total_pss_mb']:.0f}"
         print(
             f"{r['scale']:>8g}{r['rows']:>9}{r['dataset_mb']:>10.0f}{r['object_store_mb']:>10.0f}"
-            f"{r['peak_driver_rss_mb']:>12.0f}{total:>11}{r['spilled_mib']:>13.0f}"
+            f"{r['peak_driver_rss_mb']:>12.0f}{total:>11}{r['peak_processes']:>11}"
+            f"{r['spilled_mib']:>13.0f}"
             f"{r['seconds']:>7.1f}"
         )
 

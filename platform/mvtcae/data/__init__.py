@@ -26,6 +26,7 @@ from mvtcae.data.writer import (
     random_presence,
     read_npz_splits,
     write_arrays,
+    write_dataset_from_arrays,
     write_dataset_from_npz,
 )
 
@@ -58,6 +59,7 @@ __all__ = [
     "to_model_batch",
     "validate_dataset",
     "write_arrays",
+    "write_dataset_from_arrays",
     "write_dataset_from_npz",
 ]
 

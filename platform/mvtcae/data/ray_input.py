@@ -26,6 +26,9 @@ from mvtcae.data.format import ID_COLUMN, LABEL_COLUMN, Manifest, load_manifest,
 from mvtcae.data.validate import validate_dataset
 from mvtcae.model.batch import MultimodalBatch
 
+# Ray groups small shard lists into fewer read tasks than the cap and warns at every epoch.
+warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks for 'ReadFiles")
+
 READ_TASK_CPUS = 0.25
 READ_CONCURRENCY = 4
 """At most this many read tasks at once: each read worker holds a few hundred MB of decode

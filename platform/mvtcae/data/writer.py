@@ -419,6 +419,10 @@ def write_arrays(
     return writer.manifest
 
 
+write_dataset_from_arrays = write_arrays
+"""Alias of ``write_arrays``."""
+
+
 def _labels_consistent(parts: Mapping[str, SplitArrays]) -> bool:
     with_labels = {split for split, p in parts.items() if p.labels is not None}
     if with_labels and with_labels != set(parts):
