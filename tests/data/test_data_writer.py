@@ -145,3 +145,19 @@ def test_existing_target_needs_overwrite(dataset: Path, arrays) -> None:
     manifest = write_arrays(dataset, {"train": arrays["train"]}, overwrite=True)
     assert set(manifest.splits) == {"train"} and not (dataset / "test").exists()
     assert sorted(p.name for p in dataset.parent.iterdir()) == ["ds"]
+
+
+def test_chunked_writer_reports_the_row_within_the_split(tmp_path: Path) -> None:
+    specs = {m: ModalitySpec(shape=(2,), dtype="float32") for m in ("a", "b")}
+    ones = {m: np.ones((5, 2), np.float32) for m in specs}
+    present = np.ones(5, bool)
+    with pytest.raises(DatasetError, match=r"split 'train', presence columns: row 7 has no"):  # noqa: SIM117
+        with DatasetWriter(tmp_path / "d", name="d", modalities=specs) as writer:
+            writer.add("train", ones, {"a": present, "b": present})
+            gap = present.copy()
+            gap[2] = False
+            writer.add("train", ones, {"a": gap, "b": gap})
+    with pytest.raises(DatasetError, match="masks for unknown modalities"):  # noqa: SIM117
+        with DatasetWriter(tmp_path / "d", name="d", modalities=specs) as writer:
+            writer.add("train", ones, {"c": present})
+    assert list(tmp_path.iterdir()) == []

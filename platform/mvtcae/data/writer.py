@@ -268,8 +268,9 @@ class DatasetWriter:
             columns[LABEL_COLUMN] = pa.array(self._labels(split, n, labels))
         elif labels is not None:
             raise DatasetError(f"split {split!r}: labels given but the dataset has none")
+        presence = self._presence(split, state, n, masks)
         for name, spec in self.manifest.modalities.items():
-            present = self._mask(split, name, n, masks)
+            present = presence[name]
             values = _stored_values(split, name, spec, data[name], present, n)
             columns[name] = pa.FixedShapeTensorArray.from_numpy_ndarray(values)
             columns[presence_column(name)] = pa.array(present, type=pa.bool_())
@@ -296,6 +297,21 @@ class DatasetWriter:
                 f"outside [0, {k})"
             )
         return out
+
+    def _presence(
+        self, split: str, state: _SplitState, n: int, masks: Mapping[str, np.ndarray] | None
+    ) -> dict[str, np.ndarray]:
+        unknown = set(masks or {}) - set(self.manifest.modalities)
+        if unknown:
+            raise DatasetError(f"split {split!r}: masks for unknown modalities {sorted(unknown)}")
+        presence = {m: self._mask(split, m, n, masks) for m in self.manifest.modalities}
+        empty = ~np.stack(list(presence.values()), axis=1).any(axis=1)
+        if empty.any():
+            row = state.num_rows + state.buffered_rows + int(np.flatnonzero(empty)[0])
+            raise DatasetError(
+                f"split {split!r}, presence columns: row {row} has no modality present"
+            )
+        return presence
 
     def _mask(
         self, split: str, name: str, n: int, masks: Mapping[str, np.ndarray] | None
@@ -414,7 +430,6 @@ def write_arrays(
         source=source,
     ) as writer:
         for split, part in parts.items():
-            _check_masks(split, part)
             writer.add(split, part.data, part.masks, part.labels, part.ids)
     return writer.manifest
 
@@ -429,24 +444,6 @@ def _labels_consistent(parts: Mapping[str, SplitArrays]) -> bool:
         missing = sorted(set(parts) - with_labels)
         raise DatasetError(f"labels given for some splits but not for {missing}")
     return bool(with_labels)
-
-
-def _check_masks(split: str, part: SplitArrays) -> None:
-    if not part.masks:
-        return
-    unknown = set(part.masks) - set(part.data)
-    if unknown:
-        raise DatasetError(f"split {split!r}: masks for unknown modalities {sorted(unknown)}")
-    n = part.num_rows
-    stacked = np.stack(
-        [np.asarray(part.masks.get(m, np.ones(n, bool)), dtype=bool) for m in part.data], axis=1
-    )
-    empty = ~stacked.any(axis=1)
-    if empty.any():
-        raise DatasetError(
-            f"split {split!r}, presence columns: row {int(np.flatnonzero(empty)[0])} has no "
-            "modality present"
-        )
 
 
 def read_npz_splits(path: str | os.PathLike) -> dict[str, SplitArrays]:
