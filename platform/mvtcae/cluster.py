@@ -25,6 +25,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -363,7 +364,10 @@ def alive_nodes(spec: ClusterSpec, token: str) -> int:
     return sum(1 for n in nodes if n.get("state") == "ALIVE")
 
 
-def _wait(what: str, check, timeout_s: float, records: list[dict[str, Any]]) -> None:
+def _wait(
+    what: str, check: Callable[[], bool], timeout_s: float, records: list[dict[str, Any]]
+) -> None:
+    """Poll ``check`` until true; fail early, with the log's tail, if a started process died."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if check():
@@ -444,6 +448,7 @@ def mlflow_server_argv(spec: ClusterSpec) -> list[str]:
 
 
 def busy_ports(ports: list[int]) -> list[int]:
+    """The ports in ``ports`` that something already listens on (127.0.0.1 or any address)."""
     busy = []
     for port in ports:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -558,7 +563,7 @@ def submit(
     if not running_processes(spec):
         raise ClusterError(f"no local cluster running from {spec.state_dir}: `make cluster-up`")
     argv = submit_argv(spec, entrypoint, submission_id, wait)
-    print("+ " + shlex.join(argv[:3] + argv[3:]), flush=True)
+    print("+ " + shlex.join(argv), flush=True)
     return subprocess.run(argv, cwd=REPO_ROOT, env=client_env(spec)).returncode
 
 
