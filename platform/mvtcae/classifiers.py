@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-ARCH_VERSION = "1"
+ARCH_VERSION = "2"
 
 
 class Standardize(nn.Module):
@@ -69,6 +69,7 @@ def build_classifier(shape: tuple[int, ...], num_classes: int) -> nn.Module:
             nn.Flatten(),
             nn.Linear(64 * 16, 128),
             nn.ReLU(),
+            nn.Dropout(0.3),
             nn.Linear(128, num_classes),
         ]
     else:
@@ -99,9 +100,9 @@ class ClassifierData:
 class ClassifierSettings:
     """How classifiers are trained; part of the cache key."""
 
-    epochs: int = 5
-    batch_size: int = 128
-    lr: float = 1e-3
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 2e-3
     train_samples: int | None = None
     seed: int = 0
 

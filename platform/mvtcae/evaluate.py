@@ -8,6 +8,8 @@ that size (all of them, or a seeded sample of ``max_subsets_per_size``):
 - ``eval/coherence_<k>``: the remaining modalities generated from the k conditioning ones, judged
   by per-modality classifiers that the platform trains on the training split (cached per dataset
   checksum; their own test accuracy is ``eval/classifier_acc_<m>``), k = 1..M-1;
+- ``eval/latent_acc_mean`` and ``eval/coherence_mean``: the means over k (one number to
+  promote on);
 - ``eval/joint_nll``: −log p(X) per sample (importance-weighted, joint posterior proposal), and
   ``eval/joint_nll_<k>`` with the k-subsets' posteriors as proposals (as in MoPoE).
 
@@ -50,9 +52,9 @@ class EvalConfig(BaseModel):
     coherence_from_mean: bool = Field(
         default=False, description="generate from the posterior mean instead of a sample"
     )
-    classifier_epochs: int = Field(default=5, ge=1)
-    classifier_batch_size: int = Field(default=128, ge=1)
-    classifier_lr: float = Field(default=1e-3, gt=0)
+    classifier_epochs: int = Field(default=20, ge=1)
+    classifier_batch_size: int = Field(default=64, ge=1)
+    classifier_lr: float = Field(default=2e-3, gt=0)
     classifier_train_samples: int | None = Field(default=None, ge=10)
     classifier_cache_dir: Path | None = Field(
         default=None,
@@ -60,7 +62,7 @@ class EvalConfig(BaseModel):
     )
     nll_K: int = Field(default=1000, ge=1)
     nll_batch_size_K: int = Field(default=100, ge=1)
-    nll_max_samples: int = Field(default=200, ge=1)
+    nll_max_samples: int = Field(default=100, ge=1)
     nll_subsets_per_size: int | None = Field(
         default=1, ge=0, description="subset proposals per size k for joint_nll_<k>; 0 disables"
     )

@@ -211,6 +211,7 @@ def latent_accuracy(
         per_k.setdefault(k, []).append(acc)
     for k, values in per_k.items():
         metrics[f"eval/latent_acc_{k}"] = _nanmean(values)
+    metrics["eval/latent_acc_mean"] = _nanmean(list(metrics.values()))
     return metrics, details
 
 
@@ -286,6 +287,7 @@ def coherence(
         details["+".join(subset)] = scores
         per_k.setdefault(k, []).append(_nanmean(list(scores.values())))
     metrics = {f"eval/coherence_{k}": _nanmean(v) for k, v in per_k.items()}
+    metrics["eval/coherence_mean"] = _nanmean(list(metrics.values()))
     return metrics, details
 
 

@@ -89,6 +89,7 @@ def test_evaluate_reports_every_measure_and_writes_plots(dataset, trained, tmp_p
 
     expected = {f"eval/latent_acc_{k}" for k in (1, 2, 3)}
     expected |= {"eval/coherence_1", "eval/coherence_2", "eval/joint_nll"}
+    expected |= {"eval/latent_acc_mean", "eval/coherence_mean"}
     expected |= {f"eval/joint_nll_{k}" for k in (1, 2, 3)}
     expected |= {f"eval/classifier_acc_{m}" for m in ("img", "vec", "aux")}
     assert set(report.metrics) == expected

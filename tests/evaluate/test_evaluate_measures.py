@@ -73,6 +73,7 @@ def test_coherence_per_size_averages_subsets_and_targets():
     # size 1: {a}->(b .5, c 1), {b}->(a 0, c 1), {c}->(a 0, b .5); size 2: ab->c 1, ac->b .5, bc->a 0
     assert metrics["eval/coherence_1"] == pytest.approx(np.mean([0.75, 0.5, 0.25]))
     assert metrics["eval/coherence_2"] == pytest.approx(np.mean([1.0, 0.5, 0.0]))
+    assert metrics["eval/coherence_mean"] == pytest.approx(0.5)
     assert set(details) == {"a", "b", "c", "a+b", "a+c", "b+c"}
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import mlflow
 import pytest
 import torch
+from tiny_models import tiny_model
 
-from mvtcae import MVTCAE, MVTCAEConfig
 from mvtcae.tracking import TrackingConfig
 
 
@@ -41,16 +41,3 @@ def tracking(tmp_path, monkeypatch) -> TrackingConfig:
 def make_model():
     """Factory for tiny real models, one per seed."""
     return tiny_model
-
-
-def tiny_model(seed: int = 0) -> MVTCAE:
-    """A small two-modality MVTCAE: a 1x8x8 image (laplace) and a 5-vector (bernoulli)."""
-    torch.manual_seed(seed)
-    cfg = MVTCAEConfig(
-        n_modalities=2,
-        latent_dim=4,
-        input_dims={"img": (1, 8, 8), "vec": (5,)},
-        decoders_dist={"img": "laplace", "vec": "bernoulli"},
-        decoder_dist_params={"img": {"scale": 0.75}},
-    )
-    return MVTCAE(cfg).eval()

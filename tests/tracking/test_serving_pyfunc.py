@@ -13,17 +13,26 @@ import torch
 
 from mvtcae import MultimodalBatch
 from mvtcae.serving import RequestError, parse_request
-from mvtcae.tracking import load_champion, log_model_and_register, start_run
+from mvtcae.tracking import TrackingConfig, load_champion, log_model_and_register, start_run
 
 
-@pytest.fixture
-def champion(tracking, make_model):
-    """A tiny model logged and registered as champion; returns (model, tracking config)."""
-    model = make_model(3)
+@pytest.fixture(scope="module")
+def champion(tmp_path_factory):
+    """A tiny model logged and registered once as champion; returns (model, tracking config)."""
+    from tiny_models import tiny_model
+
+    root = tmp_path_factory.mktemp("serving")
+    tracking = TrackingConfig(
+        tracking_uri=f"sqlite:///{root}/mlflow.db", registered_model_name="served-mvtcae"
+    )
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    model = tiny_model(3)
     with start_run(tracking):
         registered = log_model_and_register(model, tracking, {"eval/joint_nll": 1.0})
     assert registered.alias == "champion"
-    return model, tracking
+    yield model, tracking
+    mlflow.set_tracking_uri(previous[0])
+    mlflow.set_registry_uri(previous[1])
 
 
 def _inputs(n: int = 6) -> dict[str, np.ndarray]:
