@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -82,7 +83,8 @@ def resolve_tracking_uri(cfg: TrackingConfig | None = None) -> str:
     if not uri:
         return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
     allow_file = os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() == "true"
-    if (uri.startswith("file:") or "://" not in uri) and not allow_file:
+    looks_like_path = "://" not in uri and (uri[0] in "./~" or os.sep in uri)
+    if (uri.startswith("file:") or looks_like_path) and not allow_file:
         raise ValueError(
             f"tracking URI {uri!r} is a file store, which this MLflow version refuses: use "
             "'sqlite:///<absolute path>/mlflow.db' or an 'http://host:port' MLflow server"
@@ -259,16 +261,23 @@ def _pip_requirements() -> list[str]:
     return [pin(p) for p in ("torch", "mlflow", "safetensors", "numpy", "pandas", "pydantic")]
 
 
+MODEL_FILES = ("model_config.json", "model.safetensors")
+OPTIONAL_MODEL_FILES = ("architecture.json",)
+
+
 def _model_dir(model_or_dir: MVTCAE | str | Path, scratch: Path) -> Path:
-    if isinstance(model_or_dir, (str, Path)):
-        directory = Path(model_or_dir)
-        missing = [
-            f for f in ("model_config.json", "model.safetensors") if not (directory / f).is_file()
-        ]
-        if missing:
-            raise FileNotFoundError(f"model directory {directory} lacks {', '.join(missing)}")
-        return directory
-    model_or_dir.save(scratch)
+    """A directory holding only the model's files (a checkpoint's optimizer state stays out)."""
+    if not isinstance(model_or_dir, (str, Path)):
+        model_or_dir.save(str(scratch))
+        return scratch
+    source = Path(model_or_dir)
+    missing = [f for f in MODEL_FILES if not (source / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"model directory {source} lacks {', '.join(missing)}")
+    scratch.mkdir(parents=True, exist_ok=True)
+    for name in MODEL_FILES + OPTIONAL_MODEL_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, scratch / name)
     return scratch
 
 

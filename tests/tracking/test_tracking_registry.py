@@ -7,6 +7,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 import yaml
 
 from mvtcae.tracking import (
@@ -32,6 +33,7 @@ def test_tracking_uri_precedence(tmp_path, monkeypatch):
     cfg = TrackingConfig(tracking_uri="sqlite:////data/runs.db")
     assert resolve_tracking_uri(cfg) == "sqlite:////data/runs.db"
     assert resolve_artifact_location(cfg, resolve_tracking_uri(cfg)) == "/data/mlartifacts"
+    assert resolve_tracking_uri(TrackingConfig(tracking_uri="databricks")) == "databricks"
 
 
 @pytest.mark.parametrize("uri", ["file:///tmp/mlruns", "./mlruns"])
@@ -129,3 +131,23 @@ def test_max_mode_gate_uses_configured_metric(tracking, make_model):
     with start_run(cfg):
         better = log_model_and_register(make_model(2), cfg, {"eval/coherence_1": 0.7})
     assert [first.promoted, worse.promoted, better.promoted] == [True, False, True]
+
+
+def test_checkpoint_directory_is_logged_without_its_optimizer_state(tracking, make_model, tmp_path):
+    checkpoint = tmp_path / "checkpoint"
+    make_model(4).save(str(checkpoint))
+    torch.save({"state": {}}, checkpoint / "optimizer.pt")
+    (checkpoint / "trainer_state.json").write_text('{"epoch": 3}')
+    with start_run(tracking):
+        registered = log_model_and_register(checkpoint, tracking, {"eval/joint_nll": 2.0})
+    local = Path(
+        mlflow.artifacts.download_artifacts(registered.model_uri, dst_path=str(tmp_path / "dl"))
+    )
+    stored = {p.name for p in (local / "artifacts" / "model_dir").iterdir()}
+    assert stored == {"model_config.json", "model.safetensors"}
+
+
+def test_a_directory_without_a_model_is_refused(tracking, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with start_run(tracking), pytest.raises(FileNotFoundError, match="lacks model_config.json"):
+        log_model_and_register(tmp_path / "empty", tracking, {})
