@@ -146,18 +146,10 @@ def parse_request(model_input: Any, input_dims: Mapping[str, tuple[int, ...]]) -
     )
 
 
-def distribution_mean(output: torch.Tensor, distribution: str) -> torch.Tensor:
-    """Mean of a decoder distribution from the decoder's raw output."""
-    if distribution == "bernoulli":
-        return torch.sigmoid(output)
-    if distribution == "categorical":
-        return torch.softmax(output, dim=-1)
-    return output
-
-
 def answer(model: Any, request: Request) -> dict[str, np.ndarray]:
     """Run an encode or predict request through an `MVTCAE` and return NumPy arrays."""
     from mvtcae import MultimodalBatch
+    from mvtcae.measures import decoder_mean
 
     device = next(model.parameters()).device
     batch = MultimodalBatch(data={m: torch.from_numpy(a) for m, a in request.inputs.items()})
@@ -182,7 +174,7 @@ def answer(model: Any, request: Request) -> dict[str, np.ndarray]:
         if request.seed is not None:
             torch.random.set_rng_state(generator_state)
     return {
-        m: distribution_mean(x, model.model_config.distribution(m)).float().cpu().numpy()
+        m: decoder_mean(x, model.model_config.distribution(m)).float().cpu().numpy()
         for m, x in generated.items()
     }
 

@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -300,32 +301,19 @@ def log_pyfunc_model(
             )
 
 
-class _run_context:
-    """Make ``run_id`` the active run for a block, unless it is already the active run."""
+@contextmanager
+def _run_context(run_id: str | None) -> Iterator[None]:
+    """Make ``run_id`` the active run for a block, unless it already is."""
+    import mlflow
 
-    def __init__(self, run_id: str | None) -> None:
-        self.run_id = run_id
-        self._started = None
-
-    def __enter__(self) -> None:
-        import mlflow
-
-        active = mlflow.active_run()
-        if self.run_id is None:
-            if active is None:
-                raise RuntimeError(
-                    "no MLflow run: pass run_id or call inside `with start_run(cfg):`"
-                )
-            return
-        if active is not None and active.info.run_id == self.run_id:
-            return
-        self._started = mlflow.start_run(run_id=self.run_id, nested=active is not None)
-
-    def __exit__(self, *exc: object) -> None:
-        import mlflow
-
-        if self._started is not None:
-            mlflow.end_run()
+    active = mlflow.active_run()
+    if run_id is None and active is None:
+        raise RuntimeError("no MLflow run: pass run_id or call inside `with start_run(cfg):`")
+    if run_id is None or (active is not None and active.info.run_id == run_id):
+        yield
+        return
+    with mlflow.start_run(run_id=run_id, nested=active is not None):
+        yield
 
 
 # ----------------------------------------------------------------------------- registry

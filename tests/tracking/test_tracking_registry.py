@@ -151,3 +151,16 @@ def test_a_directory_without_a_model_is_refused(tracking, tmp_path):
     (tmp_path / "empty").mkdir()
     with start_run(tracking), pytest.raises(FileNotFoundError, match="lacks model_config.json"):
         log_model_and_register(tmp_path / "empty", tracking, {})
+
+
+def test_model_is_logged_into_a_finished_run_by_id(tracking, make_model):
+    with start_run(tracking) as run:
+        mlflow.log_metric("eval/joint_nll", 3.0)
+    assert mlflow.active_run() is None
+    registered = log_model_and_register(make_model(5), tracking, None, run.info.run_id)
+    version = client_for(tracking).get_model_version(
+        tracking.registered_model_name, registered.version
+    )
+    assert version.run_id == run.info.run_id
+    assert registered.comparison["candidate"] == 3.0
+    assert mlflow.active_run() is None
