@@ -127,3 +127,30 @@ def test_logged_model_holds_config_and_safetensors_not_pickles(champion, tmp_pat
 def test_bad_requests_are_refused_with_a_reason(request_, message):
     with pytest.raises(RequestError, match=message):
         parse_request(request_, {"img": (1, 8, 8), "vec": (5,)})
+
+
+def test_rest_json_body_parses_and_answers(make_model):
+    """The body `mlflow models serve` receives becomes the same request as a Python dict."""
+    import io
+
+    from mlflow.pyfunc.scoring_server import infer_and_parse_data, predictions_to_json
+
+    from mvtcae.serving import answer
+
+    model = make_model(6)
+    x = _inputs(3)
+    body = {
+        "inputs": {
+            "task": "predict",
+            "cond_mod": ["img"],
+            "gen_mod": ["vec"],
+            "img": x["img"].tolist(),
+        }
+    }
+    request = parse_request(infer_and_parse_data(body), model.model_config.input_dims)
+    assert (request.task, request.cond_mod, request.gen_mod) == ("predict", ["img"], ["vec"])
+    buffer = io.StringIO()
+    predictions_to_json(answer(model, request), buffer)
+    vec = np.asarray(json.loads(buffer.getvalue())["predictions"]["vec"])
+    raw = model.predict(_batch({"img": x["img"]}), cond_mod="img", gen_mod="vec", return_mean=True)
+    np.testing.assert_allclose(vec, torch.sigmoid(raw["vec"]).detach().numpy(), atol=1e-6)
