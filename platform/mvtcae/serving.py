@@ -24,6 +24,8 @@ Response: ``{"z": (n, latent_dim)}`` for encode; ``{m: (n, *shape)}`` for predic
 mean of the decoder distribution (sigmoid of the logits for bernoulli, softmax over the last
 dim for categorical). Everything is float32 NumPy.
 
+Over REST (``mlflow models serve``) the same dict is the body's ``"inputs"``. Load on a GPU with
+``mlflow.pyfunc.load_model(uri, model_config={"device": "cuda"})``;
 ``loaded.unwrap_python_model().mvtcae`` is the underlying `MVTCAE` object.
 """
 
