@@ -113,13 +113,10 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 
 def bf16_supported(device: torch.device) -> bool:
-    """Whether the device runs bf16 matmuls natively (CUDA with bf16, or AVX512-BF16/AMX CPUs)."""
+    """Whether the device runs bf16 matmuls natively (CUDA with bf16, or a oneDNN bf16 CPU)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    caps = torch.backends.cpu.get_cpu_capability()
-    return caps in ("AVX512", "AMX") or bool(
-        getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    )
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def train_step(
@@ -241,6 +238,7 @@ def epoch_metrics(epoch: int, train: dict[str, float], val: dict[str, float], tr
 def _log_metrics_to_mlflow(
     tracking_uri: str | None, run_id: str | None, metrics: dict, step: int
 ) -> None:
+    """Log a step's metrics into the driver's run; a tracking outage warns, never stops training."""
     if not run_id:
         return
     from mlflow.entities import Metric
@@ -248,7 +246,10 @@ def _log_metrics_to_mlflow(
 
     now = int(time.time() * 1000)
     entries = [Metric(k, float(v), now, step) for k, v in metrics.items() if k != "epoch"]
-    MlflowClient(tracking_uri=tracking_uri).log_batch(run_id, metrics=entries, synchronous=True)
+    try:
+        MlflowClient(tracking_uri=tracking_uri).log_batch(run_id, metrics=entries, synchronous=True)
+    except Exception as err:  # the checkpoint still carries the metrics
+        print(f"[mvtcae] WARNING: MLflow logging failed at epoch {step}: {err}")
 
 
 def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
@@ -261,6 +262,8 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     torch.set_num_threads(int(loop_cfg["threads_per_worker"]))
     torch.manual_seed(cfg.seed + rank)
     device = ray.train.torch.get_device()
+    if cfg.precision == "bf16" and rank == 0 and not bf16_supported(device):
+        print(f"[mvtcae] WARNING: {device} has no native bf16; bf16 autocast will be slow")
     manifest = load_manifest(loop_cfg["dataset_dir"])
 
     checkpoint = ray.train.get_checkpoint()
