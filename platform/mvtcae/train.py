@@ -15,7 +15,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -184,7 +184,13 @@ def _batches(shard: Any, manifest: Any, batch_size: int, device: torch.device, *
         yield batch
 
 
-def run_train_epoch(model, batches, optimizer, device, cfg: TrainConfig) -> dict[str, float]:
+def run_train_epoch(
+    model: torch.nn.Module,
+    batches: Iterable[MultimodalBatch],
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    cfg: TrainConfig,
+) -> dict[str, float]:
     """Train over an iterable of batches; return this rank's loss sums, rows, time and grad norm."""
     model.train()
     totals: dict[str, float] = {}
@@ -203,7 +209,7 @@ def run_train_epoch(model, batches, optimizer, device, cfg: TrainConfig) -> dict
 
 
 @torch.no_grad()
-def run_validation(model: MVTCAE, batches) -> dict[str, float]:
+def run_validation(model: MVTCAE, batches: Iterable[MultimodalBatch]) -> dict[str, float]:
     """Loss sums of an fp32 pass over the batches (this rank's share)."""
     model.eval()
     totals: dict[str, float] = {}

@@ -98,3 +98,28 @@ def test_to_dict_is_json_safe() -> None:
     import json
 
     assert json.loads(json.dumps(ExperimentConfig().to_dict()))["train"]["epochs"] >= 1
+
+
+def test_cli_prints_the_validated_config_and_names_bad_fields() -> None:
+    from click.testing import CliRunner
+
+    from mvtcae.cli import main
+
+    runner = CliRunner()
+    ok = runner.invoke(
+        main,
+        [
+            "train",
+            "--config",
+            str(CONFIGS / "demo.yaml"),
+            "--set",
+            "train.epochs=2",
+            "--print-config",
+        ],
+    )
+    assert ok.exit_code == 0, ok.output
+    assert load_config(None, []).name == "mvtcae-demo"
+    assert "epochs: 2" in ok.output
+    bad = runner.invoke(main, ["train", "--set", "train.num_workers=0", "--print-config"])
+    assert bad.exit_code == 2
+    assert "train.num_workers" in bad.output
