@@ -23,6 +23,9 @@ from mvtcae.data import (
 from mvtcae.data.ray_input import should_materialize
 from mvtcae.model.batch import MultimodalBatch
 
+# Ray warns when it groups small shard lists into fewer read tasks than the concurrency cap.
+pytestmark = pytest.mark.filterwarnings("ignore:The maximum number of concurrent tasks")
+
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_session() -> Iterator[None]:
