@@ -165,3 +165,23 @@ def test_subset_proposal_nll_estimates_the_same_likelihood_from_any_proposal():
     # Both estimate −log p(X); a worse proposal only adds variance and (upward) bias.
     assert float((single - joint).mean()) > -0.5
     assert math.isclose(float(single.mean()), float(joint.mean()), rel_tol=0.15)
+
+
+def test_display_conversion_of_image_layouts():
+    from mvtcae.plots import to_display
+
+    assert to_display(np.zeros((2, 3, 5, 6))).shape == (2, 5, 6, 3)
+    assert to_display(np.zeros((2, 1, 5, 6))).shape == (2, 5, 6)
+    stretched = to_display(np.array([[[[-1.0, 3.0]]]]))  # out of [0, 1]: rescaled, not clipped
+    np.testing.assert_allclose(stretched, [[[0.0, 1.0]]])
+
+
+@pytest.mark.parametrize("method", ["pca", "tsne"])
+def test_latent_projection_png(method, tmp_path):
+    from mvtcae.plots import project_2d, save_latent_projection
+
+    rng = np.random.default_rng(0)
+    z, labels = rng.normal(size=(40, 5)), rng.integers(0, 3, 40)
+    assert project_2d(z, method).shape == (40, 2)
+    path = save_latent_projection(z, labels, tmp_path / f"{method}.png", method)
+    assert path.read_bytes()[:4] == b"\x89PNG"
