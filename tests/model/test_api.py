@@ -136,3 +136,23 @@ def test_batch_type_rejects_inconsistent_rows():
         MultimodalBatch(data={"a": torch.zeros(3, 2)}, masks={"a": torch.ones(4, dtype=torch.bool)})
     with pytest.raises(ValueError, match="no data"):
         MultimodalBatch(data={"a": torch.zeros(3, 2)}, masks={"b": torch.ones(3, dtype=torch.bool)})
+
+
+def test_select_keeps_per_row_meta_aligned():
+    import numpy as np
+
+    b = MultimodalBatch(
+        data={"a": torch.arange(5.0).unsqueeze(1)},
+        labels=torch.arange(5),
+        meta={
+            "sample_id": np.array([10, 11, 12, 13, 14]),
+            "ids_t": torch.arange(5) + 20,
+            "name": "x",
+        },
+    )
+    sub = b.select(torch.tensor([True, False, True, False, True]))
+    assert sub.meta["sample_id"].tolist() == [10, 12, 14]
+    assert sub.meta["ids_t"].tolist() == [20, 22, 24]
+    assert sub.meta["name"] == "x"
+    assert sub.select(slice(1, 3)).meta["sample_id"].tolist() == [12, 14]
+    assert sub.labels.tolist() == [0, 2, 4] and sub.data["a"].squeeze(1).tolist() == [0, 2, 4]

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from mvtcae import MVTCAE, MVTCAEConfig, MultimodalBatch
+from mvtcae import MVTCAE, MultimodalBatch, MVTCAEConfig
 
 UNUSED_BY_MVTCAE = ("torchvision", "nltk", "torchmetrics")
 

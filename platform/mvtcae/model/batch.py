@@ -65,13 +65,27 @@ class MultimodalBatch:
         )
 
     def select(self, rows: Tensor | slice) -> MultimodalBatch:
-        """Return the sub-batch of the given rows (index tensor, bool tensor or slice)."""
+        """Return the sub-batch of the given rows (index tensor, bool tensor or slice).
+
+        Per-row ``meta`` entries (tensors or arrays with one entry per row, such as sample ids)
+        are selected too; other entries are carried over unchanged.
+        """
+        n = len(self)
         return MultimodalBatch(
             data={m: x[rows] for m, x in self.data.items()},
             masks=None if self.masks is None else {m: x[rows] for m, x in self.masks.items()},
             labels=None if self.labels is None else self.labels[rows],
-            meta=dict(self.meta),
+            meta={k: _select_rows(v, rows, n) for k, v in self.meta.items()},
         )
+
+
+def _select_rows(value: Any, rows: Tensor | slice, n: int) -> Any:
+    shape = getattr(value, "shape", None)
+    if shape is None or len(shape) == 0 or shape[0] != n:
+        return value
+    if isinstance(value, Tensor) or isinstance(rows, slice):
+        return value[rows]
+    return value[rows.cpu().numpy()]  # NumPy arrays take NumPy indices
 
 
 def as_batch(inputs: Any) -> MultimodalBatch:
