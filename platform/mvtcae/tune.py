@@ -137,6 +137,9 @@ class TuneConfig(_Section):
     max_concurrent: int = Field(default=2, ge=1)
     seed: int = 0
     sampler: Literal["tpe", "random"] = "tpe"
+    tpe_startup_trials: int = Field(
+        default=10, ge=1, description="random trials before TPE models the results"
+    )
     asha: AshaConfig = AshaConfig()
     points_to_evaluate: list[dict[str, Any]] = Field(
         default_factory=list, description="trials to run first, e.g. the paper's α and β"

@@ -18,7 +18,7 @@ def run(spec: SweepSpec, *, resume: bool) -> SweepResult:
     """Run or resume the sweep described by ``spec``; see `mvtcae.tune.run_sweep`."""
     import optuna
 
-    from mvtcae import tracking, tune_study
+    from mvtcae import tune_study
     from mvtcae.train import prepare_dataset
 
     started = time.perf_counter()
@@ -48,10 +48,6 @@ def run(spec: SweepSpec, *, resume: bool) -> SweepResult:
         result.registered = _register(spec, result.best)
     result.wall_time_s = time.perf_counter() - started
     _close_parent_run(spec, result)
-    tracking_cfg = spec.experiment.tracking
-    tracking.client_for(tracking_cfg).log_metric(
-        parent_run_id, "sweep/wall_time_s", result.wall_time_s
-    )
     return result
 
 
@@ -308,6 +304,7 @@ def _close_parent_run(spec: SweepSpec, result: SweepResult) -> None:
         counts[row["state"]] = counts.get(row["state"], 0) + 1
     for state, n in counts.items():
         client.log_metric(run_id, f"sweep/trials_{state.lower()}", n)
+    client.log_metric(run_id, "sweep/wall_time_s", result.wall_time_s)
     client.log_metric(run_id, "sweep/summed_trial_time_s", result.trial_time_s)
     client.log_metric(run_id, "sweep/pareto_front_size", len(result.pareto_front))
     if result.best is not None:

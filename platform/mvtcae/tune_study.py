@@ -71,7 +71,7 @@ def build_searcher(spec: Any, storage: Any) -> RecordingOptunaSearch:
 
     tc = spec.tune
     sampler = (
-        optuna.samplers.TPESampler(seed=tc.seed)
+        optuna.samplers.TPESampler(seed=tc.seed, n_startup_trials=tc.tpe_startup_trials)
         if tc.sampler == "tpe"
         else optuna.samplers.RandomSampler(seed=tc.seed)
     )
