@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 if TYPE_CHECKING:
     import torch
@@ -69,6 +69,12 @@ class EvalConfig(BaseModel):
     grid_samples: int = Field(default=8, ge=1)
     projection: Literal["pca", "tsne"] = "pca"
     projection_samples: int = Field(default=1000, ge=10)
+
+    @field_validator("classifier_cache_dir")
+    @classmethod
+    def _absolute_cache_dir(cls, value: Path | None) -> Path | None:
+        # Ray tasks run in their own session directories: resolve once, where the config is built.
+        return None if value is None else Path(value).expanduser().resolve()
 
 
 @dataclass
