@@ -170,7 +170,8 @@ def test_killed_worker_restarts_from_the_checkpoint(
     resumed = _history(client, result.run_id, "train/resumed_after_epoch")
     assert len(resumed) == 1 and 1 <= resumed[0][1] < 8, resumed  # restarted from a checkpoint
     assert result.final_metrics["epoch"] == 8
-    assert [s for s, _ in _history(client, result.run_id, "val/loss")] == list(range(1, 9))
+    # Epochs after the restored checkpoint that ran before the kill are logged again on retry.
+    assert sorted({s for s, _ in _history(client, result.run_id, "val/loss")}) == list(range(1, 9))
     runs = _runs(client, cfg)
     assert [r.info.run_id for r in runs] == [result.run_id]  # still one MLflow run
     assert runs[0].info.status == "FINISHED"
