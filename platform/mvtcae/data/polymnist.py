@@ -82,12 +82,20 @@ def prepare_polymnist(
     missing_ratio: float = 0.0,
     seed: int = 0,
     *,
+    n_val: int | None = None,
     test_digit_fraction: float = 0.2,
     rows_per_shard: int | None = None,
     overwrite: bool = False,
     progress: bool = False,
 ) -> Manifest:
-    """Write the PolyMNIST re-creation to ``out_dir`` (splits ``train``/``test``)."""
+    """Write the PolyMNIST re-creation to ``out_dir`` (splits ``train``/``val``/``test``).
+
+    ``val`` holds ``n_val`` new tuples of the training digits (default ``n_test // 5``; 0
+    writes no ``val`` split); ``test`` draws only on digits that training never sees.
+    """
+    n_val = n_test // 5 if n_val is None else n_val
+    if n_val < 0:
+        raise ValueError(f"n_val must be >= 0, got {n_val}")
     rng = np.random.default_rng(seed)
     digits, digit_labels = mnist_digits()
     pools = split_digit_pools(digit_labels, test_digit_fraction, rng)
@@ -101,7 +109,7 @@ def prepare_polymnist(
     )
     modalities = {f"m{m}": spec for m in range(len(BACKGROUNDS))}
     source = _source_record(pools, missing_ratio, seed, test_digit_fraction)
-    bar = tqdm(total=n_train + n_test, unit="tuple", disable=not progress, desc="polymnist")
+    bar = tqdm(total=n_train + n_val + n_test, unit="tuple", disable=not progress, desc="polymnist")
     with (
         bar,
         DatasetWriter(
@@ -116,8 +124,11 @@ def prepare_polymnist(
             source=source,
         ) as writer,
     ):
-        for split, n in (("train", n_train), ("test", n_test)):
-            for data, labels in generate_tuples(n, pools[split], digits, backgrounds, rng):
+        plan = [("train", n_train, "train"), ("val", n_val, "train"), ("test", n_test, "test")]
+        for split, n, pool in plan:
+            if n == 0:
+                continue
+            for data, labels in generate_tuples(n, pools[pool], digits, backgrounds, rng):
                 masks = random_presence(len(labels), modalities, missing_ratio, rng)
                 writer.add(split, data, masks, labels)
                 bar.update(len(labels))
