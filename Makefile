@@ -65,7 +65,6 @@ clean: ## Remove the virtual environment and caches
 CLUSTER_DIR ?= $(CURDIR)/.cluster
 CLUSTER := MVTCAE_CLUSTER_DIR=$(CLUSTER_DIR) $(BIN)/python -m mvtcae.cluster
 TRAIN_CONFIG ?= jobs/configs/demo.yaml
-TUNE_CONFIG ?= jobs/configs/tune_demo.yaml
 # Checkpoints go to the cluster's shared directory, which every node reaches.
 SUBMIT_SET := --set train.storage_path=$(CLUSTER_DIR)/storage/ray_results
 
