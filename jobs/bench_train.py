@@ -102,7 +102,7 @@ def plain_loop(cfg: Any, dataset_dir: Path, manifest: Any, precision: str) -> di
             for i in range(0, n, bs)
         )
         sums = run_train_epoch(model, batches, optimizer, torch.device("cpu"), tc)
-        rates.append(sums["rows"] / sums["time_s"])
+        rates.append(sums["rows"] / (sums["time_s"] - sums["first_batch_s"]))
     return {"samples_per_s": _summary(rates[1:]), "per_epoch": rates}
 
 
@@ -123,7 +123,7 @@ def ray_run(cfg: Any) -> dict[str, Any]:
         raise RuntimeError(
             f"{cfg.name}: {len(history)} epochs reported, expected {cfg.train.epochs}"
         )
-    rates = [m["perf/samples_per_s"] for m in history]
+    rates = [m["perf/steady_samples_per_s"] for m in history]
     epochs_time = sum(m["perf/epoch_time_s"] for m in history)
     return {
         "samples_per_s": _summary(rates[1:]),
@@ -131,6 +131,8 @@ def ray_run(cfg: Any) -> dict[str, Any]:
         "fit_wall_s": wall,
         "startup_overhead_s": wall - epochs_time,
         "first_epoch_s": history[0]["perf/epoch_time_s"],
+        "epoch_samples_per_s": _summary([m["perf/samples_per_s"] for m in history[1:]]),
+        "first_batch_wait_s": _summary([m["perf/first_batch_s"] for m in history[1:]]),
         "val_loss": history[-1]["val/loss"],
         "train_loss": history[-1]["train/loss"],
     }
@@ -162,7 +164,9 @@ def bench_network(args: argparse.Namespace, networks: str, storage: Path) -> dic
             key = f"ray_{workers}w_{precision}"
             out[key] = ray_run(cfg)
             r = out[key]
-            print(f"  ray {workers}w {precision}: {_fmt(r['samples_per_s'])} samples/s, start-up "
+            print(f"  ray {workers}w {precision}: {_fmt(r['samples_per_s'])} samples/s steady "
+                  f"({r['epoch_samples_per_s']['median']:.0f} over whole epochs, first-batch wait "
+                  f"{r['first_batch_wait_s']['median']:.2f} s/epoch), start-up "
                   f"{r['startup_overhead_s']:.1f} s, val/loss {r['val_loss']:.2f}", flush=True)  # fmt: skip
     return out
 

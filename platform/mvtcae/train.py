@@ -197,7 +197,10 @@ def run_train_epoch(
     rows = steps = 0
     norm_sum = 0.0
     start = time.perf_counter()
+    first_batch_s = None
     for batch in batches:
+        if first_batch_s is None:
+            first_batch_s = time.perf_counter() - start
         sums, norm = train_step(model, batch, optimizer, device, cfg.precision, cfg.grad_clip_norm)
         _add(totals, sums)
         rows += len(batch)
@@ -205,6 +208,7 @@ def run_train_epoch(
         norm_sum += 0.0 if norm != norm else norm
     totals.update(rows=float(rows), steps=float(steps), grad_norm_sum=norm_sum)
     totals["time_s"] = time.perf_counter() - start
+    totals["first_batch_s"] = first_batch_s or 0.0
     return totals
 
 
@@ -223,7 +227,7 @@ def run_validation(model: MVTCAE, batches: Iterable[MultimodalBatch]) -> dict[st
 
 def _per_sample(prefix: str, sums: dict[str, float]) -> dict[str, float]:
     rows = max(sums.get("rows", 0.0), 1.0)
-    skip = {"rows", "steps", "time_s", "grad_norm_sum"}
+    skip = {"rows", "steps", "time_s", "first_batch_s", "grad_norm_sum"}
     return {f"{prefix}/{k}": v / rows for k, v in sums.items() if k not in skip}
 
 
@@ -236,6 +240,10 @@ def epoch_metrics(epoch: int, train: dict[str, float], val: dict[str, float], tr
     if train.get("grad_norm_sum", 0.0) > 0:
         metrics["train/grad_norm"] = train["grad_norm_sum"] / max(train["steps"], 1.0)
     metrics["perf/samples_per_s"] = train["rows"] / max(train_time, 1e-9)
+    # Steady state: the wait for an epoch's first batch (data pipeline start) excluded.
+    first = train.get("first_batch_s", 0.0)
+    metrics["perf/steady_samples_per_s"] = train["rows"] / max(train_time - first, 1e-9)
+    metrics["perf/first_batch_s"] = first
     metrics["perf/train_time_s"] = train_time
     metrics["perf/epoch_time_s"] = epoch_time
     return metrics
@@ -303,8 +311,13 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         scheduler.step()
         val_batches = _batches(ray.train.get_dataset_shard("val"), manifest, local_batch, device)
         val_sums = run_validation(model, val_batches)
-        train_time = _all_reduce({"t": train_sums.pop("time_s")}, device, op="max")["t"]
-        train_sums = _all_reduce(train_sums, device)
+        slowest = {
+            "time_s": train_sums.pop("time_s"),
+            "first_batch_s": train_sums.pop("first_batch_s"),
+        }
+        slowest = _all_reduce(slowest, device, op="max")
+        train_time = slowest["time_s"]
+        train_sums = _all_reduce(train_sums, device) | {"first_batch_s": slowest["first_batch_s"]}
         val_sums = _all_reduce(val_sums, device)
         epoch_time = _all_reduce({"t": time.perf_counter() - epoch_start}, device, op="max")["t"]
         metrics = epoch_metrics(epoch, train_sums, val_sums, train_time, epoch_time, lr)
