@@ -132,31 +132,38 @@ def train_step(
     device: torch.device,
     precision: str,
     grad_clip_norm: float | None,
-) -> tuple[dict[str, float], float]:
-    """One optimisation step; returns the batch's loss sums and the gradient norm."""
+) -> dict[str, torch.Tensor]:
+    """One optimisation step; returns the batch's loss sums (and gradient norm) as tensors.
+
+    Nothing is read back to the host here: on a GPU every read would be a sync per step.
+    """
     optimizer.zero_grad(set_to_none=True)
     with autocast(device, precision):
         out = model(batch)
     out.loss.backward()
+    sums = _batch_sums(out)
     if grad_clip_norm is not None:
-        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm))
-    else:
-        norm = float("nan")
+        sums["grad_norm_sum"] = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
     optimizer.step()
-    return _batch_sums(out), norm
-
-
-def _batch_sums(out: Any) -> dict[str, float]:
-    sums = {"loss": float(out.loss_sum.detach())}
-    for key, value in out.metrics.items():
-        name = key if key == "joint_divergence" or key.startswith("kld_") else f"recon_{key}"
-        sums[name] = float(value)
     return sums
 
 
-def _add(total: dict[str, float], part: dict[str, float]) -> None:
+def _batch_sums(out: Any) -> dict[str, torch.Tensor]:
+    sums = {"loss": out.loss_sum.detach()}
+    for key, value in out.metrics.items():
+        name = key if key == "joint_divergence" or key.startswith("kld_") else f"recon_{key}"
+        sums[name] = value
+    return sums
+
+
+def _add(total: dict[str, Any], part: dict[str, torch.Tensor]) -> None:
     for key, value in part.items():
-        total[key] = total.get(key, 0.0) + value
+        total[key] = total.get(key, 0.0) + value.detach().float()
+
+
+def _to_floats(totals: dict[str, Any]) -> dict[str, float]:
+    """Host floats of accumulated sums: one read-back per epoch."""
+    return {key: float(value) for key, value in totals.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,20 +206,22 @@ def run_train_epoch(
 ) -> dict[str, float]:
     """Train over an iterable of batches; return this rank's loss sums, rows, time and grad norm."""
     model.train()
-    totals: dict[str, float] = {}
+    accumulated: dict[str, Any] = {}
     rows = steps = 0
-    norm_sum = 0.0
     start = time.perf_counter()
     first_batch_s = None
     for batch in batches:
         if first_batch_s is None:
             first_batch_s = time.perf_counter() - start
-        sums, norm = train_step(model, batch, optimizer, device, cfg.precision, cfg.grad_clip_norm)
-        _add(totals, sums)
+        _add(
+            accumulated,
+            train_step(model, batch, optimizer, device, cfg.precision, cfg.grad_clip_norm),
+        )
         rows += len(batch)
         steps += 1
-        norm_sum += 0.0 if norm != norm else norm
-    totals.update(rows=float(rows), steps=float(steps), grad_norm_sum=norm_sum)
+    totals = _to_floats(accumulated)
+    totals.update(rows=float(rows), steps=float(steps))
+    totals.setdefault("grad_norm_sum", 0.0)
     totals["time_s"] = time.perf_counter() - start
     totals["first_batch_s"] = first_batch_s or 0.0
     return totals
@@ -222,11 +231,12 @@ def run_train_epoch(
 def run_validation(model: MVTCAE, batches: Iterable[MultimodalBatch]) -> dict[str, float]:
     """Loss sums of an fp32 pass over the batches (this rank's share)."""
     model.eval()
-    totals: dict[str, float] = {}
+    accumulated: dict[str, Any] = {}
     rows = 0
     for batch in batches:
-        _add(totals, _batch_sums(model(batch)))
+        _add(accumulated, _batch_sums(model(batch)))
         rows += len(batch)
+    totals = _to_floats(accumulated)
     totals["rows"] = float(rows)
     return totals
 
