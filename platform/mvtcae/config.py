@@ -255,6 +255,19 @@ def config_from_dict(raw: dict[str, Any], source: str = "dict") -> ExperimentCon
         raise ConfigError(_format_errors(err, source)) from None
 
 
+def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (empty file: {}); errors name ``what`` and path."""
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{what} {path} is not valid YAML: {err}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{what} {path}: top level must be a mapping")
+    return loaded or {}
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] | None = None
 ) -> ExperimentConfig:
@@ -263,14 +276,6 @@ def load_config(
     source = "embedded defaults"
     if path is not None:
         source = str(path)
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path}: top level must be a mapping of sections")
-        raw = loaded or {}
+        raw = read_yaml_mapping(path, "config file")
     apply_overrides(raw, list(overrides or []))
     return config_from_dict(raw, source)

@@ -20,10 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mvtcae.config import ConfigError, ExperimentConfig, apply_overrides, config_from_dict
+from mvtcae.config import (
+    ConfigError,
+    ExperimentConfig,
+    apply_overrides,
+    config_from_dict,
+    read_yaml_mapping,
+)
 
 SWEEP_STATE_FILE = "mvtcae_sweep.json"
 OBJECTIVE_PATTERN = re.compile(r"^val/(joint_nll(_\d+)?|coherence_\d+|latent_acc_\d+)$")
@@ -241,24 +246,12 @@ def _split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
     return tune_items, base_items
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        loaded = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"tune config {path} does not exist") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"tune config {path} is not valid YAML: {err}") from None
-    if loaded is not None and not isinstance(loaded, dict):
-        raise ConfigError(f"tune config {path}: top level must be a mapping")
-    return loaded or {}
-
-
 def load_tune_config(
     path: str | Path | None = None, overrides: list[str] | None = None
 ) -> SweepSpec:
     """Load a tune YAML; ``tune.x=v`` overrides go to the tune section, others to the base."""
     source = Path(path).resolve() if path is not None else None
-    raw = _read_yaml(source) if source is not None else {}
+    raw = read_yaml_mapping(source, "tune config") if source is not None else {}
     tune_items, base_items = _split_overrides(list(overrides or []))
     raw.setdefault("tune", {})
     if not isinstance(raw["tune"], dict):
