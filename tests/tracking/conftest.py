@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import mlflow
 import pytest
-import torch
 from tiny_models import tiny_model
 
 from mvtcae.tracking import TrackingConfig
+from testkit import torch_threads
 
 
-@pytest.fixture(autouse=True, scope="module")
+@pytest.fixture(autouse=True)
 def one_torch_thread():
-    """One intra-op thread: two compete badly with other processes on a shared 2-core box."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    """Every tracking test runs with one torch thread."""
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture

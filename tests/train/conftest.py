@@ -4,34 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from mvtcae.config import ExperimentConfig, load_config
+from testkit import torch_threads, write_tiny_views
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _split(rng: np.random.Generator, n: int, mixing: list[np.ndarray]) -> dict:
-    """Three 12-d views of one 4-d latent that depends on a 4-class label."""
-    labels = rng.integers(0, 4, n)
-    z = rng.normal(size=(n, 4)) + 2.0 * np.eye(4)[labels]
-    data = {
-        f"v{i}": (np.tanh(z @ w) + 0.1 * rng.normal(size=(n, 12))).astype(np.float32)
-        for i, w in enumerate(mixing)
-    }
-    return {"data": data, "labels": labels}
-
-
 def write_tiny_dataset(directory: Path, n_train: int = 600, n_test: int = 150) -> Path:
-    """Write the tiny dataset with the platform's own writer; return its directory."""
-    from mvtcae.data import write_arrays
-
-    rng = np.random.default_rng(0)
-    mixing = [rng.normal(scale=0.7, size=(4, 12)) for _ in range(3)]
-    splits = {"train": _split(rng, n_train, mixing), "test": _split(rng, n_test, mixing)}
-    write_arrays(directory, splits, name="tiny-views", num_classes=4)
-    return directory
+    """Three 12-d views of a 4-class latent, written with the platform's own writer."""
+    return write_tiny_views(
+        directory, n_train=n_train, n_test=n_test, classes=4, width=12, name="tiny-views"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -73,13 +58,9 @@ def tiny_config(root: Path, dataset: Path, *extra: str) -> ExperimentConfig:
 
 @pytest.fixture(autouse=True)
 def one_torch_thread():
-    """One intra-op thread: tiny models on a shared 2-core runner only lose to thread contention."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    """Every training test runs with one torch thread."""
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture

@@ -4,32 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import yaml
+
+from testkit import write_tiny_views
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _split(rng: np.random.Generator, n: int, mixing: list[np.ndarray]) -> dict:
-    """Three 8-d views of one 3-d latent that depends on a 3-class label."""
-    labels = rng.integers(0, 3, n)
-    z = rng.normal(size=(n, 3)) + 2.0 * np.eye(3)[labels]
-    data = {
-        f"v{i}": (np.tanh(z @ w) + 0.1 * rng.normal(size=(n, 8))).astype(np.float32)
-        for i, w in enumerate(mixing)
-    }
-    return {"data": data, "labels": labels}
-
-
 def write_tiny_dataset(directory: Path, n_train: int = 160, n_test: int = 48) -> Path:
-    """Write the tiny dataset with the data layer's writer; return its directory."""
-    from mvtcae.data import write_arrays
-
-    rng = np.random.default_rng(0)
-    mixing = [rng.normal(scale=0.7, size=(3, 8)) for _ in range(3)]
-    splits = {"train": _split(rng, n_train, mixing), "test": _split(rng, n_test, mixing)}
-    write_arrays(directory, splits, name="tiny-sweep", num_classes=3)
-    return directory
+    """Three 8-d views of a 3-class latent, written with the data layer's writer."""
+    return write_tiny_views(
+        directory, n_train=n_train, n_test=n_test, classes=3, width=8, name="tiny-sweep"
+    )
 
 
 def tiny_tune_file(root: Path, dataset: Path, tune: dict, epochs: int = 2) -> Path:
