@@ -165,7 +165,6 @@ def test_killed_worker_restarts_from_the_checkpoint(
     killer.join(timeout=1)
 
     assert killed and isinstance(killed[0], int), f"no training worker was killed: {killed}"
-    assert killed[0] not in _train_worker_pids()
     client = _client(cfg)
     resumed = _history(client, result.run_id, "train/resumed_after_epoch")
     assert len(resumed) == 1 and 1 <= resumed[0][1] < 8, resumed  # restarted from a checkpoint
