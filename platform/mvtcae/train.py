@@ -482,8 +482,12 @@ def _open_splits(cfg: ExperimentConfig, dataset_dir: Path, manifest: Any) -> dic
 
 
 def build_trainer(cfg: ExperimentConfig, run_name: str, dataset_dir: Path, manifest: Any,
-                  run_id: str | None, tracking_uri: str | None) -> ray.train.torch.TorchTrainer:  # fmt: skip
-    """The TorchTrainer for this config (same name + storage path restores a run's state)."""
+                  run_id: str | None, tracking_uri: str | None,
+                  callbacks: list[Any] | None = None) -> ray.train.torch.TorchTrainer:  # fmt: skip
+    """The TorchTrainer for this config (same name + storage path restores a run's state).
+
+    ``callbacks`` are Ray Train callbacks for the run (e.g. Tune's reporting callback).
+    """
     tc = cfg.train
     loop_cfg = {
         "train": tc.model_dump(mode="json"),
@@ -503,6 +507,7 @@ def build_trainer(cfg: ExperimentConfig, run_name: str, dataset_dir: Path, manif
             checkpoint_score_order=tc.checkpoint.mode,
         ),
         failure_config=FailureConfig(max_failures=tc.max_failures),
+        callbacks=list(callbacks or []),
     )
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,

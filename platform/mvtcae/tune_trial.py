@@ -156,10 +156,8 @@ def _fit(cfg: Any, context: SweepContext, trial_id: str, run_id: str) -> Any:
     manifest = load_manifest(context.dataset_dir)
     trainer = build_trainer(
         cfg, f"{context.sweep_name}-{trial_id}", Path(context.dataset_dir), manifest,
-        run_id, context.tracking_uri,
+        run_id, context.tracking_uri, callbacks=[EpochEvaluationCallback(context, run_id)],
     )  # fmt: skip
-    # build_trainer takes no callbacks; the trainer reads run_config.callbacks only in fit().
-    trainer.run_config.callbacks = [EpochEvaluationCallback(context, run_id)]
     return trainer.fit()
 
 
