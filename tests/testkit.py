@@ -56,3 +56,90 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def s3_server(log_dir: Path) -> Iterator[str]:
+    """A local S3-compatible server (moto) on 127.0.0.1; yields its endpoint URL.
+
+    It is a real HTTP server in its own process, stopped by its PID on exit.
+    """
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    with open(log_dir / "moto.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"moto server exited ({proc.returncode}); see {log_dir}/moto.log")
+            try:
+                urllib.request.urlopen(endpoint, timeout=2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"moto server on {endpoint} did not answer") from None
+                time.sleep(0.2)
+        yield endpoint
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextmanager
+def s3_environment(endpoint: str) -> Iterator[None]:
+    """Point every AWS client in this process (and processes it starts) at ``endpoint``, with
+    throwaway credentials, as a deployment's environment would; restore the old values after."""
+    import os
+
+    values = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, old in saved.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
+
+
+def create_bucket(endpoint: str, bucket: str) -> None:
+    """Create an S3 bucket on the server at ``endpoint``."""
+    import pyarrow.fs as pafs
+
+    host = endpoint.split("://", 1)[1]
+    fs = pafs.S3FileSystem(
+        endpoint_override=host, scheme="http", allow_bucket_creation=True,
+        access_key="testing", secret_key="testing", region="us-east-1",
+    )  # fmt: skip
+    fs.create_dir(bucket)
