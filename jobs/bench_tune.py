@@ -34,13 +34,13 @@ def sweep_overhead(spec: Any) -> dict[str, Any]:
     """Wall time vs summed trial time of a finished sweep, and per-trial epoch vs fixed time."""
     from ray.tune import ExperimentAnalysis
 
-    from mvtcae import tracking
+    from mvtcae import storage, tracking
     from mvtcae.tune import SWEEP_STATE_FILE
 
-    state = json.loads((spec.experiment_dir / SWEEP_STATE_FILE).read_text())
+    state = json.loads(storage.read_text(storage.join(spec.experiment_dir, SWEEP_STATE_FILE)))
     client = tracking.client_for(spec.experiment.tracking)
     parent = client.get_run(state["parent_run_id"]).data.metrics
-    analysis = ExperimentAnalysis(str(spec.experiment_dir))
+    analysis = ExperimentAnalysis(spec.experiment_dir)
     trials = []
     for trial in analysis.trials:
         last = trial.last_result or {}

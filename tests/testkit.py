@@ -89,7 +89,9 @@ def s3_server(log_dir: Path) -> Iterator[str]:
         deadline = time.monotonic() + 60
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"moto server exited ({proc.returncode}); see {log_dir}/moto.log")
+                raise RuntimeError(
+                    f"moto server exited ({proc.returncode}); see {log_dir}/moto.log"
+                )
             try:
                 urllib.request.urlopen(endpoint, timeout=2).close()
                 break

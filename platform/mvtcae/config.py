@@ -7,12 +7,14 @@ when the config is built, because Ray workers run in their own session directori
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mvtcae import storage
 from mvtcae.evaluate import EvalConfig
 from mvtcae.tracking import TrackingConfig
 
@@ -161,7 +163,12 @@ class TrainConfig(_Section):
     max_batches_per_epoch: int | None = Field(default=None, ge=1, description="cap, for smoke runs")
     checkpoint: CheckpointSection = CheckpointSection()
     max_failures: int = Field(default=2, ge=0, description="worker-group restarts before failing")
-    storage_path: Path = Field(default=Path("outputs/ray_results"), validate_default=True)
+    storage_path: str = Field(
+        default="outputs/ray_results",
+        validate_default=True,
+        description="run storage every node reaches: a shared local path, or a URI such as "
+        "s3://bucket/prefix, gs://bucket/prefix or file:///abs/dir (pyarrow file systems)",
+    )
     run_name: str | None = Field(default=None, description="Ray run name prefix; default: `name`")
     ray_address: str | None = Field(
         default=None, description="Ray cluster; None: RAY_ADDRESS, else a local Ray"
@@ -172,10 +179,12 @@ class TrainConfig(_Section):
         description="logical CPUs of a local Ray; default leaves room for Ray Data",
     )
 
-    @field_validator("storage_path")
+    @field_validator("storage_path", mode="before")
     @classmethod
-    def _resolve_storage(cls, v: Path) -> Path:
-        return _absolute(v)  # type: ignore[return-value]
+    def _resolve_storage(cls, v: object) -> str:
+        if not isinstance(v, str | os.PathLike):
+            raise ValueError(f"expected a path or URI string, got {type(v).__name__}")
+        return storage.normalize(v)
 
     @field_validator("resources_per_worker")
     @classmethod
@@ -242,7 +251,9 @@ def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "<root>"
-        got = f" (got {e['input']!r})" if e["type"] != "missing" and "input" in e else ""
+        secret = isinstance(e.get("ctx", {}).get("error"), storage.CredentialsInLocationError)
+        shown = e["type"] != "missing" and "input" in e and not secret
+        got = f" (got {e['input']!r})" if shown else ""
         lines.append(f"  {where}: {e['msg']}{got}")
     return "\n".join(lines)
 

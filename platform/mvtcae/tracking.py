@@ -506,22 +506,32 @@ def load_champion(
     return model.to(device).eval()
 
 
+def _load_from_directory(directory: Path, shown: str) -> MVTCAE:
+    from mvtcae import MVTCAE
+
+    found = next(_find_model_dirs(directory), None) if directory.is_dir() else None
+    if found is None:
+        raise FileNotFoundError(
+            f"{shown}: no model_config.json + model.safetensors found; give a model or "
+            "checkpoint directory (local or s3://, gs://, file://), or an MLflow URI such as "
+            "models:/<name>@champion"
+        )
+    return MVTCAE.load(str(found))
+
+
 def load_model_from(
     ref: str | Path, tracking_uri: str | None = None, *, device: str = "cpu"
 ) -> MVTCAE:
-    """An `MVTCAE` from a model/checkpoint directory or an MLflow URI (models:/…, runs:/…)."""
-    from mvtcae import MVTCAE
+    """An `MVTCAE` from a model/checkpoint directory (local, or in run storage such as s3://…)
+    or an MLflow URI (models:/…, runs:/…)."""
+    from mvtcae import MVTCAE, storage
 
     text = str(ref)
     if "://" not in text and ":/" not in text:
-        directory = Path(text)
-        found = next(_find_model_dirs(directory), None) if directory.is_dir() else None
-        if found is None:
-            raise FileNotFoundError(
-                f"{directory}: no model_config.json + model.safetensors found; give a model or "
-                "checkpoint directory, or an MLflow URI such as models:/<name>@champion"
-            )
-        return MVTCAE.load(str(found)).to(device).eval()
+        return _load_from_directory(Path(text), text).to(device).eval()
+    if text.split("://", 1)[0].lower() in storage.URI_SCHEMES:  # run storage: s3://, gs://, …
+        with storage.local_directory(storage.normalize(text)) as directory:
+            return _load_from_directory(directory, text).to(device).eval()
     uri = tracking_uri or resolve_tracking_uri(None)
     with tempfile.TemporaryDirectory() as scratch:
         model = MVTCAE.load(str(download_model_dir(text, uri, dst=scratch)))

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 
-from mvtcae import MVTCAE, MultimodalBatch, MVTCAEConfig
+from mvtcae import MVTCAE, MultimodalBatch, MVTCAEConfig, storage
 from mvtcae.checkpoint import TrainerState, load_model, restore_optimizer, save_checkpoint
 from mvtcae.config import ExperimentConfig, ModelSection, ScheduleConfig, TrainConfig
 
@@ -373,8 +373,8 @@ class TrainResult:
 
     run_id: str | None
     run_name: str
-    run_dir: Path
-    best_checkpoint: Path | None
+    run_dir: str
+    best_checkpoint: str | None
     final_metrics: dict[str, float]
     best_metrics: dict[str, float] = field(default_factory=dict)
     eval_metrics: dict[str, float] = field(default_factory=dict)
@@ -451,14 +451,15 @@ def _run_prefix(cfg: ExperimentConfig) -> str:
     return cfg.train.run_name or cfg.name
 
 
-def latest_run_dir(cfg: ExperimentConfig) -> Path | None:
-    """The newest run directory of this config's run name under the storage path."""
+def latest_run_dir(cfg: ExperimentConfig) -> str | None:
+    """The newest run directory (a storage location) of this config's run name."""
     root = cfg.train.storage_path
-    prefix = _run_prefix(cfg)
-    if not root.is_dir():
-        return None
-    runs = [p for p in root.glob(f"{prefix}-*") if (p / RUN_STATE_FILE).is_file()]
-    return max(runs, key=lambda p: p.name) if runs else None
+    prefix = f"{_run_prefix(cfg)}-"
+    for name in sorted(storage.list_dirs(root), reverse=True):
+        run_dir = storage.join(root, name)
+        if name.startswith(prefix) and storage.is_file(storage.join(run_dir, RUN_STATE_FILE)):
+            return run_dir
+    return None
 
 
 def _new_run_name(cfg: ExperimentConfig) -> str:
@@ -519,12 +520,15 @@ def build_trainer(cfg: ExperimentConfig, run_name: str, dataset_dir: Path, manif
     )
 
 
-def _best_checkpoint(result: Any, cfg: TrainConfig) -> tuple[Path | None, dict[str, float]]:
+def _best_checkpoint(
+    result: Any, cfg: TrainConfig, run_dir: str
+) -> tuple[str | None, dict[str, float]]:
+    """The best checkpoint's storage location and its reported metrics."""
     best = result.get_best_checkpoint(cfg.checkpoint.metric, cfg.checkpoint.mode)
     if best is None:
         return None, {}
     metrics = next((m for c, m in result.best_checkpoints or [] if c.path == best.path), {})
-    return Path(best.path), dict(metrics)
+    return storage.location_of(run_dir, best.path), dict(metrics)
 
 
 def train(cfg: ExperimentConfig, *, resume: bool = False) -> TrainResult:
@@ -539,12 +543,13 @@ def train(cfg: ExperimentConfig, *, resume: bool = False) -> TrainResult:
     tracking_uri = tracking.resolve_tracking_uri(cfg.tracking)
     run_dir, run_id = _start_or_resume(cfg, resume)
     try:
-        trainer = build_trainer(cfg, run_dir.name, dataset_dir, manifest, run_id, tracking_uri)
+        run_name = storage.basename(run_dir)
+        trainer = build_trainer(cfg, run_name, dataset_dir, manifest, run_id, tracking_uri)
         result = trainer.fit()
-        best_path, best_metrics = _best_checkpoint(result, cfg.train)
+        best_path, best_metrics = _best_checkpoint(result, cfg.train, run_dir)
         final = {k: float(v) for k, v in (result.metrics or {}).items() if _is_number(v)}
         out = TrainResult(
-            run_id=run_id, run_name=run_dir.name, run_dir=run_dir, best_checkpoint=best_path,
+            run_id=run_id, run_name=run_name, run_dir=run_dir, best_checkpoint=best_path,
             final_metrics=final, best_metrics=best_metrics, tracking_uri=tracking_uri,
         )  # fmt: skip
         if best_path is not None:
@@ -561,7 +566,7 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _start_or_resume(cfg: ExperimentConfig, resume: bool) -> tuple[Path, str]:
+def _start_or_resume(cfg: ExperimentConfig, resume: bool) -> tuple[str, str]:
     """Pick the run directory and open its MLflow run: the latest one on resume, else a new one."""
     from mvtcae import tracking
 
@@ -571,54 +576,71 @@ def _start_or_resume(cfg: ExperimentConfig, resume: bool) -> tuple[Path, str]:
             raise FileNotFoundError(
                 f"resume: no run named {_run_prefix(cfg)}-* under {cfg.train.storage_path}"
             )
-        run_id = json.loads((run_dir / RUN_STATE_FILE).read_text())["mlflow_run_id"]
-        print(f"[mvtcae] resuming {run_dir.name} in MLflow run {run_id}")
+        state = json.loads(storage.read_text(storage.join(run_dir, RUN_STATE_FILE)))
+        run_id = state["mlflow_run_id"]
+        print(f"[mvtcae] resuming {storage.basename(run_dir)} in MLflow run {run_id}")
         tracking.start_run(cfg.tracking, run_id=run_id)
         return run_dir, run_id
-    run_dir = cfg.train.storage_path / _new_run_name(cfg)
-    run_id = tracking.start_run(cfg.tracking, run_name=run_dir.name).info.run_id
+    name = _new_run_name(cfg)
+    run_dir = storage.join(cfg.train.storage_path, name)
+    run_id = tracking.start_run(cfg.tracking, run_name=name).info.run_id
     tracking.log_config(cfg.to_dict(), run_id=run_id, tracking=cfg.tracking)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / RUN_STATE_FILE).write_text(
-        json.dumps({"mlflow_run_id": run_id, "config": cfg.to_dict()}, indent=2)
+    storage.write_text(
+        storage.join(run_dir, RUN_STATE_FILE),
+        json.dumps({"mlflow_run_id": run_id, "config": cfg.to_dict()}, indent=2),
     )
     return run_dir, run_id
 
 
 def _evaluate_and_register(cfg: ExperimentConfig, out: TrainResult, dataset_dir: Path) -> None:
-    """Evaluate the best checkpoint in a Ray task (on a GPU if training had one), log, register."""
+    """Evaluate the best checkpoint in a Ray task (on a GPU if training had one), log, register.
+
+    The task writes its report and plots to ``<run dir>/evaluation`` in run storage; the driver
+    reads them back from there, so the task may run on any node.
+    """
     from mvtcae import tracking
 
+    assert out.best_checkpoint is not None
+    eval_dir = storage.join(out.run_dir, "evaluation")
     use_gpu = bool(scaling_config(cfg.train).use_gpu)
     task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(_evaluate_checkpoint)
-    report = ray.get(
+    report, task_out_dir = ray.get(
         task.remote(
-            str(out.best_checkpoint),
+            out.best_checkpoint,
             str(dataset_dir),
             cfg.eval.model_dump(mode="json"),
-            str(out.run_dir / "evaluation"),
+            eval_dir,
             _threads_per_worker(cfg.train),
         )  # fmt: skip
     )
     out.eval_metrics = {k: float(v) for k, v in report.metrics.items()}
     step = int(out.final_metrics.get("epoch", 0))
-    tracking.log_evaluation(report, run_id=out.run_id, tracking=cfg.tracking, step=step)
+    with storage.local_directory(eval_dir) as local_eval:
+        report.plots = {
+            k: local_eval / Path(p).relative_to(task_out_dir) for k, p in report.plots.items()
+        }
+        tracking.log_evaluation(report, run_id=out.run_id, tracking=cfg.tracking, step=step)
     if cfg.tracking.log_model:
-        out.registered = tracking.log_model_and_register(
-            out.best_checkpoint, cfg.tracking, out.eval_metrics, out.run_id
-        )
+        with storage.local_directory(out.best_checkpoint) as checkpoint_dir:
+            out.registered = tracking.log_model_and_register(
+                checkpoint_dir, cfg.tracking, out.eval_metrics, out.run_id
+            )
 
 
 def _evaluate_checkpoint(checkpoint: str, dataset_dir: str, eval_cfg: dict[str, Any],
-                         out_dir: str, threads: int) -> Any:  # fmt: skip
-    """Ray task body: load a checkpoint's model and evaluate it on the test split."""
+                         out_location: str, threads: int) -> tuple[Any, str]:  # fmt: skip
+    """Ray task body: evaluate a checkpoint's model on the test split; write the report and
+    plots to ``out_location``. Returns the report and the local directory it was written in."""
     from mvtcae.evaluate import EvalConfig, evaluate
 
     torch.set_num_threads(max(1, threads))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(checkpoint).to(device)
+    with storage.local_directory(checkpoint) as checkpoint_dir:
+        model = load_model(checkpoint_dir).to(device)
     config = EvalConfig.model_validate(eval_cfg)
-    return evaluate(model, dataset_dir, config, split="test", device=device, out_dir=out_dir)
+    with storage.staged_directory(out_location) as out_dir:
+        report = evaluate(model, dataset_dir, config, split="test", device=device, out_dir=out_dir)
+    return report, str(out_dir)
 
 
 def format_summary(result: TrainResult) -> str:

@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mvtcae import storage
 from mvtcae.config import (
     ConfigError,
     ExperimentConfig,
@@ -223,9 +224,9 @@ class SweepSpec:
         return self.tune.study_name or f"{self.experiment.name}-sweep"
 
     @property
-    def experiment_dir(self) -> Path:
-        """Where Tune keeps the sweep's state (restored by ``--resume``)."""
-        return self.experiment.train.storage_path / self.study_name
+    def experiment_dir(self) -> str:
+        """Where Tune keeps the sweep's state (restored by ``--resume``): a storage location."""
+        return storage.join(self.experiment.train.storage_path, self.study_name)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form: the full experiment config and the tune section."""
@@ -336,7 +337,7 @@ class SweepResult:
 
     study_name: str
     storage: str
-    experiment_dir: Path
+    experiment_dir: str
     parent_run_id: str
     tracking_uri: str
     finished: bool
@@ -344,7 +345,7 @@ class SweepResult:
     best: dict[str, Any] | None = None
     pareto_front: list[dict[str, Any]] = field(default_factory=list)
     registered: Any = None
-    artifacts: dict[str, Path] = field(default_factory=dict)
+    artifacts: dict[str, str] = field(default_factory=dict)
     wall_time_s: float = 0.0
     trial_time_s: float = 0.0
 

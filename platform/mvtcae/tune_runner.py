@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mvtcae import storage
 from mvtcae.tune import SWEEP_STATE_FILE, ConfigError, SweepResult, SweepSpec, ensure_ray_for_sweep
 from mvtcae.tune_trial import RUN_ID_KEY, SWEEP_TAG, SweepContext, run_trial
 
@@ -66,8 +67,8 @@ def check_sweep_state(spec: SweepSpec, resume: bool) -> None:
     from ray.tune import Tuner
 
     exp_dir = spec.experiment_dir
-    exists = (exp_dir / SWEEP_STATE_FILE).is_file()
-    if resume and not (exists and Tuner.can_restore(str(exp_dir))):
+    exists = storage.is_file(storage.join(exp_dir, SWEEP_STATE_FILE))
+    if resume and not (exists and Tuner.can_restore(exp_dir)):
         raise ConfigError(
             f"--resume: no sweep to resume at {exp_dir} (tune.study_name {spec.study_name!r}); "
             "run it once without --resume"
@@ -102,9 +103,9 @@ def _open_parent_run(spec: SweepSpec, resume: bool) -> str:
     from mvtcae import tracking
 
     client = tracking.client_for(spec.experiment.tracking)
-    state_file = spec.experiment_dir / SWEEP_STATE_FILE
+    state_file = storage.join(spec.experiment_dir, SWEEP_STATE_FILE)
     if resume:
-        run_id = json.loads(state_file.read_text())["parent_run_id"]
+        run_id = json.loads(storage.read_text(state_file))["parent_run_id"]
         client.update_run(run_id, status="RUNNING")
         client.set_tag(run_id, "mvtcae.tune.resumed_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
         return run_id
@@ -121,9 +122,8 @@ def _open_parent_run(spec: SweepSpec, resume: bool) -> str:
     for key, value in tune_params.items():
         client.log_param(run_id, key, value)
     client.log_text(run_id, yaml.safe_dump(spec.to_dict(), sort_keys=False), "sweep.yaml")
-    spec.experiment_dir.mkdir(parents=True, exist_ok=True)
     state = {"parent_run_id": run_id, "study_name": spec.study_name, "storage": spec.tune.storage}
-    state_file.write_text(json.dumps(state, indent=2))
+    storage.write_text(state_file, json.dumps(state, indent=2))
     return run_id
 
 
@@ -142,7 +142,7 @@ def _context(spec: SweepSpec, dataset_dir: Path, manifest: Any, parent_run_id: s
     # Trials keep their latest checkpoints: the objective is measured on the reported epoch, so
     # the model that goes to the registry is the one whose value Optuna recorded.
     base["train"]["checkpoint"].update(metric="epoch", mode="max")
-    base["train"]["storage_path"] = str(spec.experiment_dir / "train_runs")
+    base["train"]["storage_path"] = storage.join(spec.experiment_dir, "train_runs")
     val = spec.experiment.data.val_split or ("val" if "val" in manifest.splits else "test")
     return SweepContext(
         base_config=base,
@@ -167,7 +167,7 @@ def _tuner(spec: SweepSpec, context: SweepContext, storage: Any, resume: bool) -
     if resume:
         print(f"[mvtcae.tune] resuming sweep {spec.study_name} from {spec.experiment_dir}")
         return tune.Tuner.restore(
-            str(spec.experiment_dir), trainable, resume_unfinished=True, resume_errored=False
+            spec.experiment_dir, trainable, resume_unfinished=True, resume_errored=False
         )
     from mvtcae.tune_study import build_searcher
 
@@ -263,21 +263,22 @@ def _best_with_checkpoint(spec: SweepSpec, study: Any, grid: Any) -> dict[str, A
     }
 
 
-def _log_study(spec: SweepSpec, study: Any, result: SweepResult) -> dict[str, Path]:
-    """Save the study's plots, trials and front under the sweep dir and in the parent run."""
+def _log_study(spec: SweepSpec, study: Any, result: SweepResult) -> dict[str, str]:
+    """Save the study's plots, trials and front under the sweep dir and in the parent run;
+    return their storage locations."""
     from mvtcae import tracking
     from mvtcae.tune_study import save_study_plots
 
-    out_dir = spec.experiment_dir / "study"
-    artifacts = save_study_plots(study, spec.tune.metrics, out_dir)
-    for name, rows in (("trials", result.trials), ("pareto_front", result.pareto_front)):
-        path = out_dir / f"{name}.json"
-        path.write_text(json.dumps(rows, indent=2, default=str))
-        artifacts[name] = path
+    location = storage.join(spec.experiment_dir, "study")
     client = tracking.client_for(spec.experiment.tracking)
-    for path in artifacts.values():
-        client.log_artifact(result.parent_run_id, str(path), artifact_path="study")
-    return artifacts
+    with storage.staged_directory(location) as out_dir:
+        files = save_study_plots(study, spec.tune.metrics, out_dir)
+        for name, rows in (("trials", result.trials), ("pareto_front", result.pareto_front)):
+            files[name] = out_dir / f"{name}.json"
+            files[name].write_text(json.dumps(rows, indent=2, default=str))
+        for path in files.values():
+            client.log_artifact(result.parent_run_id, str(path), artifact_path="study")
+    return {name: storage.join(location, Path(path).name) for name, path in files.items()}
 
 
 def _register(spec: SweepSpec, best: dict[str, Any]) -> Any:
@@ -289,9 +290,10 @@ def _register(spec: SweepSpec, best: dict[str, Any]) -> Any:
         return None
     if not spec.experiment.tracking.log_model:
         return None
-    return tracking.log_model_and_register(
-        best["checkpoint"], spec.experiment.tracking, None, best["mlflow_run_id"]
-    )
+    with storage.local_directory(best["checkpoint"]) as checkpoint_dir:
+        return tracking.log_model_and_register(
+            checkpoint_dir, spec.experiment.tracking, None, best["mlflow_run_id"]
+        )
 
 
 def _close_parent_run(spec: SweepSpec, result: SweepResult) -> None:

@@ -16,6 +16,8 @@ from typing import Any
 
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from mvtcae import storage
+
 RUN_ID_KEY = "mlflow_run_id"
 TRIAL_TAG = "mvtcae.tune.trial_id"
 SWEEP_TAG = "mvtcae.tune.sweep"
@@ -62,13 +64,14 @@ class EpochEvaluationCallback(TuneReportCallback):
         merged = dict(metrics[0])
         merged[RUN_ID_KEY] = self.run_id
         if checkpoint is not None:
-            merged["checkpoint_path"] = checkpoint.path
-            measures = self._evaluate(checkpoint.path)
+            root = self.context.base_config["train"]["storage_path"]
+            merged["checkpoint_path"] = storage.location_of(root, checkpoint.path)
+            measures = self._evaluate(checkpoint)
             merged.update(measures)
             self._log(measures, int(merged.get("epoch", 0)))
         self._training_actor_item_queue.put(merged)
 
-    def _evaluate(self, checkpoint_dir: str) -> dict[str, float]:
+    def _evaluate(self, checkpoint: Any) -> dict[str, float]:
         import torch
 
         from mvtcae.checkpoint import load_model
@@ -76,7 +79,8 @@ class EpochEvaluationCallback(TuneReportCallback):
 
         torch.set_num_threads(1)
         try:
-            model = load_model(checkpoint_dir)
+            with checkpoint.as_directory() as checkpoint_dir:
+                model = load_model(checkpoint_dir)
             cfg = EvalConfig.model_validate(self.context.epoch_eval)
             report = evaluate(model, self.context.dataset_dir, cfg, split=self.context.val_split)
             return to_val_names(report.metrics)
@@ -139,7 +143,7 @@ def run_trial(params: dict[str, Any], context: SweepContext) -> None:
         result = _fit(cfg, context, trial_id, run_id)
         check_finite(result.metrics or {}, ("train/loss", "val/loss"), f"trial {trial_id}")
         if context.final_eval and result.checkpoint is not None:
-            _final_evaluation(cfg, context, result.checkpoint.path, run_id)
+            _final_evaluation(cfg, context, result.checkpoint, run_id)
     except BaseException as err:
         client.set_tag(run_id, "mvtcae.tune.error", f"{type(err).__name__}: {err}"[:5000])
         client.set_terminated(run_id, status="FAILED")
@@ -161,8 +165,9 @@ def _fit(cfg: Any, context: SweepContext, trial_id: str, run_id: str) -> Any:
     return trainer.fit()
 
 
-def _final_evaluation(cfg: Any, context: SweepContext, checkpoint_dir: str, run_id: str) -> None:
-    """Evaluate the trial's last checkpoint on the test split and log it to the child run."""
+def _final_evaluation(cfg: Any, context: SweepContext, checkpoint: Any, run_id: str) -> None:
+    """Evaluate the trial's last checkpoint (a Ray ``Checkpoint``) on the test split and log it
+    to the child run."""
     import torch
 
     from mvtcae import tracking
@@ -171,6 +176,8 @@ def _final_evaluation(cfg: Any, context: SweepContext, checkpoint_dir: str, run_
 
     torch.set_num_threads(1)
     eval_cfg = cfg.eval.model_copy(update={"plots": False})
-    report = evaluate(load_model(checkpoint_dir), context.dataset_dir, eval_cfg, split="test")
-    step = read_trainer_state(checkpoint_dir).epoch
+    with checkpoint.as_directory() as checkpoint_dir:
+        model = load_model(checkpoint_dir)
+        step = read_trainer_state(checkpoint_dir).epoch
+    report = evaluate(model, context.dataset_dir, eval_cfg, split="test")
     tracking.log_evaluation(report, run_id=run_id, tracking=cfg.tracking, step=step)

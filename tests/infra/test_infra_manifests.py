@@ -369,17 +369,19 @@ def test_cluster_launcher_keeps_dashboard_local_and_auth_on():
         assert ". ~/.mvtcae_env" in " ".join(commands)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="mvtcae.config resolves train.storage_path as a local Path: s3://b/x becomes "
-    "<cwd>/s3:/b/x, so the RayJobs' object-store checkpoints need URI support there first",
-)
 def test_rayjob_checkpoint_uri_survives_config_validation():
+    """The RayJobs' object-store storage path reaches Ray Train and Tune as the same URI."""
     from mvtcae.config import load_config
+    from mvtcae.tune import load_tune_config
 
     (client_config,) = [
         c for c in objects_of("ConfigMap") if c["metadata"]["name"] == "mvtcae-mlflow-client"
     ]
     uri = client_config["data"]["MVTCAE_STORAGE_PATH"]
+    assert uri.startswith("s3://")
     cfg = load_config(REPO / "jobs" / "configs" / "polymnist.yaml", [f"train.storage_path={uri}"])
-    assert str(cfg.train.storage_path) == uri
+    assert cfg.train.storage_path == uri
+    spec = load_tune_config(
+        REPO / "jobs" / "configs" / "tune_demo.yaml", [f"train.storage_path={uri}"]
+    )
+    assert spec.experiment_dir == f"{uri}/{spec.study_name}"

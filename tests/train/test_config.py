@@ -14,7 +14,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
 @pytest.mark.parametrize("name", ["demo", "polymnist", "mfeat"])
 def test_shipped_configs_validate(name: str) -> None:
     cfg = load_config(CONFIGS / f"{name}.yaml")
-    assert cfg.train.storage_path.is_absolute()
+    assert Path(cfg.train.storage_path).is_absolute()
     assert cfg.data.resolved_dir().is_absolute()
 
 

@@ -74,11 +74,13 @@ def test_train_tracks_registers_and_resumes(
     assert metrics["perf/samples_per_s"] > 0
 
     # Checkpoints: the best two by val/loss, each a complete directory.
-    checkpoints = sorted(result.run_dir.glob("checkpoint_epoch_*"))
+    run_dir = Path(result.run_dir)
+    checkpoints = sorted(run_dir.glob("checkpoint_epoch_*"))
     assert [p.name for p in checkpoints] == ["checkpoint_epoch_0002", "checkpoint_epoch_0003"]
     for path in checkpoints:
         assert {p.name for p in path.iterdir()} >= CHECKPOINT_FILES
-    assert result.best_checkpoint == result.run_dir / "checkpoint_epoch_0003"
+    assert result.best_checkpoint == str(run_dir / "checkpoint_epoch_0003")
+    assert (run_dir / "evaluation" / "evaluation.json").is_file()
 
     # MLflow: params (flattened config), artifacts, evaluation metrics, registered + champion.
     run = client.get_run(result.run_id)
@@ -157,7 +159,7 @@ def test_killed_worker_restarts_from_the_checkpoint(
     killed: list[int] = []
     killer = threading.Thread(
         target=_kill_a_worker_once_checkpointed,
-        args=(cfg.train.storage_path, killed),
+        args=(Path(cfg.train.storage_path), killed),
         daemon=True,
     )
     killer.start()
@@ -174,4 +176,4 @@ def test_killed_worker_restarts_from_the_checkpoint(
     runs = _runs(client, cfg)
     assert [r.info.run_id for r in runs] == [result.run_id]  # still one MLflow run
     assert runs[0].info.status == "FINISHED"
-    assert (result.run_dir / RUN_STATE_FILE).is_file()
+    assert (Path(result.run_dir) / RUN_STATE_FILE).is_file()

@@ -30,7 +30,7 @@ def test_shipped_tune_configs_validate(name):
     assert {"model.alpha", "model.beta"} <= set(spec.tune.space)
     assert spec.tune.space["model.beta"].type == "loguniform"
     assert spec.tune.storage.startswith("sqlite:////")  # made absolute at the boundary
-    assert spec.experiment_dir.name == spec.study_name
+    assert Path(spec.experiment_dir).name == spec.study_name
 
 
 def test_base_is_relative_to_the_tune_file_and_overrides_route_by_section():

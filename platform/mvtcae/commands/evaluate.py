@@ -59,7 +59,8 @@ def evaluate_command(
     device: str,
     run_id: str | None,
 ) -> None:
-    """Evaluate MODEL (a model/checkpoint directory or an MLflow URI such as models:/NAME@champion).
+    """Evaluate MODEL: a model/checkpoint directory (local, s3://, gs://, file://) or an MLflow
+    URI such as models:/NAME@champion.
 
     Reports latent accuracy, coherence and joint NLL per number of conditioning modalities,
     writes evaluation.json and PNG plots to --out, and prints the metrics.
@@ -86,7 +87,7 @@ def evaluate_command(
         model = tracking.load_model_from(
             model_ref, tracking.resolve_tracking_uri(cfg.tracking), device=device
         )
-    except (FileNotFoundError, OSError) as err:
+    except (OSError, ValueError) as err:
         raise click.UsageError(str(err)) from None
     report = evaluate(model, dataset, cfg.eval, split=split, device=device, out_dir=out_dir)
     if run_id is not None:
