@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -279,7 +280,7 @@ def _log_metrics_to_mlflow(
     try:
         MlflowClient(tracking_uri=tracking_uri).log_batch(run_id, metrics=entries, synchronous=True)
     except Exception as err:  # the checkpoint still carries the metrics
-        print(f"[mvtcae] WARNING: MLflow logging failed at epoch {step}: {err}")
+        _worker_echo(f"[mvtcae] WARNING: MLflow logging failed at epoch {step}: {err}")
 
 
 def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
@@ -293,7 +294,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed + rank)
     device = ray.train.torch.get_device()
     if cfg.precision == "bf16" and rank == 0 and not bf16_supported(device):
-        print(f"[mvtcae] WARNING: {device} has no native bf16; bf16 autocast will be slow")
+        _worker_echo(f"[mvtcae] WARNING: {device} has no native bf16; bf16 autocast will be slow")
     manifest = load_manifest(loop_cfg["dataset_dir"])
 
     checkpoint = ray.train.get_checkpoint()
@@ -306,7 +307,9 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
             state = restore_optimizer(ckpt_dir, optimizer, scheduler, map_location=device)
         start_epoch = state.epoch + 1
         if rank == 0:
-            print(f"[mvtcae] rank 0 resumes after epoch {state.epoch} from {checkpoint.path}")
+            _worker_echo(
+                f"[mvtcae] rank 0 resumes after epoch {state.epoch} from {checkpoint.path}"
+            )
             _log_metrics_to_mlflow(loop_cfg["tracking_uri"], loop_cfg["run_id"],
                                    {"train/resumed_after_epoch": state.epoch}, state.epoch)  # fmt: skip
     else:
@@ -340,6 +343,13 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         _report(metrics, epoch, rank, world, model, optimizer, scheduler, cfg, loop_cfg)
 
 
+def _worker_echo(line: str) -> None:
+    """Print one line from a Train worker, once: Train V2 patches ``print`` to log the message
+    and also tee it to Ray's wrapped stdout, so a plain print reaches the driver twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def _report(metrics, epoch, rank, world, model, optimizer, scheduler, cfg, loop_cfg) -> None:
     """Every rank reports; rank 0 alone logs to MLflow and passes a checkpoint."""
     if rank != 0:
@@ -350,7 +360,7 @@ def _report(metrics, epoch, rank, world, model, optimizer, scheduler, cfg, loop_
         for k, v in metrics.items()
         if k.startswith(("train/loss", "val/loss", "perf/s"))
     )
-    print(f"[mvtcae] epoch {epoch}/{cfg.epochs}  {line}")
+    _worker_echo(f"[mvtcae] epoch {epoch}/{cfg.epochs}  {line}")
     _log_metrics_to_mlflow(loop_cfg["tracking_uri"], loop_cfg["run_id"], metrics, epoch)
     with tempfile.TemporaryDirectory(prefix="mvtcae-ckpt-") as tmp:
         state = TrainerState(

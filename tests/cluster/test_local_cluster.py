@@ -215,6 +215,8 @@ def test_submitted_training_job_is_tracked_through_the_server(running):
     assert "MVTCAE training summary" in logs
     # Workers reach this cluster's state API, not whichever Ray they would find on the host.
     assert "Found multiple active Ray instances" not in logs
+    # Train V2's patched print would tee each worker line twice; the epoch line comes once.
+    assert logs.count("[mvtcae] epoch 1/1 ") == 1, logs[-6000:]
 
     client = MlflowClient(tracking_uri=spec.mlflow_uri, registry_uri=spec.mlflow_uri)
     experiment = client.get_experiment_by_name(EXPERIMENT)
