@@ -16,7 +16,10 @@ from typing import Any
 import torch
 
 from mvtcae import MVTCAE
+from mvtcae.model.persistence import ARCHITECTURE_FILE, CONFIG_FILE, WEIGHTS_FILE
 
+# What loading the model needs (the architecture file exists only for custom networks).
+MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE, ARCHITECTURE_FILE)
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_STATE = "optimizer.pt"
 SCHEDULER_STATE = "scheduler.pt"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import posixpath
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import parse_qsl
@@ -165,9 +165,13 @@ def list_dirs(location: str) -> list[str]:
 
 
 @contextmanager
-def local_directory(location: str) -> Iterator[Path]:
+def local_directory(location: str, files: Collection[str] | None = None) -> Iterator[Path]:
     """A local directory with the contents of ``location``: itself when local, else a
-    temporary download that is removed on exit."""
+    temporary download that is removed on exit.
+
+    ``files`` limits a download to those top-level files (absent ones are skipped), e.g. a
+    checkpoint's model files without its optimizer state.
+    """
     if not is_uri(location):
         if not Path(location).is_dir():
             raise FileNotFoundError(f"{location}: no such directory")
@@ -176,10 +180,17 @@ def local_directory(location: str) -> Iterator[Path]:
     fs, path = resolve(location)
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         raise FileNotFoundError(f"{location}: no such directory")
+    local_fs = pafs.LocalFileSystem()
     with tempfile.TemporaryDirectory(prefix="mvtcae-download-") as tmp:
-        pafs.copy_files(
-            path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
-        )
+        if files is None:
+            pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=local_fs)
+        else:
+            wanted = [posixpath.join(path, name) for name in files]
+            for info in fs.get_file_info(wanted):
+                if info.type == pafs.FileType.File:
+                    target = os.path.join(tmp, info.base_name)
+                    pafs.copy_files(info.path, target, source_filesystem=fs,
+                                    destination_filesystem=local_fs)  # fmt: skip
         yield Path(tmp)
 
 

@@ -31,7 +31,13 @@ import torch.distributed as dist
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 
 from mvtcae import MVTCAE, MultimodalBatch, MVTCAEConfig, storage
-from mvtcae.checkpoint import TrainerState, load_model, restore_optimizer, save_checkpoint
+from mvtcae.checkpoint import (
+    MODEL_FILES,
+    TrainerState,
+    load_model,
+    restore_optimizer,
+    save_checkpoint,
+)
 from mvtcae.config import ExperimentConfig, ModelSection, ScheduleConfig, TrainConfig
 
 RUN_STATE_FILE = "mvtcae_run.json"
@@ -631,7 +637,7 @@ def _evaluate_and_register(cfg: ExperimentConfig, out: TrainResult, dataset_dir:
         }
         tracking.log_evaluation(report, run_id=out.run_id, tracking=cfg.tracking, step=step)
     if cfg.tracking.log_model:
-        with storage.local_directory(out.best_checkpoint) as checkpoint_dir:
+        with storage.local_directory(out.best_checkpoint, files=MODEL_FILES) as checkpoint_dir:
             out.registered = tracking.log_model_and_register(
                 checkpoint_dir, cfg.tracking, out.eval_metrics, out.run_id
             )
@@ -645,7 +651,7 @@ def _evaluate_checkpoint(checkpoint: str, dataset_dir: str, eval_cfg: dict[str, 
 
     torch.set_num_threads(max(1, threads))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    with storage.local_directory(checkpoint) as checkpoint_dir:
+    with storage.local_directory(checkpoint, files=MODEL_FILES) as checkpoint_dir:
         model = load_model(checkpoint_dir).to(device)
     config = EvalConfig.model_validate(eval_cfg)
     with storage.staged_directory(out_location) as out_dir:

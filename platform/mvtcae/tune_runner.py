@@ -284,13 +284,14 @@ def _log_study(spec: SweepSpec, study: Any, result: SweepResult) -> dict[str, st
 def _register(spec: SweepSpec, best: dict[str, Any]) -> Any:
     """The best trial's checkpoint through the training issue's promotion gate."""
     from mvtcae import tracking
+    from mvtcae.checkpoint import MODEL_FILES
 
     if not best.get("checkpoint") or not best.get("mlflow_run_id"):
         print(f"[mvtcae.tune] best trial {best['number']} has no checkpoint: nothing to register")
         return None
     if not spec.experiment.tracking.log_model:
         return None
-    with storage.local_directory(best["checkpoint"]) as checkpoint_dir:
+    with storage.local_directory(best["checkpoint"], files=MODEL_FILES) as checkpoint_dir:
         return tracking.log_model_and_register(
             checkpoint_dir, spec.experiment.tracking, None, best["mlflow_run_id"]
         )

@@ -143,6 +143,23 @@ def test_directories_upload_and_download_byte_for_byte(root: str, tmp_path: Path
     assert kept.exists() == (not storage.is_uri(root))  # a download is removed afterwards
 
 
+def test_a_partial_download_fetches_only_the_named_files(root: str, tmp_path: Path) -> None:
+    source = tmp_path / "ckpt"
+    source.mkdir()
+    for name in ("model_config.json", "model.safetensors", "optimizer.pt"):
+        (source / name).write_bytes(name.encode() * 100)
+    location = storage.join(root, "ckpt")
+    storage.upload_directory(source, location)
+    wanted = ("model_config.json", "model.safetensors", "architecture.json")  # last one absent
+    with storage.local_directory(location, files=wanted) as local:
+        names = sorted(p.name for p in local.iterdir())
+        assert (local / "model.safetensors").read_bytes() == b"model.safetensors" * 100
+    if storage.is_uri(root):
+        assert names == ["model.safetensors", "model_config.json"]  # no optimizer state
+    else:
+        assert "optimizer.pt" in names  # a local directory is used in place
+
+
 def test_local_directory_of_a_missing_location_names_it(root: str) -> None:
     missing = storage.join(root, "nope")
     with pytest.raises(FileNotFoundError, match="nope"), storage.local_directory(missing):
