@@ -119,12 +119,6 @@ def is_file(location: str) -> bool:
     return fs.get_file_info(path).type == pafs.FileType.File
 
 
-def is_dir(location: str) -> bool:
-    """Whether a directory (or, on object stores, a non-empty prefix) exists at ``location``."""
-    fs, path = resolve(location)
-    return fs.get_file_info(path).type == pafs.FileType.Directory
-
-
 def read_text(location: str) -> str:
     """The UTF-8 text of the file at ``location``."""
     fs, path = resolve(location)

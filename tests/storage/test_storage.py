@@ -113,7 +113,7 @@ def test_text_files_round_trip_and_overwrite_whole(root: str) -> None:
     storage.write_text(state, '{"a": 2, "ü": true}')
     assert storage.is_file(state)
     assert storage.read_text(state) == '{"a": 2, "ü": true}'
-    assert storage.is_dir(storage.join(root, "run-1"))
+    assert storage.list_dirs(root) == ["run-1"]  # parent directories were created
     with pytest.raises(FileNotFoundError, match="no such file"):
         storage.read_text(storage.join(root, "run-1", "missing.json"))
 

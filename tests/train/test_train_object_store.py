@@ -13,6 +13,7 @@ import pytest
 import ray
 
 from mvtcae import storage
+from mvtcae.tracking import client_for
 from mvtcae.train import RUN_STATE_FILE, train
 from testkit import create_bucket, s3_environment, s3_server
 
@@ -33,8 +34,6 @@ def s3_and_ray(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _val_loss_steps(cfg, run_id: str) -> list[int]:
-    from mvtcae.tracking import client_for
-
     return sorted(m.step for m in client_for(cfg.tracking).get_metric_history(run_id, "val/loss"))
 
 
@@ -68,8 +67,6 @@ def test_a_run_checkpoints_evaluates_registers_and_resumes_on_s3(
     with storage.local_directory(storage.join(evaluation, "plots")) as plots_dir:
         assert sorted(p.suffix for p in plots_dir.iterdir()) == [".png"] * len(report["plots"])
     assert not (tmp_path / "s3:").exists()
-
-    from mvtcae.tracking import client_for
 
     client = client_for(cfg.tracking)
     plots = client.list_artifacts(result.run_id, "evaluation/plots")
