@@ -27,6 +27,19 @@ dim for categorical). Everything is float32 NumPy.
 Over REST (``mlflow models serve``) the same dict is the body's ``"inputs"``. Load on a GPU with
 ``mlflow.pyfunc.load_model(uri, model_config={"device": "cuda"})``;
 ``loaded.unwrap_python_model().mvtcae`` is the underlying `MVTCAE` object.
+
+What loading the pyfunc executes: ``mlflow.pyfunc.load_model`` puts the ``code/`` copy of the
+``mvtcae`` package logged with the model first on ``sys.path`` and runs the model's code file
+(``mvtcae/mlflow_model_code.py`` as stored in the artifact: models-from-code); then
+`MVTCAEPythonModel.load_context` rebuilds the networks from ``model_dir``. Loading a pyfunc
+therefore runs code kept in the registry: load pyfunc models only from registries whose
+writers you trust. The network rebuild itself follows `MVTCAE.load`'s trust rule: custom
+networks come only from ``mvtcae`` and the modules named in ``MVTCAE_TRUSTED_MODULES`` or in
+``model_config={"trusted_modules": ["pkg"]}`` (MLflow passes on only the ``model_config`` keys
+recorded at logging time, so for models logged without them only the variable works). To read
+a registered model without running any of its code, use `mvtcae.tracking.load_champion` or
+`mvtcae.tracking.load_model_from`: they read only the JSON + safetensors files and import
+nothing from the artifact.
 """
 
 from __future__ import annotations
@@ -181,6 +194,18 @@ def answer(model: Any, request: Request) -> dict[str, np.ndarray]:
     }
 
 
+def _module_names(value: Any) -> list[str]:
+    """``model_config["trusted_modules"]`` as a list: model configs given as YAML or on a command
+    line often carry one comma-separated string."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [name for name in value.split(",") if name.strip()]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise TypeError(f"model_config trusted_modules must be a list of names, got {value!r}")
+    return list(value)
+
+
 class MVTCAEPythonModel(mlflow.pyfunc.PythonModel):
     """MLflow pyfunc wrapper: loads the MVTCAE from config + safetensors and answers requests."""
 
@@ -188,11 +213,19 @@ class MVTCAEPythonModel(mlflow.pyfunc.PythonModel):
         self.mvtcae = None
 
     def load_context(self, context: Any) -> None:
-        """Rebuild the MVTCAE from the ``model_dir`` artifact (device from model_config)."""
-        from mvtcae import MVTCAE
+        """Rebuild the MVTCAE from the ``model_dir`` artifact.
 
-        device = (context.model_config or {}).get("device", "cpu")
-        self.mvtcae = MVTCAE.load(context.artifacts["model_dir"]).to(device).eval()
+        ``model_config`` may give ``device`` and ``trusted_modules`` (a list, or a
+        comma-separated string), added to ``MVTCAE_TRUSTED_MODULES`` (see the module docstring).
+        """
+        from mvtcae import MVTCAE
+        from mvtcae.trust import platform_trusted_modules
+
+        config = context.model_config or {}
+        device = config.get("device", "cpu")
+        trusted = platform_trusted_modules(_module_names(config.get("trusted_modules")))
+        model = MVTCAE.load(context.artifacts["model_dir"], trusted_modules=trusted)
+        self.mvtcae = model.to(device).eval()
 
     # A DataFrame hint makes MLflow skip schema inference (a dict is accepted as well), which
     # the request's mix of options and per-modality arrays could not pass.

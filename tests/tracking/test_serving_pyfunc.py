@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import sys
+import uuid
 from pathlib import Path
 
 import mlflow
@@ -11,9 +14,15 @@ import pandas as pd
 import pytest
 import torch
 
-from mvtcae import MultimodalBatch
+from mvtcae import MVTCAE, MultimodalBatch, MVTCAEConfig
 from mvtcae.serving import RequestError, parse_request
-from mvtcae.tracking import TrackingConfig, load_champion, log_model_and_register, start_run
+from mvtcae.tracking import (
+    TrackingConfig,
+    load_champion,
+    log_model_and_register,
+    log_pyfunc_model,
+    start_run,
+)
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +163,48 @@ def test_rest_json_body_parses_and_answers(make_model):
     vec = np.asarray(json.loads(buffer.getvalue())["predictions"]["vec"])
     raw = model.predict(_batch({"img": x["img"]}), cond_mod="img", gen_mod="vec", return_mean=True)
     np.testing.assert_allclose(vec, torch.sigmoid(raw["vec"]).detach().numpy(), atol=1e-6)
+
+
+# A custom encoder living outside the mvtcae package, as a user's own network code would.
+CUSTOM_NETS_SOURCE = """
+from torch import nn
+
+
+class Encoder(nn.Module):
+    def __init__(self, n_in, d):
+        super().__init__()
+        self.init_kwargs = {"n_in": n_in, "d": d}
+        self.lin = nn.Linear(n_in, 2 * d)
+
+    def forward(self, x):
+        return tuple(self.lin(x).chunk(2, dim=-1))
+"""
+
+
+def test_pyfunc_rebuilds_custom_networks_only_from_trusted_modules(tracking, tmp_path, monkeypatch):
+    name = f"pyfunc_nets_{uuid.uuid4().hex[:12]}"
+    (tmp_path / f"{name}.py").write_text(CUSTOM_NETS_SOURCE)
+    monkeypatch.syspath_prepend(str(tmp_path))  # the pyfunc loads in this very process
+    monkeypatch.delenv("MVTCAE_TRUSTED_MODULES", raising=False)
+    nets = importlib.import_module(name)
+    torch.manual_seed(0)
+    config = MVTCAEConfig(n_modalities=2, latent_dim=3, input_dims={"a": (4,), "b": (6,)})
+    model = MVTCAE(config, encoders={"a": nets.Encoder(4, 3), "b": nets.Encoder(6, 3)}).eval()
+    with start_run(tracking):
+        info = log_pyfunc_model(model)
+    del sys.modules[name]
+    try:
+        with pytest.raises(Exception) as refused:
+            mlflow.pyfunc.load_model(info.model_uri)
+        # MLflow may wrap the error; its message still names the reference and the way out.
+        assert f"'{name}:Encoder'" in str(refused.value)
+        assert "trusted_modules" in str(refused.value)
+        assert name not in sys.modules
+
+        loaded = mlflow.pyfunc.load_model(info.model_uri, model_config={"trusted_modules": [name]})
+        x = np.random.default_rng(0).random((3, 4), dtype=np.float32)
+        got = loaded.predict({"task": "encode", "a": x})["z"]
+        want = model.encode(_batch({"a": x}), cond_mod="a", return_mean=True).z.detach().numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    finally:
+        sys.modules.pop(name, None)

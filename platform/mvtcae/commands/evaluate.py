@@ -49,6 +49,14 @@ import click
 @click.option(
     "--log-run", "run_id", default=None, help="Also log the results into this MLflow run."
 )
+@click.option(
+    "--trust-module",
+    "trusted_modules",
+    multiple=True,
+    metavar="NAME",
+    help="Module (with its submodules) whose custom networks the model may be rebuilt from "
+    "(repeatable; adds to MVTCAE_TRUSTED_MODULES). Other modules are never imported.",
+)
 def evaluate_command(
     model_ref: str,
     data_dir: Path | None,
@@ -58,6 +66,7 @@ def evaluate_command(
     out_dir: Path,
     device: str,
     run_id: str | None,
+    trusted_modules: tuple[str, ...],
 ) -> None:
     """Evaluate MODEL: a model/checkpoint directory (local, s3://, gs://, file://) or an MLflow
     URI such as models:/NAME@champion.
@@ -85,7 +94,10 @@ def evaluate_command(
         )
     try:
         model = tracking.load_model_from(
-            model_ref, tracking.resolve_tracking_uri(cfg.tracking), device=device
+            model_ref,
+            tracking.resolve_tracking_uri(cfg.tracking),
+            device=device,
+            trusted_modules=list(trusted_modules),
         )
     except (OSError, ValueError) as err:
         raise click.UsageError(str(err)) from None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -327,11 +327,17 @@ class MVTCAE(nn.Module):
         encoders: dict[str, nn.Module] | None = None,
         decoders: dict[str, nn.Module] | None = None,
         map_location: str | torch.device = "cpu",
+        trusted_modules: Iterable[str] | None = None,
     ) -> MVTCAE:
-        """Rebuild a model saved with :meth:`save`; custom networks come from importable refs."""
+        """Rebuild a model saved with :meth:`save`.
+
+        Custom networks not passed in are rebuilt from their recorded import path, but only
+        ``nn.Module`` subclasses from ``mvtcae`` or from ``trusted_modules`` (module names,
+        each covering its submodules); anything else raises `UntrustedModuleError` unimported.
+        """
         from .persistence import load_model
 
-        return load_model(cls, dir_path, encoders, decoders, map_location)
+        return load_model(cls, dir_path, encoders, decoders, map_location, trusted_modules)
 
     load_from_folder = load  # multivae's name
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,19 +35,111 @@ def network_reference(net: nn.Module) -> dict[str, Any]:
     }
 
 
-def build_from_reference(ref: dict[str, Any], where: str) -> nn.Module:
-    """Instantiate a network from :func:`network_reference` output."""
-    module_name, _, qualname = ref["class"].partition(":")
+class UntrustedModuleError(ValueError):
+    """A saved model names a network that loading refuses to rebuild (see `trusted_names`)."""
+
+
+# The package's own modules are always trusted: their networks ship with the library.
+OWN_PACKAGE = __name__.split(".")[0]
+TRUST_ENV_VAR = "MVTCAE_TRUSTED_MODULES"  # read by the platform's loaders, not here
+
+
+def trusted_names(trusted_modules: Iterable[str] | None) -> tuple[str, ...]:
+    """The package's own name plus the caller's module names, stripped, blanks dropped."""
+    if isinstance(trusted_modules, str):
+        # A bare string would be iterated character by character: refuse rather than guess.
+        raise TypeError(f"trusted_modules must be a list of module names, not {trusted_modules!r}")
+    names = [OWN_PACKAGE]
+    for name in trusted_modules or ():
+        if not isinstance(name, str):
+            raise TypeError(f"trusted_modules entries must be strings, got {name!r}")
+        if name.strip() and name.strip() not in names:
+            names.append(name.strip())
+    return tuple(names)
+
+
+def is_trusted(module_name: str, trusted: Iterable[str]) -> bool:
+    """Whether ``module_name`` is a trusted name or a dotted submodule of one."""
+    return any(module_name == t or module_name.startswith(t + ".") for t in trusted)
+
+
+def _refusal(ref: str, where: str, reason: str, module_name: str | None) -> UntrustedModuleError:
+    """An error naming the reference, where it was read, why, and how (if at all) to allow it."""
+    head = f"{where}: refusing to rebuild the network from {ref!r}: {reason}"
+    if module_name is None:  # no trust setting can make this reference acceptable
+        return UntrustedModuleError(
+            f"{head}. No trust setting allows such a reference; pass the networks "
+            "themselves to MVTCAE.load(path, encoders=..., decoders=...)"
+        )
+    allow = module_name.split(".")[0]
+    return UntrustedModuleError(
+        f"{head}. Loading rebuilds nn.Module subclasses only from trusted modules "
+        f"({OWN_PACKAGE} and those you name), so that opening a model directory runs no code "
+        f"you did not choose. If you trust {allow!r}, allow it with "
+        f"MVTCAE.load(path, trusted_modules=[{allow!r}]), or for the platform's loaders "
+        f"(workers, evaluation, pyfunc) with the environment variable "
+        f"{TRUST_ENV_VAR}={allow}[,other_pkg]"
+    )
+
+
+def _parse_reference(ref: Any, where: str, trusted: tuple[str, ...]) -> tuple[str, list[str]]:
+    """Split and check a ``module:qualname`` reference before anything is imported."""
+    text = ref.get("class") if isinstance(ref, dict) else None
+    if not isinstance(text, str) or ":" not in text:
+        raise ValueError(f"{where}: expected {{'class': 'module:Qualname', ...}}, got {ref!r}")
+    module_name, _, qualname = text.partition(":")
+    parts = qualname.split(".")
+    if not all(p.isidentifier() for p in module_name.split(".") + parts):
+        raise ValueError(f"{where}: {text!r} is not a 'module:Qualname' reference")
+    if not is_trusted(module_name, trusted):
+        raise _refusal(text, where, f"module {module_name!r} is not trusted", module_name)
+    # Dunder walks (``__globals__``, ``__base__``, ``__subclasses__``...) reach objects that
+    # the module never meant to export.
+    dunders = [p for p in parts if p.startswith("__")]
+    if dunders:
+        raise _refusal(text, where, f"it walks through the dunder attribute {dunders[0]!r}", None)
+    return module_name, parts
+
+
+def _init_kwargs(ref: dict[str, Any], where: str) -> dict[str, Any]:
+    """The reference's ``init_kwargs``: a JSON object (str keys), empty when absent."""
+    kwargs = ref.get("init_kwargs", {})
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise ValueError(f"{where}: init_kwargs must be a JSON object, got {kwargs!r}")
+    return kwargs
+
+
+def build_from_reference(
+    ref: dict[str, Any], where: str, trusted_modules: Iterable[str] | None = None
+) -> nn.Module:
+    """Instantiate a network from :func:`network_reference` output, if its module is trusted.
+
+    Trusted are ``mvtcae`` and its submodules plus ``trusted_modules`` (each name with its
+    submodules). An untrusted module is never imported; the object found must be an
+    ``nn.Module`` subclass defined in a trusted module. Refusals raise `UntrustedModuleError`.
+    """
+    trusted = trusted_names(trusted_modules)
+    module_name, parts = _parse_reference(ref, where, trusted)
+    kwargs = _init_kwargs(ref, where)
+    text = ref["class"]
     try:
         obj: Any = importlib.import_module(module_name)
-        for part in qualname.split("."):
+        for part in parts:
             obj = getattr(obj, part)
     except (ImportError, AttributeError) as exc:
         raise ImportError(
-            f"{where}: cannot import {ref['class']} to rebuild the network ({exc}); make it "
+            f"{where}: cannot import {text} to rebuild the network ({exc}); make it "
             "importable or pass encoders/decoders to MVTCAE.load"
         ) from exc
-    return obj(**ref.get("init_kwargs", {}))
+    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+        raise _refusal(text, where, f"it is {type(obj).__name__}, not an nn.Module subclass", None)
+    # A trusted module's namespace also holds what it imported (``nn.Linear``, ``os``...):
+    # the class itself must be defined in a trusted module.
+    defined_in = getattr(obj, "__module__", "") or ""
+    if not is_trusted(defined_in, trusted):
+        reason = f"the class is defined in {defined_in!r}, which is not trusted"
+        raise _refusal(text, where, reason, defined_in)
+    return obj(**kwargs)
 
 
 def save_model(model: MVTCAE, dir_path: str | Path) -> None:
@@ -80,8 +173,13 @@ def load_model(
     encoders: dict[str, nn.Module] | None,
     decoders: dict[str, nn.Module] | None,
     map_location: str | torch.device,
+    trusted_modules: Iterable[str] | None = None,
 ) -> MVTCAE:
-    """Rebuild a model written by :func:`save_model`."""
+    """Rebuild a model written by :func:`save_model`.
+
+    Custom networks not passed in are rebuilt from ``architecture.json`` only from trusted
+    modules (see :func:`build_from_reference`).
+    """
     src = Path(dir_path)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (src / name).is_file():
@@ -89,14 +187,17 @@ def load_model(
                 f"{src}: no {name}; is this a directory written by MVTCAE.save?"
             )
     config = MVTCAEConfig.from_json_file(src / CONFIG_FILE)
+    trusted = trusted_names(trusted_modules)
     nets = {"encoders": encoders, "decoders": decoders}
     refs = None
     for part in config.custom_architectures:
         if nets[part] is None:
             if refs is None:
                 refs = json.loads((src / ARCHITECTURE_FILE).read_text())
+            if not isinstance(refs, dict) or not isinstance(refs.get(part), dict):
+                raise ValueError(f"{src / ARCHITECTURE_FILE}: no {part} entry mapping modalities")
             nets[part] = {
-                m: build_from_reference(ref, f"{src / ARCHITECTURE_FILE} {part}[{m!r}]")
+                m: build_from_reference(ref, f"{src / ARCHITECTURE_FILE} {part}[{m!r}]", trusted)
                 for m, ref in refs[part].items()
             }
     model = cls(config, encoders=nets["encoders"], decoders=nets["decoders"])
