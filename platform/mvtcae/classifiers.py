@@ -22,6 +22,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from mvtcae.names import check_name, path_inside
+
 ARCH_VERSION = "2"
 
 
@@ -190,8 +192,15 @@ def default_cache_root() -> Path:
 def cache_path(
     cache_root: Path, dataset_name: str, digest: str, modality: str, settings: ClassifierSettings
 ) -> Path:
-    """Where one modality's classifier for this dataset and these settings is cached."""
-    return cache_root / f"{dataset_name}-{digest[:16]}" / f"{modality}-{settings.key()}.safetensors"
+    """Where one modality's classifier for this dataset and these settings is cached.
+
+    The dataset and modality names become path components, so they must be safe names
+    (``UnsafeNameError`` otherwise) and the result must stay under ``cache_root``.
+    """
+    check_name(dataset_name, "dataset name")
+    check_name(modality, "modality name")
+    relative = f"{dataset_name}-{digest[:16]}/{modality}-{settings.key()}.safetensors"
+    return path_inside(cache_root, relative, "classifier cache file")
 
 
 def save_classifier(path: Path, model: nn.Module, meta: dict[str, str]) -> None:

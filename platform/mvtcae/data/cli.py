@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from mvtcae.data.format import DatasetError, Manifest
+from mvtcae.names import UnsafeNameError
 
 _OUT = click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 _MISSING = click.option(
@@ -177,7 +178,7 @@ def _shard_count(dataset_dir: Path) -> int:
 def _run(action, out_dir: Path, verb: str = "wrote") -> None:
     try:
         manifest = action()
-    except (DatasetError, FileExistsError) as err:
+    except (DatasetError, UnsafeNameError, FileExistsError) as err:
         raise click.ClickException(str(err)) from err
     click.echo(summary(manifest, out_dir, verb))
 

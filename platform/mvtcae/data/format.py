@@ -21,7 +21,9 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from mvtcae.names import UnsafeNameError, check_name, check_relative_path, path_inside
 
 FORMAT_NAME = "mvtcae-shards"
 FORMAT_VERSION = 1
@@ -29,6 +31,7 @@ MANIFEST_FILE = "manifest.json"
 LABEL_COLUMN = "label"
 ID_COLUMN = "sample_id"
 PRESENT_SUFFIX = "__present"
+SHARD_SUFFIX = ".parquet"
 
 Distribution = Literal["normal", "laplace", "bernoulli", "categorical"]
 Transform = Literal["none", "divide_255"]
@@ -37,6 +40,22 @@ STORED_DTYPES = ("uint8", "float16", "float32")
 
 class DatasetError(ValueError):
     """A dataset directory does not match its manifest or holds bad values."""
+
+
+def checked_name(value: str, what: str, where: str | os.PathLike) -> str:
+    """``check_name`` for dataset code: an unsafe name raises DatasetError prefixed by ``where``."""
+    try:
+        return check_name(value, what)
+    except UnsafeNameError as err:
+        raise DatasetError(f"{where}: {err}") from err
+
+
+def dataset_file(root: str | os.PathLike, relative: str, what: str) -> Path:
+    """``root / relative`` resolved; DatasetError if it is not inside the dataset ``root``."""
+    try:
+        return path_inside(root, relative, what)
+    except UnsafeNameError as err:
+        raise DatasetError(f"{Path(root) / MANIFEST_FILE}: {err}") from err
 
 
 def presence_column(modality: str) -> str:
@@ -100,6 +119,11 @@ class ShardSpec(BaseModel):
     num_bytes: int
     sha256: str
 
+    @field_validator("file")
+    @classmethod
+    def _relative_file(cls, value: str) -> str:
+        return check_relative_path(value, "shard file", suffix=SHARD_SUFFIX)
+
 
 class SplitSpec(BaseModel):
     """One split (train/val/test): row count, per-modality present counts and its shards."""
@@ -140,6 +164,12 @@ class Manifest(BaseModel):
             raise ValueError(f"format_version {value} is not supported (this code reads 1)")
         return value
 
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        # The classifier cache puts the dataset name into a directory name.
+        return check_name(value, "dataset name")
+
     @field_validator("modalities")
     @classmethod
     def _valid_names(cls, value: dict[str, ModalitySpec]) -> dict[str, ModalitySpec]:
@@ -152,6 +182,15 @@ class Manifest(BaseModel):
                     f"modality name {name!r} is not allowed: use an identifier that is not "
                     f"{sorted(reserved)} and does not end with {PRESENT_SUFFIX!r}"
                 )
+            # Identifiers may be non-ASCII or start with '_'; cache file names may not.
+            check_name(name, "modality name")
+        return value
+
+    @field_validator("splits")
+    @classmethod
+    def _safe_split_names(cls, value: dict[str, SplitSpec]) -> dict[str, SplitSpec]:
+        for split in value:
+            check_name(split, "split name")
         return value
 
     @property
@@ -179,8 +218,10 @@ class Manifest(BaseModel):
         """Absolute paths of a split's shards under the dataset directory ``root``."""
         if split not in self.splits:
             raise DatasetError(f"dataset has no split {split!r}; it has {sorted(self.splits)}")
-        base = Path(root).resolve()
-        return [base / shard.file for shard in self.splits[split].shards]
+        return [
+            dataset_file(root, shard.file, f"split {split!r} shard file")
+            for shard in self.splits[split].shards
+        ]
 
 
 def load_manifest(path: str | os.PathLike) -> Manifest:
@@ -194,8 +235,36 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
         raise DatasetError(f"{file}: not valid JSON ({err})") from err
     try:
         return Manifest.model_validate(raw)
-    except ValueError as err:
-        raise DatasetError(f"{file}: does not describe a dataset: {err}") from err
+    except ValidationError as err:
+        raise DatasetError(f"{file}: does not describe a dataset: {describe_errors(err)}") from err
+
+
+_MAPPING_FIELDS = frozenset({"splits", "modalities", "present_rows"})
+
+
+def describe_errors(err: ValidationError) -> str:
+    """Pydantic's errors as ``field: message`` lines, without echoing whole input values.
+
+    Locations read like Python: ``splits['train'].shards[0].file``.
+    """
+    lines = []
+    for error in err.errors():
+        message = str(error["msg"]).removeprefix("Value error, ")
+        lines.append(f"{_location(error['loc'])}: {message}")
+    return "; ".join(lines)
+
+
+def _location(loc: tuple) -> str:
+    text, parent = "", None
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif parent in _MAPPING_FIELDS:
+            text += f"[{part!r}]"
+        else:
+            text += f".{part}" if text else str(part)
+        parent = part
+    return text or "manifest"
 
 
 def save_manifest(manifest: Manifest, directory: str | os.PathLike) -> Path:

@@ -22,6 +22,7 @@ from mvtcae.data.format import (
     Manifest,
     ModalitySpec,
     ShardSpec,
+    dataset_file,
     load_manifest,
     presence_column,
 )
@@ -64,8 +65,10 @@ def validate_dataset(
 def _check_shard_files(root: Path, manifest: Manifest) -> None:
     listed = {Path(s.file).as_posix() for sp in manifest.splits.values() for s in sp.shards}
     for name in sorted(listed):
-        if not (root / name).is_file():
+        # Resolved and contained: a listed name that is a symlink out of the dataset fails.
+        if not dataset_file(root, name, "shard file").is_file():
             raise DatasetError(f"shard {name}: listed in {MANIFEST_FILE} but missing on disk")
+    # rglob does not descend into symlinked directories; a linked file is checked above.
     on_disk = {p.relative_to(root).as_posix() for p in root.rglob("*.parquet")}
     extra = sorted(on_disk - listed)
     if extra:
@@ -83,7 +86,7 @@ def _check_shard(
     check_values: bool,
     seen_ids: list[np.ndarray],
 ) -> None:
-    path = root / shard.file
+    path = dataset_file(root, shard.file, "shard file")
     digest = sha256_file(path)
     if digest != shard.sha256:
         raise DatasetError(

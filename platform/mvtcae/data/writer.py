@@ -21,16 +21,21 @@ from types import TracebackType
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import ValidationError
 
 from mvtcae.data.format import (
     ID_COLUMN,
     LABEL_COLUMN,
     PRESENT_SUFFIX,
+    SHARD_SUFFIX,
     DatasetError,
     Manifest,
     ModalitySpec,
     ShardSpec,
     SplitSpec,
+    checked_name,
+    dataset_file,
+    describe_errors,
     presence_column,
     save_manifest,
 )
@@ -152,18 +157,23 @@ class DatasetWriter:
         source: dict | None = None,
     ) -> None:
         self.out_dir = Path(out_dir).resolve()
+        # Checked before anything touches the disk; the manifest below would refuse it too.
+        checked_name(name, "dataset name", self.out_dir)
         if self.out_dir.exists() and not overwrite:
             raise FileExistsError(f"{self.out_dir} exists; pass overwrite=True to replace it")
-        self.manifest = Manifest(
-            name=name,
-            description=description,
-            modalities=dict(modalities),
-            num_classes=num_classes,
-            has_labels=has_labels,
-            splits={},
-            preprocessing=preprocessing or {},
-            source=source or {},
-        )
+        try:
+            self.manifest = Manifest(
+                name=name,
+                description=description,
+                modalities=dict(modalities),
+                num_classes=num_classes,
+                has_labels=has_labels,
+                splits={},
+                preprocessing=preprocessing or {},
+                source=source or {},
+            )
+        except ValidationError as err:
+            raise DatasetError(f"{self.out_dir}: {describe_errors(err)}") from err
         self.schema = self.manifest.arrow_schema()
         self.rows_per_shard = rows_per_shard or max(
             1, DEFAULT_SHARD_BYTES // self.manifest.row_bytes
@@ -198,7 +208,12 @@ class DatasetWriter:
         labels: np.ndarray | None = None,
         ids: np.ndarray | None = None,
     ) -> None:
-        """Append rows to ``split``; absent modalities are zero-filled in storage."""
+        """Append rows to ``split``; absent modalities are zero-filled in storage.
+
+        ``split`` becomes a directory of the dataset, so it must be a safe name (``train``).
+        """
+        if split not in self._splits:
+            checked_name(split, "split name", self.out_dir)
         state = self._splits.setdefault(split, _SplitState())
         table = self._to_table(split, state, data, masks, labels, ids)
         state.buffered.append(table)
@@ -329,8 +344,8 @@ class DatasetWriter:
     def _flush(self, split: str, state: _SplitState, rows: int) -> None:
         table = pa.concat_tables(state.buffered)
         head, rest = table.slice(0, rows), table.slice(rows)
-        relative = f"{split}/part-{len(state.shards):05d}.parquet"
-        path = self.staging / relative
+        relative = f"{split}/part-{len(state.shards):05d}{SHARD_SUFFIX}"
+        path = dataset_file(self.staging, relative, "shard file")
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(
             head,
@@ -417,9 +432,13 @@ def write_arrays(
     has_labels = _labels_consistent(parts)
     if has_labels and num_classes is None:
         num_classes = int(max(np.max(p.labels) for p in parts.values() if len(p.labels))) + 1
+    if name is None:
+        name = Path(out_dir).resolve().name
+        where = f"{out_dir} (no name given, so the directory's name is the dataset name)"
+        checked_name(name, "dataset name", where)
     with DatasetWriter(
         out_dir,
-        name=name or Path(out_dir).name,
+        name=name,
         modalities=specs,
         num_classes=num_classes,
         has_labels=has_labels,
@@ -453,11 +472,27 @@ def read_npz_splits(path: str | os.PathLike) -> dict[str, SplitArrays]:
     grouped: dict[str, dict[str, np.ndarray]] = {}
     with np.load(path, allow_pickle=False) as archive:
         for key in archive.files:
-            split, _, column = key.rpartition("/")
-            grouped.setdefault(split or "train", {})[column] = archive[key]
+            split, column = _npz_key(path, key)
+            grouped.setdefault(split, {})[column] = archive[key]
     if not grouped:
         raise DatasetError(f"{path}: the archive holds no arrays")
     return {split: _columns_to_split(path, split, cols) for split, cols in grouped.items()}
+
+
+def _npz_key(path: str | os.PathLike, key: str) -> tuple[str, str]:
+    """(split, column) of an archive key ``SPLIT/COLUMN``, or (``train``, key) without a split.
+
+    The split becomes a shard directory, so both parts must be safe names.
+    """
+    if key.count("/") > 1:
+        raise DatasetError(
+            f"{path}: array key {key!r} has more than one '/'; use SPLIT/COLUMN or COLUMN"
+        )
+    split, slash, column = key.partition("/")
+    if not slash:
+        split, column = "train", key
+    where = f"{path}: array key {key!r}"
+    return checked_name(split, "split name", where), checked_name(column, "column name", where)
 
 
 def _columns_to_split(path: str | os.PathLike, split: str, cols: dict) -> SplitArrays:
