@@ -3,8 +3,10 @@
 ``make cluster-up`` starts a Ray head, a second Ray node and ``mlflow server`` on this machine,
 each in its own process session, and records their PIDs in ``.cluster/state.json``;
 ``make cluster-down`` stops exactly those process trees (``ray stop`` would kill every Ray process
-on the machine). Everything listens on 127.0.0.1 on non-default ports, and Ray's token
-authentication is on, with a token of this cluster's own in ``.cluster/auth_token``.
+on the machine). Everything listens on 127.0.0.1 on non-default ports. Ray's token authentication
+is on, with a token of this cluster's own in ``.cluster/auth_token``, and the MLflow server runs
+MLflow's basic-auth app, with a generated admin password in ``.cluster/mlflow_credentials``: both
+files are owner-only, and clients and jobs get their paths, never their content.
 
 Run as ``python -m mvtcae.cluster {up,down,status,env,submit}``.
 """
@@ -12,8 +14,10 @@ Run as ``python -m mvtcae.cluster {up,down,status,env,submit}``.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -32,10 +36,25 @@ from typing import Any
 
 import yaml
 
+from mvtcae import mlflow_auth
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RUNTIME_ENV_FILE = REPO_ROOT / "infra" / "local" / "runtime_env.yaml"
 # Client-side settings that would point Ray at another cluster or another token.
 _FOREIGN_RAY_ENV = ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE")
+# ... and MLflow settings that would log in as someone else or configure another auth server.
+_FOREIGN_MLFLOW_ENV = (
+    mlflow_auth.USERNAME_ENV,
+    mlflow_auth.PASSWORD_ENV,
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_AUTH_CONFIG_PATH",
+    "MLFLOW_AUTH_ADMIN_USERNAME",
+    "MLFLOW_AUTH_ADMIN_PASSWORD",
+    "MLFLOW_FLASK_SERVER_SECRET_KEY",
+)
+MLFLOW_ADMIN = "admin"
+
+_log = logging.getLogger(__name__)
 
 
 class ClusterError(RuntimeError):
@@ -79,6 +98,26 @@ class ClusterSpec:
     @property
     def state_file(self) -> Path:
         return self.state_dir / "state.json"
+
+    @property
+    def mlflow_credentials_path(self) -> Path:
+        """Clients' MLflow username and password (owner-only; ~/.mlflow/credentials format)."""
+        return self.state_dir / "mlflow_credentials"
+
+    @property
+    def mlflow_auth_config_path(self) -> Path:
+        """The MLflow server's basic-auth config (MLFLOW_AUTH_CONFIG_PATH; owner-only)."""
+        return self.state_dir / "mlflow_auth.ini"
+
+    @property
+    def mlflow_server_env_path(self) -> Path:
+        """Secrets only the MLflow server reads, as a dotenv file (``mlflow --env-file``)."""
+        return self.state_dir / "mlflow_server.env"
+
+    @property
+    def mlflow_auth_db(self) -> Path:
+        """The basic-auth app's user store (users, password hashes, permissions)."""
+        return self.mlflow_dir / "basic_auth.db"
 
     @property
     def log_dir(self) -> Path:
@@ -135,9 +174,10 @@ def default_spec() -> ClusterSpec:
 
 
 def client_env(spec: ClusterSpec, base: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for Ray processes and clients of this cluster: token auth with its token."""
+    """Environment for Ray processes and clients of this cluster: token auth with its token,
+    its MLflow server and the path (only) of its MLflow credentials file."""
     env = dict(os.environ if base is None else base)
-    for key in _FOREIGN_RAY_ENV:
+    for key in _FOREIGN_RAY_ENV + _FOREIGN_MLFLOW_ENV:
         env.pop(key, None)
     env.update(
         RAY_AUTH_MODE="token",
@@ -145,6 +185,7 @@ def client_env(spec: ClusterSpec, base: dict[str, str] | None = None) -> dict[st
         RAY_USAGE_STATS_ENABLED="0",
         # Jobs find the tracking server and shared storage even when submitted by hand.
         MLFLOW_TRACKING_URI=spec.mlflow_uri,
+        MVTCAE_MLFLOW_CREDENTIALS_FILE=str(spec.mlflow_credentials_path),
         MVTCAE_STORAGE_PATH=str(spec.storage_dir),
         # Ray's own metrics exporters default to fixed ports shared by every local cluster.
         AUTOSCALER_METRIC_PORT=str(spec.port_base + 6),
@@ -158,14 +199,72 @@ def client_env(spec: ClusterSpec, base: dict[str, str] | None = None) -> dict[st
     return env
 
 
+def _write_private(path: Path, text: str) -> None:
+    """Create ``path`` owner-only (0600) with ``text``; fails if it exists (O_EXCL)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
 def ensure_token(spec: ClusterSpec) -> None:
     """Create this cluster's auth token (owner-only file) unless it exists."""
     spec.state_dir.mkdir(parents=True, exist_ok=True)
-    if spec.token_path.exists():
-        return
-    fd = os.open(spec.token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_hex(32))
+    if not spec.token_path.exists():
+        _write_private(spec.token_path, secrets.token_hex(32))
+
+
+def ensure_mlflow_auth(spec: ClusterSpec) -> None:
+    """Create, unless they exist, the MLflow admin credentials and the server's auth files.
+
+    The credentials file is the source of truth: MLflow creates the admin user from the config's
+    password on its first start only, so the password is generated once and kept with the user
+    store. Every file is owner-only; nothing here prints or logs the password.
+    """
+    spec.state_dir.mkdir(parents=True, exist_ok=True)
+    spec.mlflow_dir.mkdir(parents=True, exist_ok=True)
+    if not spec.mlflow_credentials_path.exists():
+        if spec.mlflow_auth_db.exists():
+            raise ClusterError(
+                f"{spec.mlflow_credentials_path} is missing but the MLflow user store "
+                f"{spec.mlflow_auth_db} exists, with the admin password it was created with: "
+                f"restore the credentials file, or delete {spec.mlflow_auth_db} (it holds only "
+                "MLflow users and permissions) to create a new admin password"
+            )
+        password = secrets.token_urlsafe(24)
+        _write_private(
+            spec.mlflow_credentials_path, mlflow_auth.format_credentials(MLFLOW_ADMIN, password)
+        )
+    try:
+        username, password = mlflow_auth.read_credentials(spec.mlflow_credentials_path)
+    except mlflow_auth.CredentialsFileError as e:
+        raise ClusterError(str(e)) from None
+    if not spec.mlflow_auth_config_path.exists():
+        _write_private(
+            spec.mlflow_auth_config_path,
+            "[mlflow]\n"
+            # Only the admin exists; an account an admin adds later sees what it is granted.
+            "default_permission = NO_PERMISSIONS\n"
+            f"database_uri = sqlite:///{spec.mlflow_auth_db}\n"
+            f"admin_username = {username}\n"
+            f"admin_password = {password}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+            # Spares a PBKDF2 hash per request; with one server worker a password changed
+            # through the API takes effect at once.
+            "auth_cache_ttl_seconds = 300\n",
+        )
+    if not spec.mlflow_server_env_path.exists():
+        # The basic-auth app signs its CSRF tokens with a static key.
+        _write_private(
+            spec.mlflow_server_env_path, f"MLFLOW_FLASK_SERVER_SECRET_KEY={secrets.token_hex(32)}\n"
+        )
+
+
+def mlflow_credentials(spec: ClusterSpec) -> tuple[str, str]:
+    """(username, password) of this cluster's MLflow server."""
+    try:
+        return mlflow_auth.read_credentials(spec.mlflow_credentials_path)
+    except mlflow_auth.CredentialsFileError as e:
+        raise ClusterError(f"{e}: run `make cluster-up` first") from None
 
 
 def read_token(spec: ClusterSpec) -> str:
@@ -285,11 +384,15 @@ def stop_process_trees(records: list[dict[str, Any]], grace_s: float = 8.0) -> s
     The grace is short: a Ray head's GCS and monitor take 20 s or more to honour SIGTERM, and a
     local cluster holds nothing that needs a graceful exit (checkpoints and runs are on disk).
     A recorded PID that now belongs to another process (its start time differs) is left alone.
+    The group of a recorded leader that has exited is still stopped: while any member lives, the
+    kernel does not hand the group's id (the leader's PID) to a new process, so the members are
+    the leader's own children.
     """
     leaders = [r["pid"] for r in records if _is_same_process(r)]
+    groups = leaders + [r["pid"] for r in records if _proc_stat(r["pid"]) is None]
 
     def members() -> set[int]:
-        return set().union(*(_group_members(pid) for pid in leaders)) if leaders else set()
+        return set().union(*(_group_members(pgid) for pgid in groups)) if groups else set()
 
     targets = set(leaders) | members()
     for pid in leaders:
@@ -309,14 +412,39 @@ def stop_process_trees(records: list[dict[str, Any]], grace_s: float = 8.0) -> s
     return targets
 
 
+def stop_strays(spec: ClusterSpec, grace_s: float = 2.0) -> set[int]:
+    """Stop, by PID, the processes that still run in this cluster's temp dirs (see `strays`):
+    SIGTERM, SIGKILL after ``grace_s``. Returns the PIDs signalled; ClusterError if any survive.
+    """
+    found = set(strays(spec))
+    if not found:
+        return set()
+    _signal_all(found, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while (alive := set(strays(spec))) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    _signal_all(alive, signal.SIGKILL)
+    found |= alive
+    deadline = time.monotonic() + 10
+    while (remaining := strays(spec)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if remaining:
+        raise ClusterError(f"processes of this cluster survived SIGKILL: {remaining}")
+    return found
+
+
 # --- state -------------------------------------------------------------------------------------
 
 
 def _load_state(spec: ClusterSpec) -> dict[str, Any] | None:
+    """The recorded state; None without a state file, no processes if the file is unreadable."""
     try:
         return json.loads(spec.state_file.read_text())
     except FileNotFoundError:
         return None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        _log.warning("%s is not valid JSON; its processes are unknown", spec.state_file)
+        return {}
 
 
 def _save_state(spec: ClusterSpec, processes: list[dict[str, Any]]) -> None:
@@ -326,6 +454,7 @@ def _save_state(spec: ClusterSpec, processes: list[dict[str, Any]]) -> None:
         "mlflow_uri": spec.mlflow_uri,
         "storage_path": str(spec.storage_dir),
         "token_path": str(spec.token_path),
+        "mlflow_credentials_path": str(spec.mlflow_credentials_path),
         "processes": processes,
     }
     tmp = spec.state_file.with_suffix(".tmp")
@@ -338,14 +467,49 @@ def running_processes(spec: ClusterSpec) -> list[dict[str, Any]]:
     return [p for p in (state or {}).get("processes", []) if _is_same_process(p)]
 
 
+def clear_stale(spec: ClusterSpec) -> list[int]:
+    """Make way for `up`; return the PIDs it stopped.
+
+    Refuses (ClusterError) while a process recorded by an earlier `up` still runs: that cluster
+    may be in use, and only `make cluster-down` stops it. Otherwise stops, by PID, what an
+    earlier cluster left behind (members of its recorded process groups, processes in its temp
+    dirs) and removes its state file.
+    """
+    state = _load_state(spec)
+    records = (state or {}).get("processes", [])
+    if alive := [r for r in records if _is_same_process(r)]:
+        listing = ", ".join(f"{r['name']} pid {r['pid']}" for r in alive)
+        raise ClusterError(
+            f"a cluster from {spec.state_dir} is already running ({listing}): "
+            "`make cluster-down` first"
+        )
+    stopped = stop_process_trees(records) if records else set()
+    stopped |= stop_strays(spec)
+    if state is not None:
+        spec.state_file.unlink()
+        _log.warning("removed the state of an earlier cluster whose processes had exited")
+    if stopped:
+        _log.warning("stopped processes left by an earlier cluster: pids %s", sorted(stopped))
+    return sorted(stopped)
+
+
 # --- HTTP checks -------------------------------------------------------------------------------
 
 
-def http_get(url: str, token: str | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
-    """(status, body) of a GET; a refused connection is status 0."""
+def http_get(
+    url: str,
+    token: str | None = None,
+    timeout: float = 5.0,
+    basic_auth: tuple[str, str] | None = None,
+) -> tuple[int, bytes]:
+    """(status, body) of a GET, with a bearer token or a (username, password); a refused
+    connection is status 0."""
     request = urllib.request.Request(url)
     if token is not None:
         request.add_header("Authorization", f"Bearer {token}")
+    if basic_auth is not None:
+        pair = base64.b64encode(":".join(basic_auth).encode()).decode()
+        request.add_header("Authorization", f"Basic {pair}")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, response.read()
@@ -429,10 +593,15 @@ def ray_start_argv(spec: ClusterSpec, index: int) -> list[str]:
 
 
 def mlflow_server_argv(spec: ClusterSpec) -> list[str]:
-    """``mlflow server`` on 127.0.0.1: SQLite backend, artifacts proxied by the server."""
+    """``mlflow server`` on 127.0.0.1 with basic auth: SQLite backend, artifacts proxied by the
+    server, its secret key read from an owner-only file (not from the command line)."""
     return [
         _bin("mlflow"),
+        "--env-file",
+        str(spec.mlflow_server_env_path),
         "server",
+        "--app-name",
+        "basic-auth",
         "--host",
         "127.0.0.1",
         "--port",
@@ -445,6 +614,29 @@ def mlflow_server_argv(spec: ClusterSpec) -> list[str]:
         "--workers",
         "1",
     ]
+
+
+def mlflow_server_env(spec: ClusterSpec) -> dict[str, str]:
+    """The MLflow server's environment: the clients' one plus its basic-auth config's path."""
+    return {**client_env(spec), "MLFLOW_AUTH_CONFIG_PATH": str(spec.mlflow_auth_config_path)}
+
+
+def mlflow_experiments_url(spec: ClusterSpec) -> str:
+    """A cheap authenticated read of the MLflow server's REST API."""
+    return f"{spec.mlflow_uri}/api/2.0/mlflow/experiments/search?max_results=1"
+
+
+def _check_mlflow_auth(spec: ClusterSpec) -> None:
+    """The server must refuse a request without credentials and accept this cluster's."""
+    url = mlflow_experiments_url(spec)
+    if (status := http_get(url)[0]) != 401:
+        raise ClusterError(f"the MLflow server answered {status}, not 401, without credentials")
+    if (status := http_get(url, basic_auth=mlflow_credentials(spec))[0]) != 200:
+        raise ClusterError(
+            f"the MLflow server answered {status} to the credentials in "
+            f"{spec.mlflow_credentials_path}: its user store {spec.mlflow_auth_db} holds another "
+            f"admin password; restore that file, or delete {spec.mlflow_auth_db}"
+        )
 
 
 def busy_ports(ports: list[int]) -> list[int]:
@@ -462,33 +654,39 @@ def busy_ports(ports: list[int]) -> list[int]:
 
 
 def up(spec: ClusterSpec, timeout_s: float = 180.0) -> dict[str, Any]:
-    """Start head, second node and MLflow server; return the state. Stops all of it on failure."""
-    if running_processes(spec):
-        raise ClusterError(
-            f"a cluster from {spec.state_dir} is already running: `make cluster-down` first"
-        )
+    """Start head, second node and MLflow server; return the state. Stops all of it on failure.
+
+    A cluster from an earlier `up` that still runs is refused; what one left behind is stopped
+    first (`clear_stale`).
+    """
+    for path in (spec.head_temp_dir, spec.node_temp_dir):
+        # Ray's Unix sockets live under the temp dir; their paths are limited to ~107 bytes.
+        if len(str(path)) > 40:
+            raise ClusterError(f"temp dir {path} is too long for Ray's socket paths")
+    clear_stale(spec)
     if busy := busy_ports(spec.all_ports()):
         raise ClusterError(
             f"ports already in use on 127.0.0.1: {busy[:10]}; choose another "
             "block with MVTCAE_CLUSTER_PORT_BASE / _DASHBOARD_PORT / _MLFLOW_PORT"
         )
-    for path in (spec.head_temp_dir, spec.node_temp_dir):
-        # Ray's Unix sockets live under the temp dir; their paths are limited to ~107 bytes.
-        if len(str(path)) > 40:
-            raise ClusterError(f"temp dir {path} is too long for Ray's socket paths")
     ensure_token(spec)
+    ensure_mlflow_auth(spec)
     for path in (spec.storage_dir, spec.mlflow_dir / "artifacts", spec.log_dir):
         path.mkdir(parents=True, exist_ok=True)
     env = client_env(spec)
     token = read_token(spec)
     records: list[dict[str, Any]] = []
+
+    def start(name: str, argv: list[str], process_env: dict[str, str]) -> None:
+        # Recorded at once, so that an interrupted `up` or a later `down` finds every process.
+        records.append(_spawn(name, argv, process_env, spec))
+        _save_state(spec, records)
+
     try:
-        records.append(_spawn("mlflow", mlflow_server_argv(spec), env, spec))
-        records.append(_spawn("ray-head", ray_start_argv(spec, 0), env, spec))
-        _save_state(spec, records)
+        start("mlflow", mlflow_server_argv(spec), mlflow_server_env(spec))
+        start("ray-head", ray_start_argv(spec, 0), env)
         _wait("the Ray head", lambda: alive_nodes(spec, token) >= 1, timeout_s, records)
-        records.append(_spawn("ray-node2", ray_start_argv(spec, 1), env, spec))
-        _save_state(spec, records)
+        start("ray-node2", ray_start_argv(spec, 1), env)
         _wait("the second Ray node", lambda: alive_nodes(spec, token) >= 2, timeout_s, records)
         _wait(
             "the MLflow server",
@@ -496,6 +694,7 @@ def up(spec: ClusterSpec, timeout_s: float = 180.0) -> dict[str, Any]:
             timeout_s,
             records,
         )
+        _check_mlflow_auth(spec)
     except BaseException:
         down(spec)
         raise
@@ -508,17 +707,10 @@ def down(spec: ClusterSpec) -> list[int]:
     stopped = stop_process_trees((state or {}).get("processes", []))
     # Processes re-parented away from the recorded trees (a detached job driver) still name
     # this cluster's temp dirs in their command line or working directory.
-    leftovers = set(strays(spec))
-    if leftovers:
-        _signal_all(leftovers, signal.SIGKILL)
-        stopped |= leftovers
-    if spec.state_file.exists():
-        spec.state_file.unlink()
-    deadline = time.monotonic() + 10
-    while (remaining := strays(spec)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    if remaining:
-        raise ClusterError(f"processes of this cluster survived SIGKILL: {remaining}")
+    try:
+        stopped |= stop_strays(spec)
+    finally:
+        spec.state_file.unlink(missing_ok=True)
     return sorted(stopped)
 
 
@@ -526,10 +718,13 @@ def down(spec: ClusterSpec) -> list[int]:
 
 
 def runtime_env(spec: ClusterSpec) -> dict[str, Any]:
-    """The submitted job's runtime env: infra/local/runtime_env.yaml plus this cluster's URIs."""
+    """The submitted job's runtime env: infra/local/runtime_env.yaml plus this cluster's URIs
+    and the path of its MLflow credentials file (Ray shows env_vars in the dashboard: never the
+    password itself; the YAML's setup hook reads the file in every worker)."""
     env = yaml.safe_load(RUNTIME_ENV_FILE.read_text())
     env.setdefault("env_vars", {}).update(
         MLFLOW_TRACKING_URI=spec.mlflow_uri,
+        MVTCAE_MLFLOW_CREDENTIALS_FILE=str(spec.mlflow_credentials_path),
         MVTCAE_STORAGE_PATH=str(spec.storage_dir),
     )
     return env
@@ -579,20 +774,39 @@ def _print_status(spec: ClusterSpec) -> int:
         print(f"{r['name']:<10} pid {r['pid']:<8} log {r['log']}")
     print(f"Ray nodes alive: {alive_nodes(spec, read_token(spec))}")
     print(f"dashboard / job API: {spec.dashboard_url}   MLflow: {spec.mlflow_uri}")
+    print(f"MLflow login: {MLFLOW_ADMIN}, password in {spec.mlflow_credentials_path}")
     print(f"checkpoint storage: {spec.storage_dir}")
     return 0
 
 
 def _print_env(spec: ClusterSpec) -> int:
-    """Shell exports that point `ray job ...` and MLflow clients at this cluster."""
+    """Shell exports that point `ray job ...` and MLflow clients at this cluster: addresses and
+    the paths of the token and credentials files, never their content."""
     exports = {
         "RAY_ADDRESS": spec.dashboard_url,
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": str(spec.token_path),
         "MLFLOW_TRACKING_URI": spec.mlflow_uri,
+        mlflow_auth.CREDENTIALS_FILE_ENV: str(spec.mlflow_credentials_path),
     }
     print("\n".join(f"export {k}={shlex.quote(v)}" for k, v in exports.items()))
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM as Ctrl-C, once: a second one must not cut short the cleanup the first began."""
+    signal.signal(signum, signal.SIG_IGN)
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _log_to_stderr() -> None:
+    """Show this module's log messages (what `up` cleaned, ...) on the command line."""
+    if _log.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    _log.addHandler(handler)
+    _log.setLevel(logging.INFO)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -609,12 +823,16 @@ def main(argv: list[str] | None = None) -> int:
     p_submit.add_argument("--no-wait", action="store_true")
     p_submit.add_argument("entrypoint", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
+    _log_to_stderr()
     spec = default_spec()
     try:
         if args.command == "up":
+            # Terminated half-way, `up` stops what it started, as on Ctrl-C.
+            signal.signal(signal.SIGTERM, _interrupt)
             state = up(spec)
             print(f"Ray dashboard and job API: {state['dashboard_url']} (token: {spec.token_path})")
             print(f"MLflow server: {state['mlflow_uri']}   checkpoints: {state['storage_path']}")
+            print(f"MLflow login: {MLFLOW_ADMIN}, password in {spec.mlflow_credentials_path}")
             print("Submit with `make submit-train`; stop with `make cluster-down`.")
             return 0
         if args.command == "down":
@@ -630,6 +848,10 @@ def main(argv: list[str] | None = None) -> int:
     except ClusterError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        done = "; stopped what it had started" if args.command == "up" else ""
+        print(f"interrupted{done}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

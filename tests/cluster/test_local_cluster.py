@@ -1,78 +1,65 @@
 """End to end on a real local cluster: `python -m mvtcae.cluster up` (what `make cluster-up`
 runs) starts a Ray head, a second Ray node and an MLflow server; the job API refuses requests
-without the token; a tiny training job submitted with `ray job submit --working-dir .` succeeds
-and its run and registered model version are visible through the MLflow server; `down` stops
-every process by PID.
+without the token and MLflow refuses them without the credentials; a tiny training job submitted
+with `ray job submit --working-dir .` succeeds and its run and registered model version are
+visible through the MLflow server; the MLflow password shows up in no output, log or job
+record; `down` stops every process by PID.
 
-One cluster per module (start-up is the fixed cost); the last test tears it down and checks that
-nothing is left, and the fixture tears down again in case a test failed first.
+One cluster per module (start-up is the fixed cost; the `running` fixture is in conftest.py);
+the last test tears it down and checks that nothing is left, and the fixture tears down again in
+case a test failed first.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
-import sys
+import stat
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from unittest import mock
 
 import numpy as np
 import pytest
+from clusterkit import cli as _cli
 
-from mvtcae import cluster
+from mvtcae import cluster, mlflow_auth
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-REPO = Path(__file__).resolve().parents[2]
 JOB_TIMEOUT_S = 300
 EXPERIMENT = "cluster-submit-test"
 REGISTERED_MODEL = "cluster-submit-tiny"
 
 
-def _free_port_block() -> int:
-    for base in range(17600, 30000, 500):
-        ports = cluster.ClusterSpec(Path("/x"), Path("/h"), Path("/n"), base, base + 8, base + 9)
-        if not cluster.busy_ports(ports.all_ports()):
-            return base
-    raise RuntimeError("no free block of 300 ports between 17600 and 30000")
+@contextmanager
+def _mlflow_login(spec: cluster.ClusterSpec) -> Iterator[None]:
+    """This process logs into the cluster's MLflow server as a client would: the credentials
+    file's path in the environment, applied by `apply_credentials_file`; undone afterwards."""
+    path = str(spec.mlflow_credentials_path)
+    with mock.patch.dict(os.environ, {mlflow_auth.CREDENTIALS_FILE_ENV: path}):
+        os.environ.pop(mlflow_auth.USERNAME_ENV, None)
+        os.environ.pop(mlflow_auth.PASSWORD_ENV, None)
+        mlflow_auth.apply_credentials_file()
+        yield
 
 
-def _cli(env: dict[str, str], *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "mvtcae.cluster", *args],
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+def _leaks(secret: str, texts: dict[str, str]) -> list[str]:
+    """Names of the texts that contain ``secret`` (an assertion on them never prints it)."""
+    return [name for name, text in texts.items() if secret in text]
 
 
-@pytest.fixture(scope="module")
-def running(tmp_path_factory):
-    """(spec, CLI environment) of a running local cluster, torn down afterwards."""
-    base = _free_port_block()
-    short = f"/tmp/mvt-{os.getpid()}"
-    overrides = {
-        "MVTCAE_CLUSTER_DIR": str(tmp_path_factory.mktemp("cluster")),
-        "MVTCAE_CLUSTER_HEAD_TMP": f"{short}-h",
-        "MVTCAE_CLUSTER_NODE_TMP": f"{short}-n",
-        "MVTCAE_CLUSTER_PORT_BASE": str(base),
-        "MVTCAE_CLUSTER_DASHBOARD_PORT": str(base + 8),
-        "MVTCAE_CLUSTER_MLFLOW_PORT": str(base + 9),
+def _files_text(*directories: Path) -> dict[str, str]:
+    return {
+        str(path): path.read_text(errors="replace")
+        for directory in directories
+        for path in directory.rglob("*")
+        if path.is_file() and not path.is_symlink()
     }
-    env = {**os.environ, **overrides}
-    with mock.patch.dict(os.environ, overrides):
-        spec = cluster.default_spec()
-    try:
-        up = _cli(env, "up")
-        assert up.returncode == 0, up.stdout + up.stderr
-        yield spec, env
-    finally:
-        cluster.down(spec)
-        for temp_dir in (spec.head_temp_dir, spec.node_temp_dir):
-            shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _listening_addresses(port: int) -> set[str]:
@@ -106,10 +93,11 @@ def _post(url: str, payload: dict, token: str | None = None) -> int:
 
 
 def test_two_nodes_and_mlflow_serve_on_loopback_only(running):
-    spec, env = running
+    spec, env, _ = running
     status = _cli(env, "status")
     assert status.returncode == 0, status.stderr
     assert "Ray nodes alive: 2" in status.stdout
+    assert f"password in {spec.mlflow_credentials_path}" in status.stdout
     assert cluster.alive_nodes(spec, cluster.read_token(spec)) == 2
     assert cluster.http_get(f"{spec.mlflow_uri}/health")[0] == 200
     for port in (spec.dashboard_port, spec.mlflow_port):
@@ -117,7 +105,7 @@ def test_two_nodes_and_mlflow_serve_on_loopback_only(running):
 
 
 def test_job_api_refuses_requests_without_the_token(running):
-    spec, _ = running
+    spec, _, _ = running
     jobs = f"{spec.dashboard_url}/api/jobs/"
     token = cluster.read_token(spec)
     assert cluster.http_get(jobs)[0] == 401
@@ -128,6 +116,33 @@ def test_job_api_refuses_requests_without_the_token(running):
     status, body = cluster.http_get(jobs, token=token)
     assert status == 200
     assert submission_id not in {j.get("submission_id") for j in json.loads(body)}
+
+
+def test_mlflow_refuses_requests_without_the_credentials(running):
+    spec, env, _ = running
+    for path in (
+        spec.mlflow_credentials_path,
+        spec.mlflow_auth_config_path,
+        spec.mlflow_server_env_path,
+    ):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    url = cluster.mlflow_experiments_url(spec)
+    assert cluster.http_get(url)[0] == 401
+    assert cluster.http_get(url, basic_auth=("admin", "not-the-password"))[0] == 401
+    # What a client gets from `mvtcae.cluster env`: the file's path, from which it logs in.
+    exports = _cli(env, "env").stdout
+    assert f"export MVTCAE_MLFLOW_CREDENTIALS_FILE={spec.mlflow_credentials_path}" in exports
+    with _mlflow_login(spec):
+        username = os.environ[mlflow_auth.USERNAME_ENV]
+        password = os.environ[mlflow_auth.PASSWORD_ENV]
+        assert cluster.http_get(url, basic_auth=(username, password))[0] == 200
+        from mlflow import MlflowClient
+
+        assert MlflowClient(tracking_uri=spec.mlflow_uri).search_experiments() is not None
+    assert mlflow_auth.USERNAME_ENV not in os.environ
+    # Processes the cluster starts and jobs get the path, never the password.
+    assert "MLFLOW_TRACKING_PASSWORD" not in cluster.client_env(spec)
+    assert "MLFLOW_TRACKING_PASSWORD" not in cluster.runtime_env(spec)["env_vars"]
 
 
 def _write_tiny_dataset(directory: Path) -> None:
@@ -197,10 +212,12 @@ def _wait_for_job(spec: cluster.ClusterSpec, submission_id: str) -> dict:
 def test_submitted_training_job_is_tracked_through_the_server(running):
     from mlflow import MlflowClient
 
-    spec, env = running
+    spec, env, up_output = running
     _write_tiny_dataset(spec.storage_dir / "data" / "tiny")
     submission_id = f"train-{uuid.uuid4().hex[:8]}"
     entrypoint = _training_entrypoint(spec.storage_dir)
+    server_log = spec.log_dir / "mlflow.log"
+    logged_before = len(server_log.read_bytes())
     submitted = _cli(
         env, "submit", "--no-wait", "--submission-id", submission_id, "--", *entrypoint
     )
@@ -213,29 +230,57 @@ def test_submitted_training_job_is_tracked_through_the_server(running):
     )[1].decode()
     assert info["status"] == "SUCCEEDED", f"{info.get('message')}\n{logs[-6000:]}"
     assert "MVTCAE training summary" in logs
+    # Every request of the job's driver and workers carried the credentials (the workers got
+    # them from the runtime env's setup hook): the server refused none while the job ran.
+    requests = server_log.read_bytes()[logged_before:].decode(errors="replace").splitlines()
+    assert [line for line in requests if '" 401 ' in line] == []
+    assert any('/runs/log-batch HTTP/1.1" 200' in line for line in requests), requests[-20:]
     # Workers reach this cluster's state API, not whichever Ray they would find on the host.
     assert "Found multiple active Ray instances" not in logs
     # Train V2's patched print would tee each worker line twice; the epoch line comes once.
     assert logs.count("[mvtcae] epoch 1/1 ") == 1, logs[-6000:]
 
-    client = MlflowClient(tracking_uri=spec.mlflow_uri, registry_uri=spec.mlflow_uri)
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    assert experiment is not None
-    (run,) = client.search_runs([experiment.experiment_id])
-    assert run.info.status == "FINISHED"
-    assert run.data.params["train.epochs"] == "1"
-    assert "val/loss" in run.data.metrics and "eval/joint_nll" in run.data.metrics
-    (version,) = client.search_model_versions(f"name='{REGISTERED_MODEL}'")
-    assert version.run_id == run.info.run_id and version.status == "READY"
-    champion = client.get_model_version_by_alias(REGISTERED_MODEL, "champion")
-    assert champion.version == version.version
+    with _mlflow_login(spec):
+        client = MlflowClient(tracking_uri=spec.mlflow_uri, registry_uri=spec.mlflow_uri)
+        experiment = client.get_experiment_by_name(EXPERIMENT)
+        assert experiment is not None
+        (run,) = client.search_runs([experiment.experiment_id])
+        assert run.info.status == "FINISHED"
+        assert run.data.params["train.epochs"] == "1"
+        assert "val/loss" in run.data.metrics and "eval/joint_nll" in run.data.metrics
+        assert len(client.get_metric_history(run.info.run_id, "val/loss")) == 1
+        (version,) = client.search_model_versions(f"name='{REGISTERED_MODEL}'")
+        assert version.run_id == run.info.run_id and version.status == "READY"
+        champion = client.get_model_version_by_alias(REGISTERED_MODEL, "champion")
+        assert champion.version == version.version
     # Artifacts went through the server into its store, checkpoints into the shared storage.
     assert any((spec.mlflow_dir / "artifacts").rglob("MLmodel"))
     assert any((spec.storage_dir / "ray_results").rglob("checkpoint_epoch_0001"))
 
+    # The password is in none of what the cluster and the job showed or wrote down.
+    _, password = cluster.mlflow_credentials(spec)
+    job_record = cluster.http_get(
+        f"{spec.dashboard_url}/api/jobs/{submission_id}", token=cluster.read_token(spec)
+    )[1].decode()
+    texts = {
+        "`up` output": up_output,
+        "`env` output": _cli(env, "env").stdout,
+        "`status` output": _cli(env, "status").stdout,
+        "`submit` output": submitted.stdout + submitted.stderr,
+        "job logs": logs,
+        "job record (runtime env)": job_record,
+        **_files_text(spec.log_dir, spec.head_temp_dir, spec.node_temp_dir),
+    }
+    runtime_env = json.loads(job_record)["runtime_env"]
+    assert runtime_env["env_vars"]["MVTCAE_MLFLOW_CREDENTIALS_FILE"] == str(
+        spec.mlflow_credentials_path
+    )
+    assert runtime_env["worker_process_setup_hook"] == "mvtcae.mlflow_auth.apply_credentials_file"
+    assert _leaks(password, texts) == []
+
 
 def test_down_stops_every_process_it_started(running):
-    spec, env = running
+    spec, env, _ = running
     recorded = [p["pid"] for p in json.loads(spec.state_file.read_text())["processes"]]
     assert len(recorded) == 3
     down = _cli(env, "down", timeout=120)

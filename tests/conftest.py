@@ -1,0 +1,65 @@
+"""Settings of every test run: a SIGTERM interrupts pytest as Ctrl-C does.
+
+Fixtures here start real processes (Ray clusters, MLflow and S3 servers) and stop them, by PID,
+in their finalizers. On Ctrl-C (SIGINT, a KeyboardInterrupt) pytest stops the run and still runs
+the finalizers of every fixture that was set up, module- and session-scoped ones included. A
+SIGTERM (a CI job cancelled, `timeout`, `kill`) would end the process without them and leave the
+processes running, so it is turned into the same KeyboardInterrupt.
+
+`ray.init` installs its own SIGTERM handler (a ``sys.exit``, which pytest reports as one failed
+test and carries on), so the handler is installed again before each phase of each test.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from types import FrameType
+
+import pytest
+
+_interrupted = False
+_previous_handler = pytest.StashKey[object]()
+
+
+def _sigterm_as_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
+    """Interrupt the run on the first SIGTERM; let the finalizers it started finish."""
+    global _interrupted
+    if _interrupted:
+        # Another SIGTERM must not cut short the teardown the first one began (SIGKILL still
+        # ends everything at once).
+        print("SIGTERM again: still stopping what the tests started", file=sys.stderr, flush=True)
+        return
+    _interrupted = True
+    raise KeyboardInterrupt(f"signal {signum} (SIGTERM)")
+
+
+def _install() -> None:
+    if signal.getsignal(signal.SIGTERM) is not _sigterm_as_keyboard_interrupt:
+        signal.signal(signal.SIGTERM, _sigterm_as_keyboard_interrupt)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[_previous_handler] = signal.getsignal(signal.SIGTERM)
+    _install()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    # None: a handler not installed from Python, which cannot be put back; the default then.
+    previous = config.stash.get(_previous_handler, None)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    _install()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_call(item: pytest.Item) -> None:
+    _install()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    _install()
