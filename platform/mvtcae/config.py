@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mvtcae import storage
 from mvtcae.evaluate import EvalConfig
+from mvtcae.names import check_name
+from mvtcae.redaction import redact
 from mvtcae.tracking import TrackingConfig
 
 DISTRIBUTIONS = ("normal", "laplace", "bernoulli", "categorical")
@@ -58,11 +60,24 @@ class DataConfig(_Section):
     shuffle_buffer: int = Field(
         default=2048, ge=0, description="local shuffle buffer rows per worker"
     )
+    reshuffle_shards_each_epoch: bool = Field(
+        default=False,
+        description="draw a new shard/block order every epoch; off, the order is fixed by "
+        "train.seed and rows are reshuffled per epoch in the shuffle buffer, so that a resumed "
+        "run sees exactly the data order of an uninterrupted one",
+    )
 
-    @field_validator("dir")
+    @field_validator("dir", mode="before")
     @classmethod
-    def _resolve_dir(cls, v: Path | None) -> Path | None:
-        return _absolute(v)
+    def _resolve_dir(cls, v: object) -> Path | None:
+        if v is None:
+            return None
+        if isinstance(v, str) and storage.is_uri(v):
+            raise ValueError(
+                "data.dir must be a local or shared directory path; dataset URIs "
+                f"({v.split('://', 1)[0]}://…) are not supported yet"
+            )
+        return _absolute(Path(v))
 
     @model_validator(mode="after")
     def _custom_needs_dir(self) -> DataConfig:
@@ -158,6 +173,14 @@ class TrainConfig(_Section):
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     grad_clip_norm: float | None = Field(default=None, gt=0.0, description="None: no clipping")
+    on_nonfinite: Literal["raise", "skip"] = Field(
+        default="raise",
+        description="a step whose loss or gradient norm is NaN/inf: stop the run with an error "
+        "naming the epoch, step and terms (raise), or drop the step's update (skip)",
+    )
+    max_nonfinite_steps: int = Field(
+        default=10, ge=1, description="skip: steps the whole run may drop before it stops"
+    )
     precision: Literal["fp32", "bf16"] = "fp32"
     seed: int = 0
     max_batches_per_epoch: int | None = Field(default=None, ge=1, description="cap, for smoke runs")
@@ -186,6 +209,11 @@ class TrainConfig(_Section):
             raise ValueError(f"expected a path or URI string, got {type(v).__name__}")
         return storage.normalize(v)
 
+    @field_validator("run_name")
+    @classmethod
+    def _safe_run_name(cls, v: str | None) -> str | None:
+        return None if v is None else check_name(v, "train.run_name")
+
     @field_validator("resources_per_worker")
     @classmethod
     def _positive_resources(cls, v: dict[str, float] | None) -> dict[str, float] | None:
@@ -207,12 +235,17 @@ class TrainConfig(_Section):
 class ExperimentConfig(_Section):
     """Everything one training run needs, in one validated object."""
 
-    name: str = Field(default="mvtcae-demo", pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = "mvtcae-demo"
     data: DataConfig = DataConfig()
     model: ModelSection = ModelSection()
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        return check_name(v, "name")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON/YAML-safe dict of the whole config."""
@@ -253,7 +286,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
         where = ".".join(str(p) for p in e["loc"]) or "<root>"
         secret = isinstance(e.get("ctx", {}).get("error"), storage.CredentialsInLocationError)
         shown = e["type"] != "missing" and "input" in e and not secret
-        got = f" (got {e['input']!r})" if shown else ""
+        got = f" (got {redact(e['input'])!r})" if shown else ""
         lines.append(f"  {where}: {e['msg']}{got}")
     return "\n".join(lines)
 

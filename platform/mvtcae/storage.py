@@ -22,6 +22,8 @@ from urllib.parse import parse_qsl
 
 import pyarrow.fs as pafs
 
+from mvtcae.redaction import redact_text
+
 URI_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
 SECRET_QUERY_KEYS = frozenset({"access_key", "secret_key", "session_token", "password"})
 
@@ -48,13 +50,13 @@ def normalize(location: str | os.PathLike[str]) -> str:
         return str(Path(text).expanduser().resolve())
     scheme, rest = text.split("://", 1)
     scheme = scheme.lower()
-    if scheme not in URI_SCHEMES:
-        raise ValueError(
-            f"{text!r}: unsupported storage scheme {scheme!r}; use a local path or one of "
-            + ", ".join(f"{s}://" for s in URI_SCHEMES)
-        )
     path, sep, query = rest.partition("?")
     _refuse_credentials(text, path.split("/", 1)[0], query)
+    if scheme not in URI_SCHEMES:
+        raise ValueError(
+            f"{redact_text(text)!r}: unsupported storage scheme {scheme!r}; use a local path or "
+            "one of " + ", ".join(f"{s}://" for s in URI_SCHEMES)
+        )
     if scheme == "file":
         if not path.startswith("/"):
             raise ValueError(f"{text!r}: file:// needs an absolute path, e.g. file:///mnt/runs")

@@ -15,6 +15,7 @@ way the comparison is recorded as ``promotion.*`` tags on the version (and on th
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -28,11 +29,16 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from mvtcae.redaction import redact, redact_text
+from mvtcae.run_logger import client_uri, mlflow_client
+
 if TYPE_CHECKING:
     import mlflow
     from mlflow import MlflowClient
 
     from mvtcae import MVTCAE
+
+logger = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -61,6 +67,12 @@ class TrackingConfig(BaseModel):
     promotion_metric: str = "eval/joint_nll"
     promotion_mode: Literal["min", "max"] = "min"
     log_model: bool = True
+    outage_grace_s: float = Field(
+        default=120.0,
+        ge=0.0,
+        description="how long training keeps retrying an unreachable MLflow for the calls it "
+        "cannot do without (starting the run, registering the model); metrics are buffered",
+    )
 
 
 @dataclass
@@ -80,6 +92,9 @@ class RegisteredVersion:
 
 def resolve_tracking_uri(cfg: TrackingConfig | None = None) -> str:
     """Tracking URI from the config, else ``MLFLOW_TRACKING_URI``, else a local SQLite store."""
+    from mvtcae.mlflow_auth import apply_credentials_file
+
+    apply_credentials_file()  # credentials for a server with basic auth, from a private file
     uri = (cfg.tracking_uri if cfg else None) or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
@@ -87,7 +102,7 @@ def resolve_tracking_uri(cfg: TrackingConfig | None = None) -> str:
     looks_like_path = "://" not in uri and (uri[0] in "./~" or os.sep in uri)
     if (uri.startswith("file:") or looks_like_path) and not allow_file:
         raise ValueError(
-            f"tracking URI {uri!r} is a file store, which this MLflow version refuses: use "
+            f"tracking URI {redact_text(uri)!r} is a file store, which this MLflow version refuses: use "
             "'sqlite:///<absolute path>/mlflow.db' or an 'http://host:port' MLflow server"
         )
     return uri
@@ -108,10 +123,16 @@ def resolve_artifact_location(cfg: TrackingConfig, tracking_uri: str) -> str | N
 
 def client_for(cfg: TrackingConfig | None = None) -> MlflowClient:
     """An `MlflowClient` on the resolved tracking (and registry) URI."""
-    from mlflow import MlflowClient
+    return mlflow_client(resolve_tracking_uri(cfg))
 
-    uri = resolve_tracking_uri(cfg)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+def _use_uri(uri: str) -> None:
+    """Point the fluent MLflow API at ``uri`` (credentials moved out of it, see client_uri)."""
+    import mlflow
+
+    public = client_uri(uri)
+    mlflow.set_tracking_uri(public)
+    mlflow.set_registry_uri(public)
 
 
 def ensure_experiment(cfg: TrackingConfig) -> str:
@@ -143,15 +164,38 @@ def start_run(
     """Point MLflow at the tracking URI and start (or resume, with ``run_id``) a run."""
     import mlflow
 
-    uri = resolve_tracking_uri(cfg)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    _use_uri(resolve_tracking_uri(cfg))
     if run_id is not None:
         return mlflow.start_run(run_id=run_id, tags=dict(tags or {}) or None)
     experiment_id = ensure_experiment(cfg)
     return mlflow.start_run(
         experiment_id=experiment_id, run_name=run_name, tags=dict(tags or {}) or None
     )
+
+
+def end_run() -> None:
+    """End the active run as FINISHED."""
+    import mlflow
+
+    mlflow.end_run()
+
+
+def end_run_after_error(error: BaseException) -> None:
+    """End the active run as FAILED (KILLED for an interrupt) with the error in its
+    ``mvtcae.error`` tag. A tracking failure here is logged, never raised over ``error``."""
+    import mlflow
+
+    status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+    try:
+        if mlflow.active_run() is not None:
+            message = redact_text(f"{type(error).__name__}: {error}")[:5000]
+            mlflow.set_tag("mvtcae.error", message)
+        mlflow.end_run(status=status)
+    except Exception as tracking_error:  # noqa: BLE001 - keep the original error in front
+        logger.warning(
+            "could not mark the MLflow run %s (%s: %s)", status, type(tracking_error).__name__,
+            redact_text(str(tracking_error))[:300],
+        )  # fmt: skip
 
 
 def _active_run_id(run_id: str | None) -> str:
@@ -192,6 +236,7 @@ def log_config(
     from mlflow.entities import Param
 
     as_dict = config.model_dump(mode="json") if isinstance(config, BaseModel) else dict(config)
+    as_dict = redact(as_dict)  # a URI in the config may carry a password
     params = flatten_config(as_dict)
     run_id = _active_run_id(run_id)
     client = client_for(tracking)
@@ -209,7 +254,8 @@ def log_metrics(
     run_id: str | None = None,
     tracking: TrackingConfig | None = None,
 ) -> None:
-    """Log finite float metrics in one batch (non-finite values are skipped with their name)."""
+    """Log finite float metrics in one batch. Non-finite values are not logged as metrics: they
+    are named in a warning and in the run's ``mvtcae.nonfinite_metrics`` tag."""
     import time
 
     from mlflow.entities import Metric
@@ -221,6 +267,11 @@ def log_metrics(
     client = client_for(tracking)
     for start in range(0, len(items), 1000):
         client.log_batch(run_id, metrics=items[start : start + 1000])
+    bad = sorted(k for k in metrics if k not in finite)
+    if bad:
+        shown = ", ".join(f"{k}={float(metrics[k])}" for k in bad)
+        logger.warning("run %s: non-finite metrics not logged: %s", run_id, shown)
+        client.set_tag(run_id, "mvtcae.nonfinite_metrics", shown[:5000])
 
 
 def log_evaluation(
@@ -295,6 +346,8 @@ def log_pyfunc_model(
                 name=name,
                 python_model=str(_model_code_file()),
                 artifacts={"model_dir": str(model_dir)},
+                # MLflow lets load_model(..., model_config=...) override only logged keys.
+                model_config={"device": "cpu", "trusted_modules": []},
                 code_paths=[str(_package_dir())],
                 pip_requirements=_pip_requirements(),
                 metadata={"weights_format": "safetensors", "framework": "mvtcae"},
@@ -329,9 +382,7 @@ def log_model_and_register(
     tracking = _tracking_section(cfg)
     import mlflow
 
-    uri = resolve_tracking_uri(tracking)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    _use_uri(resolve_tracking_uri(tracking))
     run_id = _active_run_id(run_id)
     info = log_pyfunc_model(model_or_dir, run_id=run_id)
     if not tracking.registered_model_name:
@@ -377,11 +428,12 @@ def current_champion(cfg: TrackingConfig) -> tuple[int, float | None] | None:
 
 
 def _version_metric(client: MlflowClient, cfg: TrackingConfig, version: Any) -> float | None:
+    """A version's promotion value: its recorded tag (None when not finite), else, for versions
+    registered without one, its run's metric."""
     tags = version.tags or {}
-    if tags.get("promotion.metric") == cfg.promotion_metric and _is_number(
-        tags.get("promotion.candidate")
-    ):
-        return float(tags["promotion.candidate"])
+    if tags.get("promotion.metric") == cfg.promotion_metric and "promotion.candidate" in tags:
+        text = tags["promotion.candidate"]
+        return float(text) if _is_number(text) else None
     if version.run_id:
         value = client.get_run(version.run_id).data.metrics.get(cfg.promotion_metric)
         return None if value is None else float(value)
@@ -402,16 +454,77 @@ def decide_promotion(
     *,
     has_champion: bool,
 ) -> tuple[bool, str]:
-    """Return (promote?, reason): strictly better on the metric, or no comparable champion."""
-    if not has_champion:
-        return True, "no current champion"
+    """Return (promote?, reason): a finite candidate strictly better than the champion's value,
+    or than no comparable champion. A candidate without a finite value is never promoted."""
     if candidate is None or not math.isfinite(candidate):
         return False, "candidate has no finite value for the promotion metric"
+    if not has_champion:
+        return True, "no current champion"
     if champion is None or not math.isfinite(champion):
         return True, "champion has no finite value for the promotion metric"
     better = candidate < champion if mode == "min" else candidate > champion
     relation = "better" if better else "not better"
     return better, f"candidate {candidate:.6g} is {relation} than champion {champion:.6g} ({mode})"
+
+
+def version_values(cfg: TrackingConfig) -> dict[int, float | None]:
+    """Every version of the registered model and its promotion-metric value (None: unknown)."""
+    client = client_for(cfg)
+    values: dict[int, float | None] = {}
+    token = None
+    while True:
+        page = client.search_model_versions(
+            f"name = '{cfg.registered_model_name}'", page_token=token
+        )
+        for version in page:
+            values[int(version.version)] = _version_metric(client, cfg, version)
+        token = page.token
+        if not token:
+            return values
+
+
+def best_version(values: dict[int, float | None], mode: Literal["min", "max"]) -> int | None:
+    """The version with the best finite value (ties: the earliest version), or None."""
+    finite = [(v if mode == "min" else -v, n) for n, v in values.items()
+              if v is not None and math.isfinite(v)]  # fmt: skip
+    return min(finite)[1] if finite else None
+
+
+def converge_champion(cfg: TrackingConfig, max_rounds: int = 20) -> int | None:
+    """Point ``champion`` at the best version by the promotion metric; return it.
+
+    Decides from all versions, writes the alias, then reads again until what it reads agrees
+    with what it wrote: registrations that run at the same time each end with such a read, so
+    the last alias write always names the best of all recorded versions.
+    """
+    from mlflow.exceptions import MlflowException
+
+    client = client_for(cfg)
+    name = cfg.registered_model_name
+    best = None
+    for _ in range(max_rounds):
+        best = best_version(version_values(cfg), cfg.promotion_mode)
+        if best is None:
+            return None
+        current = current_champion(cfg)
+        if current is not None and current[0] == best:
+            return best
+        try:
+            client.set_registered_model_alias(name, CHAMPION, str(best))
+        except MlflowException as err:
+            # Two writers creating the alias at once: one loses on the store's unique key.
+            logger.info("setting %s@%s raced another writer (%s); re-reading", name, CHAMPION, err)
+    return best
+
+
+def _set_alias_once(client: MlflowClient, name: str, alias: str, version: int) -> None:
+    """Set an informational alias; losing a race for it to another registration is fine."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.set_registered_model_alias(name, alias, str(version))
+    except MlflowException as err:
+        logger.info("alias %s@%s not set (%s)", name, alias, err)
 
 
 def promote_if_better(
@@ -422,16 +535,28 @@ def promote_if_better(
     run_id: str | None = None,
     model_uri: str = "",
 ) -> RegisteredVersion:
-    """Move ``champion`` to ``version`` if it beats the current one, else tag it challenger."""
+    """Record ``version``'s promotion value, then let ``champion`` converge on the best version
+    (see `converge_champion`); the version gets ``challenger`` when it is not the champion."""
     client = client_for(cfg)
     name = cfg.registered_model_name
     if not name:
         raise ValueError("tracking.registered_model_name is empty: nothing to promote")
     champion = current_champion(cfg)
     champion_version, champion_value = champion if champion else (None, None)
-    promoted, reason = decide_promotion(
+    _, reason = decide_promotion(
         candidate, champion_value, cfg.promotion_mode, has_champion=champion is not None
     )
+    value_tags = {
+        "promotion.metric": cfg.promotion_metric,
+        "promotion.mode": cfg.promotion_mode,
+        "promotion.candidate": "none" if candidate is None else str(candidate),
+    }
+    for key, value in value_tags.items():  # the value first: concurrent deciders read it
+        client.set_model_version_tag(name, str(version), key, value)
+    best = converge_champion(cfg)
+    promoted = best == version
+    if not promoted and best is not None and candidate is not None and math.isfinite(candidate):
+        reason = f"version {best} is better on {cfg.promotion_metric} ({cfg.promotion_mode})"
     comparison = {
         "metric": cfg.promotion_metric,
         "mode": cfg.promotion_mode,
@@ -445,12 +570,10 @@ def promote_if_better(
     tags["role"] = comparison["decision"]
     for key, value in tags.items():
         client.set_model_version_tag(name, str(version), key, value)
-    if promoted:
-        if champion_version is not None:
-            client.set_model_version_tag(name, str(champion_version), "role", "former_champion")
-        client.set_registered_model_alias(name, CHAMPION, str(version))
-    else:
-        client.set_registered_model_alias(name, CHALLENGER, str(version))
+    if promoted and champion_version is not None and champion_version != version:
+        client.set_model_version_tag(name, str(champion_version), "role", "former_champion")
+    if not promoted:
+        _set_alias_once(client, name, CHALLENGER, version)
     if run_id is not None:
         client.set_tag(run_id, "promotion.decision", comparison["decision"])
         client.set_tag(run_id, "registered_model", f"{name}/{version}")
@@ -474,8 +597,7 @@ def download_model_dir(
     import mlflow
 
     if tracking_uri is not None:
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
+        _use_uri(tracking_uri)
     local = Path(
         mlflow.artifacts.download_artifacts(model_uri, dst_path=None if dst is None else str(dst))
     )
@@ -494,20 +616,35 @@ def _find_model_dirs(root: Path) -> Iterator[Path]:
 
 
 def load_champion(
-    name: str, tracking_uri: str | None = None, *, alias: str = CHAMPION, device: str = "cpu"
+    name: str,
+    tracking_uri: str | None = None,
+    *,
+    alias: str = CHAMPION,
+    device: str = "cpu",
+    trusted_modules: list[str] | None = None,
 ) -> MVTCAE:
-    """The registered model's ``alias`` version (default: the champion) as an `MVTCAE` object."""
+    """The registered model's ``alias`` version (default: the champion) as an `MVTCAE` object.
+
+    Reads only the JSON + safetensors files, never the logged code; custom networks are
+    rebuilt only from ``mvtcae``, ``MVTCAE_TRUSTED_MODULES`` and ``trusted_modules``.
+    """
     from mvtcae import MVTCAE
+    from mvtcae.trust import platform_trusted_modules
 
     uri = tracking_uri or resolve_tracking_uri(None)
+    trusted = platform_trusted_modules(trusted_modules)
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = download_model_dir(f"models:/{name}@{alias}", uri, dst=scratch)
-        model = MVTCAE.load(model_dir)
+        model = MVTCAE.load(model_dir, trusted_modules=trusted)
     return model.to(device).eval()
 
 
-def _load_from_directory(directory: Path, shown: str) -> MVTCAE:
+def _load_from_directory(
+    directory: Path, shown: str, *, trusted_modules: list[str] | None = None
+) -> MVTCAE:
+    """The first saved MVTCAE under ``directory`` (networks from trusted modules only)."""
     from mvtcae import MVTCAE
+    from mvtcae.trust import platform_trusted_modules
 
     found = next(_find_model_dirs(directory), None) if directory.is_dir() else None
     if found is None:
@@ -516,23 +653,34 @@ def _load_from_directory(directory: Path, shown: str) -> MVTCAE:
             "checkpoint directory (local or s3://, gs://, file://), or an MLflow URI such as "
             "models:/<name>@champion"
         )
-    return MVTCAE.load(str(found))
+    return MVTCAE.load(str(found), trusted_modules=platform_trusted_modules(trusted_modules))
 
 
 def load_model_from(
-    ref: str | Path, tracking_uri: str | None = None, *, device: str = "cpu"
+    ref: str | Path,
+    tracking_uri: str | None = None,
+    *,
+    device: str = "cpu",
+    trusted_modules: list[str] | None = None,
 ) -> MVTCAE:
     """An `MVTCAE` from a model/checkpoint directory (local, or in run storage such as s3://…)
-    or an MLflow URI (models:/…, runs:/…)."""
+    or an MLflow URI (models:/…, runs:/…).
+
+    Reads only the JSON + safetensors files, never code logged with a model; custom networks
+    are rebuilt only from ``mvtcae``, ``MVTCAE_TRUSTED_MODULES`` and ``trusted_modules``."""
     from mvtcae import MVTCAE, storage
+    from mvtcae.trust import platform_trusted_modules
 
     text = str(ref)
+    trusted = platform_trusted_modules(trusted_modules)
     if "://" not in text and ":/" not in text:
-        return _load_from_directory(Path(text), text).to(device).eval()
+        return _load_from_directory(Path(text), text, trusted_modules=trusted).to(device).eval()
     if text.split("://", 1)[0].lower() in storage.URI_SCHEMES:  # run storage: s3://, gs://, …
         with storage.local_directory(storage.normalize(text)) as directory:
-            return _load_from_directory(directory, text).to(device).eval()
+            model = _load_from_directory(directory, text, trusted_modules=trusted)
+            return model.to(device).eval()
     uri = tracking_uri or resolve_tracking_uri(None)
     with tempfile.TemporaryDirectory() as scratch:
-        model = MVTCAE.load(str(download_model_dir(text, uri, dst=scratch)))
+        model_dir = download_model_dir(text, uri, dst=scratch)
+        model = MVTCAE.load(str(model_dir), trusted_modules=trusted)
     return model.to(device).eval()

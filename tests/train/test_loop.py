@@ -107,6 +107,7 @@ def test_checkpoint_round_trip(tiny_dataset: Path, tmp_path: Path) -> None:
         "optimizer.pt",
         "scheduler.pt",
         "trainer_state.json",
+        "checksums.json",
     }
 
     restored = load_model(tmp_path / "ckpt")

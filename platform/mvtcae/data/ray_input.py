@@ -46,6 +46,7 @@ def open_splits(
     validate: bool = True,
     shuffle_train_files: bool = True,
     seed: int | None = None,
+    reshuffle_each_epoch: bool = True,
     read_num_cpus: float = READ_TASK_CPUS,
     read_concurrency: int | None = READ_CONCURRENCY,
 ) -> dict[str, Dataset]:
@@ -53,10 +54,12 @@ def open_splits(
 
     ``materialize=None`` materialises when the dataset is small (see
     ``MATERIALIZE_MAX_BYTES``): small datasets then skip the per-epoch re-read. The train
-    split's shard order is reshuffled at every execution (every epoch): a file shuffle when
-    streaming, a block-order shuffle when materialised; ``seed`` makes that sequence
-    reproducible. Read tasks ask for ``read_num_cpus`` CPU each, at most
-    ``read_concurrency`` at once (see the module docstring for the CPU budget).
+    split's shard order is shuffled (a file shuffle when streaming, a block-order shuffle when
+    materialised), seeded by ``seed``: anew at every execution (every epoch) with
+    ``reshuffle_each_epoch``, else the same order every time, which makes an epoch's order
+    independent of how many executions came before it (what an exact resume needs). Read tasks
+    ask for ``read_num_cpus`` CPU each, at most ``read_concurrency`` at once (see the module
+    docstring for the CPU budget).
     """
     manifest = validate_dataset(path) if validate else load_manifest(path)
     names = splits or list(manifest.splits)
@@ -70,6 +73,7 @@ def open_splits(
             materialize,
             shuffle_train_files and split == "train",
             seed,
+            reshuffle_each_epoch,
             read_num_cpus,
             read_concurrency,
         )
@@ -92,11 +96,16 @@ def _open_split(
     materialize: bool,
     shuffle_files: bool,
     seed: int | None,
+    reshuffle: bool,
     read_num_cpus: float,
     read_concurrency: int | None,
 ) -> Dataset:
     paths = [str(p) for p in manifest.shard_paths(root, split)]
-    file_shuffle = FileShuffleConfig(seed=seed) if shuffle_files and not materialize else None
+    file_shuffle = (
+        FileShuffleConfig(seed=seed, reseed_after_execution=reshuffle)
+        if shuffle_files and not materialize
+        else None
+    )
     dataset = ray.data.read_parquet(
         paths,
         num_cpus=read_num_cpus,
@@ -108,7 +117,9 @@ def _open_split(
         return dataset
     dataset = dataset.materialize()
     if shuffle_files:
-        return dataset.randomize_block_order(seed=RandomSeedConfig(seed=seed))
+        return dataset.randomize_block_order(
+            seed=RandomSeedConfig(seed=seed, reseed_after_execution=reshuffle)
+        )
     return dataset
 
 
