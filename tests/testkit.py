@@ -145,3 +145,71 @@ def create_bucket(endpoint: str, bucket: str) -> None:
         access_key="testing", secret_key="testing", region="us-east-1",
     )  # fmt: skip
     fs.create_dir(bucket)
+
+
+class MlflowServer:
+    """A real ``mlflow server`` on 127.0.0.1 with a SQLite store under ``root``.
+
+    ``start``/``stop`` can be called repeatedly (same port, same store) to simulate an outage;
+    the process is stopped by its PID.
+    """
+
+    def __init__(self, root: Path, port: int | None = None) -> None:
+        self.root = root
+        self.port = port or _free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self, timeout_s: float = 90) -> MlflowServer:
+        import os
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        bin_dir = Path(sys.executable).parent
+        env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+        (self.root / "artifacts").mkdir(parents=True, exist_ok=True)
+        log = open(self.root / "mlflow-server.log", "ab")  # noqa: SIM115 - owned by the process
+        self.proc = subprocess.Popen(
+            [str(bin_dir / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+             "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited; see {self.root / 'mlflow-server.log'}")
+            try:
+                urllib.request.urlopen(f"{self.uri}/health", timeout=2).close()
+                return self
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise TimeoutError(f"mlflow server on {self.uri} did not answer") from None
+                time.sleep(0.3)
+
+    def stop(self) -> None:
+        """Stop the server's whole process group (uvicorn workers included), by PID."""
+        import contextlib
+        import os
+        import signal
+        import subprocess
+
+        if self.proc is None:
+            return
+        proc, self.proc = self.proc, None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=15)
+        with contextlib.suppress(ProcessLookupError):  # members that outlived the leader
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    def __enter__(self) -> MlflowServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

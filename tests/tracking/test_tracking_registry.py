@@ -80,8 +80,29 @@ def test_decide_promotion(candidate, champion, mode, promoted):
     assert decide_promotion(candidate, champion, mode, has_champion=True)[0] is promoted
 
 
-def test_first_version_is_promoted_without_a_metric():
-    assert decide_promotion(None, None, "min", has_champion=False) == (True, "no current champion")
+def test_first_version_needs_a_finite_metric_to_become_champion():
+    assert decide_promotion(1.0, None, "min", has_champion=False) == (True, "no current champion")
+    for value in (None, math.nan, math.inf, -math.inf):
+        promoted, reason = decide_promotion(value, None, "min", has_champion=False)
+        assert not promoted and "no finite value" in reason
+
+
+def test_a_nan_first_model_is_registered_but_never_champion(tracking, make_model):
+    from mlflow.exceptions import MlflowException
+
+    client = client_for(tracking)
+    name = tracking.registered_model_name
+    _, nan_first = _train_run(tracking, make_model, seed=0, nll=math.nan, pass_metrics=True)
+    assert (nan_first.version, nan_first.alias, nan_first.promoted) == (1, "challenger", False)
+    with pytest.raises(MlflowException):
+        client.get_model_version_by_alias(name, "champion")
+    assert client.get_model_version(name, "1").tags["promotion.candidate"] == "nan"
+    # The next finite model becomes champion; a later NaN never replaces it.
+    _, finite = _train_run(tracking, make_model, seed=1, nll=5.0, pass_metrics=True)
+    assert finite.promoted and finite.alias == "champion"
+    _, nan_later = _train_run(tracking, make_model, seed=2, nll=math.nan, pass_metrics=True)
+    assert not nan_later.promoted
+    assert int(client.get_model_version_by_alias(name, "champion").version) == 2
 
 
 def _train_run(tracking: TrackingConfig, make_model, seed: int, nll: float, pass_metrics: bool):
