@@ -30,6 +30,7 @@ from mvtcae.config import (
     config_from_dict,
     read_yaml_mapping,
 )
+from mvtcae.names import check_name
 
 SWEEP_STATE_FILE = "mvtcae_sweep.json"
 OBJECTIVE_PATTERN = re.compile(r"^val/(joint_nll(_\d+)?|coherence_\d+|latent_acc_\d+)$")
@@ -130,7 +131,6 @@ class TuneConfig(_Section):
 
     study_name: str | None = Field(
         default=None,
-        pattern=r"^[A-Za-z0-9_.-]+$",
         description="Optuna study and Tune experiment name; default <experiment name>-sweep",
     )
     storage: str = Field(
@@ -159,6 +159,20 @@ class TuneConfig(_Section):
     register_best: bool = Field(default=True, description="best trial through the promotion gate")
     trial_cpus: float = Field(default=0.01, gt=0.0, description="CPUs of the Tune driver function")
     resume: bool = False
+    infra_retries: int = Field(
+        default=2, ge=0, description="retries of a trial's fit after an infrastructure failure"
+    )
+    max_infra_replacements: int = Field(
+        default=2,
+        ge=0,
+        description="trials that failed for infrastructure reasons may be run again this many "
+        "times in all, without counting against num_samples",
+    )
+
+    @field_validator("study_name")
+    @classmethod
+    def _safe_study_name(cls, v: str | None) -> str | None:
+        return None if v is None else check_name(v, "tune.study_name")
 
     @field_validator("space")
     @classmethod

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from mvtcae import storage
+from mvtcae.redaction import redact, redact_text
+from mvtcae.run_logger import SPOOL_DIR, flush_spools, retry_until
 from mvtcae.tune import SWEEP_STATE_FILE, ConfigError, SweepResult, SweepSpec, ensure_ray_for_sweep
 from mvtcae.tune_trial import RUN_ID_KEY, SWEEP_TAG, SweepContext, run_trial
 
@@ -30,12 +32,14 @@ def run(spec: SweepSpec, *, resume: bool) -> SweepResult:
     parent_run_id = _open_parent_run(spec, resume)
     ensure_ray_for_sweep(spec)
     context = _context(spec, dataset_dir, manifest, parent_run_id)
+    tune_study.remember_storage(spec.study_name, storage)
     grid = _tuner(spec, context, storage, resume).fit()
     study = optuna.load_study(study_name=spec.study_name, storage=storage)
-    finished = tune_study.count_finished(study) >= spec.tune.num_samples
+    finished = tune_study.sweep_done(study, spec.tune.num_samples, spec.tune.max_infra_replacements)
     if finished:
         tune_study.fail_orphans(study)
-    _close_child_runs(spec, grid)
+    _flush_trial_spools(spec)
+    _with_tracking(spec, lambda: _close_child_runs(spec, grid), "closing the trials' runs")
     result = SweepResult(
         study_name=spec.study_name, storage=spec.tune.storage,
         experiment_dir=spec.experiment_dir, parent_run_id=parent_run_id,
@@ -44,12 +48,33 @@ def run(spec: SweepSpec, *, resume: bool) -> SweepResult:
         trial_time_s=_summed_trial_time(grid),
     )  # fmt: skip
     result.best = _best_with_checkpoint(spec, study, grid)
-    result.artifacts = _log_study(spec, study, result)
+    result.artifacts = _with_tracking(
+        spec, lambda: _log_study(spec, study, result), "logging the study"
+    )
     if finished and result.best is not None and spec.tune.register_best:
-        result.registered = _register(spec, result.best)
+        result.registered = _with_tracking(
+            spec, lambda: _register(spec, result.best), "registering the best trial's model"
+        )
     result.wall_time_s = time.perf_counter() - started
-    _close_parent_run(spec, result)
+    _with_tracking(spec, lambda: _close_parent_run(spec, result), "closing the parent run")
     return result
+
+
+def _with_tracking(spec: SweepSpec, call: Any, what: str) -> Any:
+    """``call()``, retried while MLflow is unreachable (tracking.outage_grace_s)."""
+    return retry_until(call, what, spec.experiment.tracking.outage_grace_s)
+
+
+def _flush_trial_spools(spec: SweepSpec) -> None:
+    """Send metrics that trials kept while MLflow was unreachable (see RunLogger)."""
+    runs_dir = storage.join(spec.experiment_dir, "train_runs")
+    uri = str(spec.experiment.tracking.tracking_uri)
+    for name in storage.list_dirs(runs_dir):
+        unsent = flush_spools(storage.join(runs_dir, name, SPOOL_DIR), uri,
+                              spec.experiment.tracking.outage_grace_s)  # fmt: skip
+        if unsent:
+            print(f"[mvtcae.tune] WARNING: {unsent} metric values of {name} could not be sent "
+                  f"to MLflow; kept in {storage.join(runs_dir, name, SPOOL_DIR)}")  # fmt: skip
 
 
 def _with_resolved_tracking(spec: SweepSpec) -> SweepSpec:
@@ -114,24 +139,21 @@ def _open_parent_run(spec: SweepSpec, resume: bool) -> str:
         SWEEP_TAG: spec.study_name,
         PARENT_ROLE_TAG: "sweep",
         "optuna.study_name": spec.study_name,
-        "optuna.storage": _safe_url(spec.tune.storage),
+        "optuna.storage": redact_text(spec.tune.storage),
     }
     run_id = client.create_run(experiment_id, run_name=spec.study_name, tags=tags).info.run_id
     tracking.log_config(spec.experiment.to_dict(), run_id=run_id, tracking=spec.experiment.tracking)
-    tune_params = tracking.flatten_config(spec.tune.model_dump(mode="json"), prefix="tune.")
+    tune_params = tracking.flatten_config(redact(spec.tune.model_dump(mode="json")), prefix="tune.")
     for key, value in tune_params.items():
         client.log_param(run_id, key, value)
-    client.log_text(run_id, yaml.safe_dump(spec.to_dict(), sort_keys=False), "sweep.yaml")
-    state = {"parent_run_id": run_id, "study_name": spec.study_name, "storage": spec.tune.storage}
+    client.log_text(run_id, yaml.safe_dump(redact(spec.to_dict()), sort_keys=False), "sweep.yaml")
+    state = {
+        "parent_run_id": run_id,
+        "study_name": spec.study_name,
+        "storage": redact_text(spec.tune.storage),
+    }
     storage.write_text(state_file, json.dumps(state, indent=2))
     return run_id
-
-
-def _safe_url(url: str) -> str:
-    """The storage URL without a password."""
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)
 
 
 def _context(spec: SweepSpec, dataset_dir: Path, manifest: Any, parent_run_id: str) -> SweepContext:
@@ -155,6 +177,8 @@ def _context(spec: SweepSpec, dataset_dir: Path, manifest: Any, parent_run_id: s
         epoch_eval=trial_eval_config(spec).model_dump(mode="json"),
         objectives=tuple(spec.tune.metrics),
         final_eval=spec.tune.final_eval,
+        tracking_grace_s=spec.experiment.tracking.outage_grace_s,
+        infra_retries=spec.tune.infra_retries,
     )
 
 
@@ -174,7 +198,9 @@ def _tuner(spec: SweepSpec, context: SweepContext, storage: Any, resume: bool) -
     tune_config = tune.TuneConfig(
         search_alg=build_searcher(spec, storage),
         scheduler=_scheduler(spec),
-        num_samples=spec.tune.num_samples,
+        # Room for re-runs of trials that failed for infrastructure reasons; the searcher stops
+        # suggesting once tune.num_samples trials have run on their merits.
+        num_samples=spec.tune.num_samples + spec.tune.max_infra_replacements,
         max_concurrent_trials=spec.tune.max_concurrent,
         trial_dirname_creator=_trial_dirname,
     )
@@ -327,9 +353,9 @@ def _close_parent_run(spec: SweepSpec, result: SweepResult) -> None:
 def summary(result: SweepResult) -> str:
     """A plain-text table of the sweep's trials, best trial, front and registry outcome."""
     lines = [
-        f"study            {result.study_name}  ({result.storage})",
+        f"study            {result.study_name}  ({redact_text(result.storage)})",
         f"sweep directory  {result.experiment_dir}",
-        f"MLflow parent    {result.parent_run_id}  ({result.tracking_uri})",
+        f"MLflow parent    {result.parent_run_id}  ({redact_text(result.tracking_uri)})",
         f"state            {'finished' if result.finished else 'interrupted: continue with --resume'}",
         f"wall time        {result.wall_time_s:.1f} s (trials summed {result.trial_time_s:.1f} s)",
         "",
@@ -349,8 +375,16 @@ def summary(result: SweepResult) -> str:
     if result.registered is not None:
         reg = result.registered
         lines.append(f"registered       {reg.name} v{reg.version} -> {reg.alias}")
+    infra = [r for r in result.trials if (r.get("failure") or "").startswith("infrastructure")]
+    if infra:
+        numbers = ", ".join(f"#{r['number']}" for r in infra)
+        lines.append(
+            f"infrastructure   {len(infra)} trial(s) failed for infrastructure reasons "
+            f"({numbers}); their parameters were run again and they do not count against "
+            "tune.num_samples"
+        )
     lines.append("")
-    lines.append(f"optuna-dashboard {result.storage}  (--host 127.0.0.1)")
+    lines.append(f"optuna-dashboard {redact_text(result.storage)}  (--host 127.0.0.1)")
     return "\n".join(lines)
 
 

@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import math
+import pickle
 import warnings
 from pathlib import Path
 from typing import Any
 
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
+
+from mvtcae.tune_trial import FAILURE_KEY, FAILURE_KIND_KEY, INFRASTRUCTURE
 
 TUNE_TRIAL_ATTR = "tune_trial_id"
 RUN_ID_ATTR = "mlflow_run_id"
 FAILURE_ATTR = "failure"
+# Open study storages of this process by study name: a restored searcher reattaches to its
+# study through this instead of a pickled storage URL (which may hold a password).
+_STORAGES: dict[str, Any] = {}
+
+
+def remember_storage(study_name: str, storage: Any) -> None:
+    """Make ``storage`` the one a searcher of ``study_name`` restored in this process uses."""
+    _STORAGES[study_name] = storage
 
 
 def open_storage(url: str) -> Any:
@@ -29,7 +41,35 @@ def _engine_kwargs(url: str) -> dict[str, Any]:
 
 
 class RecordingOptunaSearch(OptunaSearch):
-    """OptunaSearch that records errored or non-finite trials as FAIL and links trial ids."""
+    """OptunaSearch that records errored or non-finite trials as FAIL and links trial ids.
+
+    A trial that failed for an infrastructure reason (``mvtcae/failure_kind``) is recorded as
+    FAIL with that reason, its parameters are queued to run again, and it does not count
+    against ``budget``: suggestions stop once ``budget`` trials have run on their merits.
+    """
+
+    def __init__(self, *args: Any, budget: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.budget = budget
+        self.infra_failures = 0
+        self._failure_kinds: dict[str, tuple[str, str]] = {}
+
+    def suggest(self, trial_id: str) -> dict | None:
+        """The next parameters; None while the budget is met but trials may still fail for
+        infrastructure reasons, FINISHED once it is met and none runs."""
+        if self.budget is not None and len(self._ot_trials) - self.infra_failures >= self.budget:
+            running = set(self._ot_trials) - set(self._completed_trials)
+            return None if running else Searcher.FINISHED
+        return super().suggest(trial_id)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        """Remember a failure kind; pass finite intermediate values on to Optuna."""
+        if result.get(FAILURE_KIND_KEY):
+            self._failure_kinds[trial_id] = (result[FAILURE_KIND_KEY], result.get(FAILURE_KEY, ""))
+            return
+        values = self._values(result)
+        if values is not None and all(math.isfinite(v) for v in values):
+            super().on_trial_result(trial_id, result)
 
     def on_trial_complete(
         self, trial_id: str, result: dict | None = None, error: bool = False
@@ -39,6 +79,13 @@ class RecordingOptunaSearch(OptunaSearch):
             return
         ot_trial = self._ot_trials[trial_id]
         self._link(ot_trial, trial_id, result or {})
+        kind, detail = self._failure_kinds.get(trial_id, ("", ""))
+        if error and kind == INFRASTRUCTURE:
+            self._fail(ot_trial, f"{INFRASTRUCTURE}: {detail}")
+            self._ot_study.enqueue_trial(ot_trial.params)
+            self.infra_failures += 1
+            self._completed_trials.add(trial_id)
+            return
         values = self._values(result)
         if error or values is None or not all(math.isfinite(v) for v in values):
             reason = "trial raised" if error else f"objective not finite: {values}"
@@ -46,6 +93,29 @@ class RecordingOptunaSearch(OptunaSearch):
             self._completed_trials.add(trial_id)
             return
         super().on_trial_complete(trial_id, result, error)
+
+    def save(self, checkpoint_path: str) -> None:
+        """Save the searcher's state without its study storage (whose URL may hold a password)."""
+        state = self.__dict__.copy()
+        state["_ot_study"] = None
+        state["_storage"] = None
+        with open(checkpoint_path, "wb") as handle:
+            pickle.dump(state, handle)
+
+    def restore(self, checkpoint_path: str) -> None:
+        """Restore a saved searcher and reattach its study (see `remember_storage`)."""
+        import optuna
+
+        super().restore(checkpoint_path)
+        storage = _STORAGES.get(self._study_name)
+        if storage is None:
+            raise RuntimeError(
+                f"no open storage for study {self._study_name!r}: call remember_storage first"
+            )
+        self._storage = storage
+        self._ot_study = optuna.load_study(
+            study_name=self._study_name, storage=storage, sampler=self._sampler
+        )
 
     def _values(self, result: dict | None) -> list[float] | None:
         metrics = self._metric if isinstance(self._metric, list) else [self._metric]
@@ -84,6 +154,7 @@ def build_searcher(spec: Any, storage: Any) -> RecordingOptunaSearch:
         sampler=sampler,
         study_name=spec.study_name,
         storage=storage,
+        budget=tc.num_samples,
     )
 
 
@@ -105,6 +176,18 @@ def fail_orphans(study: Any) -> int:
 def count_finished(study: Any) -> int:
     """Trials that reached COMPLETE, PRUNED or FAIL."""
     return sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
+
+
+def is_infrastructure_failure(trial: Any) -> bool:
+    """Whether a study trial failed for an infrastructure reason (and was run again)."""
+    return str(trial.user_attrs.get(FAILURE_ATTR, "")).startswith(INFRASTRUCTURE)
+
+
+def sweep_done(study: Any, budget: int, replacements: int) -> bool:
+    """Whether ``budget`` trials finished on their merits, or every allowed trial finished."""
+    finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+    infra = sum(is_infrastructure_failure(t) for t in finished)
+    return len(finished) - infra >= budget or len(finished) >= budget + replacements
 
 
 def trial_rows(study: Any) -> list[dict[str, Any]]:

@@ -3,12 +3,26 @@
 The trial function builds the training's ``TorchTrainer`` (`mvtcae.train.build_trainer`) with
 a Train callback that, after every epoch, evaluates the epoch's checkpoint on the validation
 split (the objective: a measure that α and β do not change) and forwards the merged metrics to
-Tune, which hands them to ASHA and Optuna. A trial whose losses or objective are not finite
-raises `TrialDiverged`, so Tune records it as errored and Optuna as failed.
+Tune, which hands them to ASHA and Optuna.
+
+How a trial can end besides completing:
+
+- *diverged*: the workers stop at the first non-finite step (`mvtcae.nonfinite`); the callback
+  forwards that epoch's record with NaN objectives and the trial raises `TrialDiverged` there,
+  so Tune records it as errored and Optuna as failed at that epoch;
+- *infrastructure*: the tracking server, run storage or Ray failed under it. Such a failure is
+  retried inside the trial (the inner Train run resumes from its checkpoint); when the retries
+  are used up the trial reports ``mvtcae/failure_kind = infrastructure`` and raises
+  `TrialInfrastructureError`: the searcher records the reason and runs the same parameters
+  again instead of counting the trial against the budget.
+
+MLflow logging goes through `mvtcae.run_logger.RunLogger`, so an outage delays metrics but
+never fails a trial, and a failure handler never hides the original error.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -17,15 +31,27 @@ from typing import Any
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from mvtcae import storage
+from mvtcae.nonfinite import NonFiniteError
+from mvtcae.redaction import redact_text
+from mvtcae.run_logger import SPOOL_DIR, RunLogger, mlflow_client, retry_until
+
+logger = logging.getLogger(__name__)
 
 RUN_ID_KEY = "mlflow_run_id"
 TRIAL_TAG = "mvtcae.tune.trial_id"
 SWEEP_TAG = "mvtcae.tune.sweep"
 PARENT_TAG = "mlflow.parentRunId"
+FAILURE_KIND_KEY = "mvtcae/failure_kind"
+FAILURE_KEY = "mvtcae/failure"
+INFRASTRUCTURE = "infrastructure"
 
 
 class TrialDiverged(RuntimeError):
     """A trial's loss or objective became NaN or infinite."""
+
+
+class TrialInfrastructureError(RuntimeError):
+    """A trial failed because of the tracking server, run storage or Ray, not its parameters."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +68,8 @@ class SweepContext:
     epoch_eval: dict[str, Any]
     objectives: tuple[str, ...]
     final_eval: bool
+    tracking_grace_s: float = 120.0
+    infra_retries: int = 2
 
 
 def to_val_names(metrics: dict[str, float]) -> dict[str, float]:
@@ -49,13 +77,27 @@ def to_val_names(metrics: dict[str, float]) -> dict[str, float]:
     return {"val/" + k.removeprefix("eval/"): float(v) for k, v in metrics.items()}
 
 
+def _spool_location(context: SweepContext, trial_name: str) -> str:
+    return storage.join(context.base_config["train"]["storage_path"], trial_name, SPOOL_DIR)
+
+
 class EpochEvaluationCallback(TuneReportCallback):
     """Evaluate each epoch's checkpoint on the validation split, then report to Tune and MLflow."""
 
-    def __init__(self, context: SweepContext, run_id: str) -> None:
+    def __init__(self, context: SweepContext, run_id: str, trial_name: str) -> None:
         super().__init__()
         self.context = context
         self.run_id = run_id
+        self.trial_name = trial_name
+        self._tracker: RunLogger | None = None
+
+    @property
+    def tracker(self) -> RunLogger:
+        # Built lazily, in the Train controller's process that runs the callback.
+        if self._tracker is None:
+            spool = _spool_location(self.context, self.trial_name)
+            self._tracker = RunLogger(self.context.tracking_uri, self.run_id, spool=spool)
+        return self._tracker
 
     def after_report(
         self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any
@@ -63,12 +105,16 @@ class EpochEvaluationCallback(TuneReportCallback):
         """Merge rank 0's metrics with the validation measures of the reported checkpoint."""
         merged = dict(metrics[0])
         merged[RUN_ID_KEY] = self.run_id
-        if checkpoint is not None:
+        epoch = int(merged.get("epoch", 0))
+        if NonFiniteError.from_report(merged) is not None:
+            # Stopped at a non-finite step: the objectives are not defined for this epoch.
+            merged.update(dict.fromkeys(self.context.objectives, math.nan))
+        elif checkpoint is not None:
             root = self.context.base_config["train"]["storage_path"]
             merged["checkpoint_path"] = storage.location_of(root, checkpoint.path)
             measures = self._evaluate(checkpoint)
             merged.update(measures)
-            self._log(measures, int(merged.get("epoch", 0)))
+            self.tracker.log_metrics(measures, epoch)
         self._training_actor_item_queue.put(merged)
 
     def _evaluate(self, checkpoint: Any) -> dict[str, float]:
@@ -85,26 +131,13 @@ class EpochEvaluationCallback(TuneReportCallback):
             report = evaluate(model, self.context.dataset_dir, cfg, split=self.context.val_split)
             return to_val_names(report.metrics)
         except Exception as err:  # a diverged model breaks the probe/NLL: report, don't crash
-            print(f"[mvtcae.tune] validation measures failed: {type(err).__name__}: {err}")
+            logger.warning("validation measures failed: %s: %s", type(err).__name__, err)
             return {name: math.nan for name in self.context.objectives}
-
-    def _log(self, measures: dict[str, float], epoch: int) -> None:
-        from mlflow.entities import Metric
-        from mlflow.tracking import MlflowClient
-
-        now = int(time.time() * 1000)
-        entries = [Metric(k, v, now, epoch) for k, v in measures.items() if math.isfinite(v)]
-        if entries:
-            MlflowClient(tracking_uri=self.context.tracking_uri).log_batch(
-                self.run_id, metrics=entries
-            )
 
 
 def start_child_run(context: SweepContext, trial_id: str, params: dict[str, Any]) -> str:
     """Create the trial's MLflow run nested under the sweep's parent run; log its sampled values."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=context.tracking_uri)
+    client = mlflow_client(context.tracking_uri)
     run = client.create_run(
         context.experiment_id,
         run_name=f"{context.sweep_name}-{trial_id}",
@@ -126,29 +159,130 @@ def check_finite(metrics: dict[str, Any], names: tuple[str, ...], where: str) ->
             raise TrialDiverged(f"{where}: {name} is {value}; the trial diverged")
 
 
+def is_infrastructure_error(error: BaseException) -> bool:
+    """Whether ``error`` (or what caused it) is a failure of the tracking server, run storage
+    or Ray rather than of the trial's parameters or code."""
+    import ray.exceptions
+
+    infrastructure = (
+        OSError,  # storage I/O, unreachable servers (ConnectionError, TimeoutError)
+        ray.exceptions.RayActorError,
+        ray.exceptions.ObjectLostError,
+        ray.exceptions.NodeDiedError,
+        ray.exceptions.RaySystemError,
+    )
+    seen: set[int] = set()
+    stack = [error]
+    while stack:
+        err = stack.pop()
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        if isinstance(err, TrialDiverged | NonFiniteError):
+            return False
+        if isinstance(err, infrastructure):
+            return True
+        stack.extend([err.__cause__, err.__context__])
+        failures = getattr(err, "worker_failures", None)  # Ray Train's WorkerGroupError
+        if isinstance(failures, dict):
+            stack.extend(failures.values())
+    return False
+
+
 def run_trial(params: dict[str, Any], context: SweepContext) -> None:
     """Tune function: train one configuration with Ray Train inside an MLflow child run."""
     import ray.tune
-    from mlflow.tracking import MlflowClient
 
-    from mvtcae import tracking
     from mvtcae.tune import trial_config
 
     trial_id = ray.tune.get_context().get_trial_id()
-    run_id = start_child_run(context, trial_id, params)
-    client = MlflowClient(tracking_uri=context.tracking_uri)
+    trial_name = f"{context.sweep_name}-{trial_id}"
+    try:
+        run_id = retry_until(lambda: start_child_run(context, trial_id, params),
+                             f"trial {trial_id}: creating its MLflow run",
+                             context.tracking_grace_s)  # fmt: skip
+    except Exception as err:
+        _give_up_on_infrastructure(context, trial_id, err)
+    tracker = RunLogger(context.tracking_uri, run_id,
+                        spool=_spool_location(context, trial_name))  # fmt: skip
     try:
         cfg = trial_config(context.base_config, params, source=f"trial {trial_id} {params}")
-        tracking.log_config(cfg.to_dict(), run_id=run_id, tracking=cfg.tracking)
-        result = _fit(cfg, context, trial_id, run_id)
+        _log_config(cfg, context, run_id)
+        result = _fit_with_retries(cfg, context, trial_id, run_id, trial_name)
         check_finite(result.metrics or {}, ("train/loss", "val/loss"), f"trial {trial_id}")
         if context.final_eval and result.checkpoint is not None:
-            _final_evaluation(cfg, context, result.checkpoint, run_id)
+            _final_evaluation(cfg, context, result.checkpoint, tracker)
     except BaseException as err:
-        client.set_tag(run_id, "mvtcae.tune.error", f"{type(err).__name__}: {err}"[:5000])
-        client.set_terminated(run_id, status="FAILED")
+        _end(tracker, "FAILED", err)
+        if is_infrastructure_error(err):
+            _give_up_on_infrastructure(context, trial_id, err)
         raise
-    client.set_terminated(run_id, status="FINISHED")
+    _end(tracker, "FINISHED")
+
+
+def _log_config(cfg: Any, context: SweepContext, run_id: str) -> None:
+    from mvtcae import tracking
+
+    retry_until(lambda: tracking.log_config(cfg.to_dict(), run_id=run_id, tracking=cfg.tracking),
+                "logging the trial's config", context.tracking_grace_s)  # fmt: skip
+
+
+def _fit_with_retries(cfg: Any, context: SweepContext, trial_id: str, run_id: str,
+                      trial_name: str) -> Any:  # fmt: skip
+    """Fit, retrying infrastructure failures; a retry resumes the inner run's last checkpoint.
+    A run whose workers stopped on non-finite values raises TrialDiverged."""
+    from mvtcae.train import raise_for_stop, read_stop_record
+
+    run_dir = storage.join(context.base_config["train"]["storage_path"], trial_name)
+    for attempt in range(context.infra_retries + 1):
+        try:
+            result = _fit(cfg, context, trial_id, run_id)
+            try:
+                raise_for_stop(read_stop_record(run_dir))
+            except NonFiniteError as failure:
+                raise TrialDiverged(f"trial {trial_id}: {failure}") from failure
+            return result
+        except Exception as err:
+            if attempt == context.infra_retries or not is_infrastructure_error(err):
+                raise
+            wait = 5.0 * 2**attempt
+            logger.warning(
+                "trial %s: infrastructure failure (%s: %s); retry %d of %d in %.0f s",
+                trial_id, type(err).__name__, redact_text(str(err))[:300],
+                attempt + 1, context.infra_retries, wait,
+            )  # fmt: skip
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def _give_up_on_infrastructure(context: SweepContext, trial_id: str, err: BaseException) -> None:
+    """Tell Tune (and so the searcher) that the trial failed for an infrastructure reason."""
+    import ray.tune
+
+    reason = redact_text(f"{type(err).__name__}: {err}")[:1000]
+    ray.tune.report(
+        {FAILURE_KIND_KEY: INFRASTRUCTURE, FAILURE_KEY: reason,
+         **dict.fromkeys(context.objectives, math.nan)}
+    )  # fmt: skip
+    raise TrialInfrastructureError(f"trial {trial_id}: {reason}") from err
+
+
+def _end(tracker: RunLogger, status: str, error: BaseException | None = None) -> None:
+    """Record the outcome on the child run; a tracking failure here never hides ``error``."""
+    if error is not None:
+        message = redact_text(f"{type(error).__name__}: {error}")[:5000]
+        tracker.set_tags({"mvtcae.tune.error": message})
+    tracker.close(tracker_grace(tracker))
+    try:
+        mlflow_client(tracker.tracking_uri).set_terminated(tracker.run_id, status=status)
+    except Exception as tracking_error:  # noqa: BLE001
+        logger.warning("could not mark MLflow run %s %s: %s", tracker.run_id, status,
+                       type(tracking_error).__name__)  # fmt: skip
+
+
+def tracker_grace(tracker: RunLogger) -> float:
+    """How long a trial waits, at its end, for an unreachable tracking server."""
+    return 30.0 if tracker.pending else 0.0
 
 
 def _fit(cfg: Any, context: SweepContext, trial_id: str, run_id: str) -> Any:
@@ -158,19 +292,19 @@ def _fit(cfg: Any, context: SweepContext, trial_id: str, run_id: str) -> Any:
     from mvtcae.train import build_trainer
 
     manifest = load_manifest(context.dataset_dir)
+    name = f"{context.sweep_name}-{trial_id}"
     trainer = build_trainer(
-        cfg, f"{context.sweep_name}-{trial_id}", Path(context.dataset_dir), manifest,
-        run_id, context.tracking_uri, callbacks=[EpochEvaluationCallback(context, run_id)],
+        cfg, name, Path(context.dataset_dir), manifest,
+        run_id, context.tracking_uri, callbacks=[EpochEvaluationCallback(context, run_id, name)],
     )  # fmt: skip
     return trainer.fit()
 
 
-def _final_evaluation(cfg: Any, context: SweepContext, checkpoint: Any, run_id: str) -> None:
+def _final_evaluation(cfg: Any, context: SweepContext, checkpoint: Any, tracker: RunLogger) -> None:
     """Evaluate the trial's last checkpoint (a Ray ``Checkpoint``) on the test split and log it
     to the child run."""
     import torch
 
-    from mvtcae import tracking
     from mvtcae.checkpoint import load_model, read_trainer_state
     from mvtcae.evaluate import evaluate
 
@@ -180,4 +314,4 @@ def _final_evaluation(cfg: Any, context: SweepContext, checkpoint: Any, run_id: 
         model = load_model(checkpoint_dir)
         step = read_trainer_state(checkpoint_dir).epoch
     report = evaluate(model, context.dataset_dir, eval_cfg, split="test")
-    tracking.log_evaluation(report, run_id=run_id, tracking=cfg.tracking, step=step)
+    tracker.log_metrics(report.metrics, step)
