@@ -32,7 +32,6 @@ def run(spec: SweepSpec, *, resume: bool) -> SweepResult:
     parent_run_id = _open_parent_run(spec, resume)
     ensure_ray_for_sweep(spec)
     context = _context(spec, dataset_dir, manifest, parent_run_id)
-    tune_study.remember_storage(spec.study_name, storage)
     grid = _tuner(spec, context, storage, resume).fit()
     study = optuna.load_study(study_name=spec.study_name, storage=storage)
     finished = tune_study.sweep_done(study, spec.tune.num_samples, spec.tune.max_infra_replacements)

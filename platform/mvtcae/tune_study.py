@@ -3,41 +3,64 @@
 from __future__ import annotations
 
 import math
-import pickle
 import warnings
 from pathlib import Path
 from typing import Any
 
+import optuna
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from mvtcae.redaction import redact_text
 from mvtcae.tune_trial import FAILURE_KEY, FAILURE_KIND_KEY, INFRASTRUCTURE
 
 TUNE_TRIAL_ATTR = "tune_trial_id"
 RUN_ID_ATTR = "mlflow_run_id"
 FAILURE_ATTR = "failure"
-# Open study storages of this process by study name: a restored searcher reattaches to its
-# study through this instead of a pickled storage URL (which may hold a password).
+# The study storages this process opened, by their URL with credentials masked. A storage
+# pickles (into Tune's tuner.pkl and searcher state) as a lookup here by that key, never as
+# its URL, which may hold a password; a resumed sweep opens the storage again first.
 _STORAGES: dict[str, Any] = {}
 
 
-def remember_storage(study_name: str, storage: Any) -> None:
-    """Make ``storage`` the one a searcher of ``study_name`` restored in this process uses."""
-    _STORAGES[study_name] = storage
-
-
 def open_storage(url: str) -> Any:
-    """An Optuna RDBStorage for a SQLAlchemy URL (creating a SQLite file's folder)."""
-    import optuna
-
+    """An Optuna RDB storage for a SQLAlchemy URL (creating a SQLite file's folder), registered
+    in this process so that pickling it writes no credential."""
     if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
+        Path(url.removeprefix("sqlite:///").split("?", 1)[0]).parent.mkdir(
+            parents=True, exist_ok=True
+        )
+    storage = _SweepStorage(url, engine_kwargs=_engine_kwargs(url))
+    _STORAGES[storage.key] = storage
+    return storage
+
+
+def registered_storage(key: str) -> Any:
+    """The storage this process opened for the (masked) URL ``key``."""
+    try:
+        return _STORAGES[key]
+    except KeyError:
+        raise RuntimeError(
+            f"no open study storage {key!r} in this process: open_storage(url) must run before "
+            "a saved searcher is restored"
+        ) from None
 
 
 def _engine_kwargs(url: str) -> dict[str, Any]:
     # Tune's driver and optuna-dashboard read while the driver writes: wait instead of failing.
     return {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+
+
+class _SweepStorage(optuna.storages.RDBStorage):
+    """An RDBStorage that pickles as a reference to this process's open storage."""
+
+    @property
+    def key(self) -> str:
+        """The storage URL with credentials masked."""
+        return redact_text(self.url)
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return registered_storage, (self.key,)
 
 
 class RecordingOptunaSearch(OptunaSearch):
@@ -93,29 +116,6 @@ class RecordingOptunaSearch(OptunaSearch):
             self._completed_trials.add(trial_id)
             return
         super().on_trial_complete(trial_id, result, error)
-
-    def save(self, checkpoint_path: str) -> None:
-        """Save the searcher's state without its study storage (whose URL may hold a password)."""
-        state = self.__dict__.copy()
-        state["_ot_study"] = None
-        state["_storage"] = None
-        with open(checkpoint_path, "wb") as handle:
-            pickle.dump(state, handle)
-
-    def restore(self, checkpoint_path: str) -> None:
-        """Restore a saved searcher and reattach its study (see `remember_storage`)."""
-        import optuna
-
-        super().restore(checkpoint_path)
-        storage = _STORAGES.get(self._study_name)
-        if storage is None:
-            raise RuntimeError(
-                f"no open storage for study {self._study_name!r}: call remember_storage first"
-            )
-        self._storage = storage
-        self._ot_study = optuna.load_study(
-            study_name=self._study_name, storage=storage, sampler=self._sampler
-        )
 
     def _values(self, result: dict | None) -> list[float] | None:
         metrics = self._metric if isinstance(self._metric, list) else [self._metric]

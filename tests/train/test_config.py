@@ -123,3 +123,25 @@ def test_cli_prints_the_validated_config_and_names_bad_fields() -> None:
     bad = runner.invoke(main, ["train", "--set", "train.num_workers=0", "--print-config"])
     assert bad.exit_code == 2
     assert "train.num_workers" in bad.output
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("name=..", "name"),
+        ("name=../elsewhere", "name"),
+        ("name=/abs", "name"),
+        ("train.run_name=a/b", "train.run_name"),
+        ("train.run_name=..", "train.run_name"),
+    ],
+)
+def test_run_names_that_could_leave_run_storage_are_refused(override: str, field: str) -> None:
+    with pytest.raises(ConfigError, match=rf"{field}: .*not allowed"):
+        load_config(None, [override])
+
+
+def test_a_study_name_that_could_leave_run_storage_is_refused(tmp_path: Path) -> None:
+    from mvtcae.tune import load_tune_config
+
+    with pytest.raises(ConfigError, match=r"tune\.study_name.*not allowed"):
+        load_tune_config(None, ["tune.study_name=../other"])

@@ -51,7 +51,8 @@ def test_a_run_checkpoints_evaluates_registers_and_resumes_on_s3(
     result = train(cfg)
 
     assert result.run_dir == storage.join(root, result.run_name)
-    assert storage.list_dirs(root) == [result.run_name]
+    assert storage.list_dirs(root) == [result.run_name, "mvtcae_runs"]  # the run and its index
+    assert storage.is_file(storage.join(root, "mvtcae_runs", cfg.name, f"{result.run_name}.json"))
     state = json.loads(storage.read_text(storage.join(result.run_dir, RUN_STATE_FILE)))
     assert state["mlflow_run_id"] == result.run_id
     checkpoints = [d for d in storage.list_dirs(result.run_dir) if d.startswith("checkpoint_")]

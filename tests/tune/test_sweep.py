@@ -181,3 +181,29 @@ def test_existing_sweep_is_not_started_over(sweep):
     spec = sweep[0]
     with pytest.raises(ConfigError, match="--resume"):
         run_sweep(spec)
+
+
+def test_a_diverged_trial_fails_at_the_epoch_it_diverged(sweep):
+    import optuna
+
+    spec, _, _, final = sweep
+    client = _client(spec)
+    parent = client.get_run(final.parent_run_id)
+    children = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{final.parent_run_id}'",
+    )
+    (diverged,) = [
+        c for c in children
+        if float(c.data.params.get("train.optimizer.lr", "0")) == NAN_LR
+        and c.info.status == "FAILED"
+    ]  # fmt: skip
+    error = diverged.data.tags["mvtcae.tune.error"]
+    assert "TrialDiverged" in error and "non-finite values at epoch 1, step" in error
+    assert "epoch 1, step" in diverged.data.tags["mvtcae.nonfinite"]
+    # Stopped inside epoch 1: no epoch was completed, evaluated or checkpointed.
+    assert client.get_metric_history(diverged.info.run_id, "train/loss") == []
+    assert client.get_metric_history(diverged.info.run_id, "val/joint_nll") == []
+    (trial,) = [t for t in _study(spec).get_trials() if t.params["train.optimizer.lr"] == NAN_LR]
+    assert trial.state == optuna.trial.TrialState.FAIL
+    assert not trial.intermediate_values
