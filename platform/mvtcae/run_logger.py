@@ -161,7 +161,10 @@ class RunLogger:
             return True
         waiting = time.monotonic() - self._last_attempt < self.retry_interval_s
         if not force and self._down_since is not None and waiting:
-            return False  # the server was down a moment ago: do not stall every call
+            # Down a moment ago: do not stall this call on another attempt, but keep the spool
+            # current, in case this process ends before the server is back.
+            self._write_spool()
+            return False
         self._last_attempt = time.monotonic()
         try:
             send(self.tracking_uri, self.run_id, self.pending)

@@ -1,0 +1,68 @@
+"""RunLogger against a real ``mlflow server`` that is down, then up: nothing is lost, nothing
+raises, what is pending is spooled to run storage and delivered later; bounded retries."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from mvtcae.run_logger import RunLogger, TrackingUnavailableError, flush_spools, retry_until
+from testkit import MlflowServer
+
+pytestmark = pytest.mark.slow
+
+
+def _new_run(uri: str) -> str:
+    client = MlflowClient(tracking_uri=uri)
+    return client.create_run(client.create_experiment(f"e{time.time_ns()}")).info.run_id
+
+
+def test_metrics_survive_an_outage_and_a_lost_process(tmp_path: Path):
+    server = MlflowServer(tmp_path / "server").start()
+    try:
+        run_id = _new_run(server.uri)
+        spool = str(tmp_path / "run" / "unsent_tracking")
+        logger = RunLogger(server.uri, run_id, spool=spool, retry_interval_s=0.5)
+        logger.log_metrics({"train/loss": 3.0}, step=1)
+        assert not logger.pending
+        server.stop()
+
+        started = time.monotonic()
+        logger.log_metrics({"train/loss": 2.0, "val/loss": math.nan}, step=2)  # must not raise
+        logger.log_metrics({"train/loss": 1.5}, step=3)
+        assert time.monotonic() - started < 20  # bounded: no minutes of HTTP retries
+        assert len(logger.pending.metrics) == 2 and "mvtcae.nonfinite.step_2" in logger.pending.tags
+        (spooled,) = list(Path(spool).glob("*.json"))
+        assert len(json.loads(spooled.read_text())["metrics"]) == 2
+        assert logger.close(grace_s=1.0) == 3  # still down: kept, not dropped
+        del logger  # the process "dies" here; the spool remains
+
+        server.start()
+        assert flush_spools(spool, server.uri, grace_s=30) == 0
+        assert not list(Path(spool).glob("*.json"))
+        client = MlflowClient(tracking_uri=server.uri)
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "train/loss"))
+        assert history == [(1, 3.0), (2, 2.0), (3, 1.5)]
+        assert client.get_run(run_id).data.tags["mvtcae.nonfinite.step_2"] == "val/loss=nan"
+    finally:
+        server.stop()
+
+
+def test_retry_until_gives_up_with_a_clear_error_after_its_grace():
+    calls = []
+
+    def down() -> None:
+        calls.append(time.monotonic())
+        raise ConnectionRefusedError("connection refused")
+
+    with pytest.raises(
+        TrackingUnavailableError, match="registering: MLflow did not answer for 1 s"
+    ):
+        retry_until(down, "registering", grace_s=1.0, interval_s=0.2)
+    assert len(calls) >= 2
+    assert retry_until(lambda: 42, "anything", grace_s=1.0) == 42
