@@ -527,6 +527,21 @@ def _set_alias_once(client: MlflowClient, name: str, alias: str, version: int) -
         logger.info("alias %s@%s not set (%s)", name, alias, err)
 
 
+def _racing(call: Any, tries: int = 3) -> None:
+    """A tag write that concurrent registrations may also be making (to the same run, or to the
+    former champion): the store's insert-or-update can lose a race on its unique key, and
+    another try wins."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(tries):
+        try:
+            call()
+            return
+        except MlflowException:
+            if attempt == tries - 1:
+                raise
+
+
 def promote_if_better(
     cfg: TrackingConfig,
     version: int,
@@ -571,12 +586,14 @@ def promote_if_better(
     for key, value in tags.items():
         client.set_model_version_tag(name, str(version), key, value)
     if promoted and champion_version is not None and champion_version != version:
-        client.set_model_version_tag(name, str(champion_version), "role", "former_champion")
+        _racing(lambda: client.set_model_version_tag(
+            name, str(champion_version), "role", "former_champion"
+        ))  # fmt: skip
     if not promoted:
         _set_alias_once(client, name, CHALLENGER, version)
     if run_id is not None:
-        client.set_tag(run_id, "promotion.decision", comparison["decision"])
-        client.set_tag(run_id, "registered_model", f"{name}/{version}")
+        _racing(lambda: client.set_tag(run_id, "promotion.decision", comparison["decision"]))
+        _racing(lambda: client.set_tag(run_id, "registered_model", f"{name}/{version}"))
     return RegisteredVersion(
         name=name,
         version=version,
