@@ -36,8 +36,10 @@ bench-model: install ## Benchmark the model's loss step and joint NLL
 bench-data: install ## Benchmark Ray Data vs pyarrow reading and streaming memory
 	$(BIN)/python jobs/bench_data.py
 
-demo: install ## The main job: prepare PolyMNIST, train 2 Ray workers, evaluate, register, summarise
-	$(BIN)/python jobs/train.py $(ARGS)
+CONFIG ?= jobs/configs/demo.yaml
+
+demo: install ## The main job: mfeat, 2 Ray workers, evaluate, register, summarise (CONFIG=... for PolyMNIST)
+	$(BIN)/python jobs/train.py --config $(CONFIG) $(ARGS)
 
 bench-train: install ## Ray Train (1/2 workers, fp32/bf16) vs a plain PyTorch loop: samples/s
 	$(BIN)/python jobs/bench_train.py $(ARGS)
@@ -55,10 +57,18 @@ optuna-dashboard: install ## Live view of the sweeps' Optuna studies on http://1
 bench-tune: install ## Tune overhead of a small sweep, and TPE against random search over seeds
 	$(BIN)/python jobs/bench_tune.py $(ARGS)
 
+bench-learning: install ## Coherence and probe against training time for candidate demo settings
+	$(BIN)/python jobs/bench_learning.py $(ARGS)
+
+REPRODUCE_CONFIG ?= jobs/configs/reproduce_cpu.yaml
+
+reproduce: install ## The paper's PolyMNIST and mfeat settings, then a results table (REPRODUCE_CONFIG=...)
+	$(BIN)/python jobs/reproduce.py --config $(REPRODUCE_CONFIG) $(ARGS)
+
 clean: ## Remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache
 
-.PHONY: help install test lint bench-model bench-data demo bench-train clean
+.PHONY: help install test lint bench-model bench-data demo bench-train bench-tune bench-learning reproduce clean
 
 # --- Ray cluster: a local head + second node + MLflow server, and job submission -------------
 # (docs/cluster.md). Everything binds to 127.0.0.1; processes are stopped by their PIDs.

@@ -65,7 +65,8 @@ def _config(data_dir: Path, rows: int, networks: str, latent: int, batch: int, e
         DEMO_CONFIG,
         [
             f"name=bench-{networks}-{workers}w-{precision}",
-            f"data.dir={data_dir}", f"data.n_train={rows}", "data.n_test=512",
+            "data.dataset=polymnist", f"data.dir={data_dir}", f"data.n_train={rows}",
+            "data.n_test=512",
             f"model.latent_dim={latent}", f"model.networks={networks}",
             f"train.epochs={epochs}", f"train.batch_size={batch}", f"train.num_workers={workers}",
             "train.use_gpu=false", f"train.resources_per_worker={{CPU: {cpus}}}",

@@ -19,6 +19,7 @@ Rows missing a modality that a measure needs are left out of that measure.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
     import torch
 
     from mvtcae import MVTCAE
+
+logger = logging.getLogger(__name__)
 
 
 class EvalConfig(BaseModel):
@@ -60,12 +63,18 @@ class EvalConfig(BaseModel):
         default=None,
         description="None: $MVTCAE_CACHE_DIR/classifiers or ~/.cache/mvtcae/classifiers",
     )
-    nll_K: int = Field(default=1000, ge=1)
-    nll_batch_size_K: int = Field(default=100, ge=1)
-    nll_max_samples: int = Field(default=100, ge=1)
+    nll_K: int = Field(
+        default=1000, ge=1,
+        description="importance samples per row: the joint NLL costs nll_max_samples x nll_K x M "
+        "decoder passes",
+    )  # fmt: skip
+    nll_batch_size_K: int = Field(default=100, ge=1, description="samples per vectorised step")
+    nll_max_samples: int = Field(default=100, ge=1, description="rows of the likelihood estimates")
     nll_subsets_per_size: int | None = Field(
-        default=1, ge=0, description="subset proposals per size k for joint_nll_<k>; 0 disables"
-    )
+        default=1, ge=0,
+        description="subset proposals per size k for joint_nll_<k> (0 disables): each costs as "
+        "much as the joint NLL, M subsets at 1 per size",
+    )  # fmt: skip
     grid_samples: int = Field(default=8, ge=1)
     projection: Literal["pca", "tsne"] = "pca"
     projection_samples: int = Field(default=1000, ge=10)
@@ -102,6 +111,39 @@ class EvalReport:
         return path
 
 
+# ----------------------------------------------------------------------------- cost
+
+
+def _subsets(m: int, k: int, limit: int | None) -> int:
+    count = math.comb(m, k)
+    return count if limit is None else min(count, limit)
+
+
+def evaluation_cost(cfg: EvalConfig, modalities: int, rows: int) -> dict[str, int]:
+    """What an evaluation will compute, in network passes per sample (the cost is about
+    proportional): decoder passes for coherence and the likelihoods, encoder passes for the
+    probe. ``rows`` is the number of evaluated rows (at most ``max_samples``)."""
+    m, limit = modalities, cfg.max_subsets_per_size
+    cost: dict[str, int] = {}
+    if cfg.coherence and m > 1:
+        cost["coherence decoder passes"] = rows * sum(
+            _subsets(m, k, limit) * (m - k) for k in range(1, m)
+        )
+    if cfg.latent_accuracy:
+        probe_rows = cfg.probe_train_samples + rows
+        cost["probe encoder passes"] = probe_rows * sum(
+            _subsets(m, k, limit) * k for k in range(1, m + 1)
+        )
+    if cfg.joint_nll:
+        nll_rows = min(rows, cfg.nll_max_samples)
+        per_estimate = nll_rows * cfg.nll_K * m
+        subsets = sum(_subsets(m, k, cfg.nll_subsets_per_size or 0) for k in range(1, m + 1))
+        cost["joint NLL decoder passes"] = per_estimate
+        if subsets:
+            cost["subset NLL decoder passes"] = per_estimate * subsets
+    return cost
+
+
 # ----------------------------------------------------------------------------- entry point
 
 
@@ -124,8 +166,16 @@ def evaluate(
     model = model.to(device).eval()
     test = measures.load_eval_split(dataset_dir, split, cfg.max_samples, cfg.seed)
     measures.check_modalities(model, test, dataset_dir)
+    cost = evaluation_cost(cfg, len(model.modalities), len(test))
+    logger.info("evaluation on %d %s rows: %s", len(test), split,
+                ", ".join(f"{k} {v:,}" for k, v in cost.items()))  # fmt: skip
     report = EvalReport(
-        details={"split": split, "rows": len(test), "config": cfg.model_dump(mode="json")}
+        details={
+            "split": split,
+            "rows": len(test),
+            "config": cfg.model_dump(mode="json"),
+            "cost": cost,
+        }  # fmt: skip
     )
     fork_devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):
@@ -138,6 +188,19 @@ def evaluate(
             report.details["joint_nll_by_subset"] = details
         if cfg.plots and out_dir is not None:
             report.plots = measures.make_plots(model, test, cfg, Path(out_dir) / "plots", device)
+            trend = _trend_plot(report.metrics, dataset_dir, Path(out_dir) / "plots")
+            if trend is not None:
+                report.plots["trend"] = trend
     if out_dir is not None:
         report.save_json(Path(out_dir) / "evaluation.json")
     return report
+
+
+def _trend_plot(metrics: dict[str, float], dataset_dir: str | Path, plots_dir: Path) -> Path | None:
+    """The coherence / latent-probe trend by number of conditioning modalities."""
+    from mvtcae.data import load_manifest
+    from mvtcae.plots import save_trend_plot
+
+    manifest = load_manifest(dataset_dir)
+    title = f"{manifest.name}: by number of conditioning modalities"
+    return save_trend_plot(metrics, manifest.num_classes, plots_dir / "trend.png", title)

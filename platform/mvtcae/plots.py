@@ -97,3 +97,40 @@ def save_latent_projection(
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90, bbox_inches="tight")
     return path
+
+
+def save_trend_plot(
+    metrics: Mapping[str, float], num_classes: int | None, path: Path, title: str = ""
+) -> Path | None:
+    """Coherence and latent-probe accuracy against the number of conditioning modalities,
+    chance (1 / classes) marked; None when the metrics hold neither measure."""
+    series = {}
+    for name, prefix in (("coherence", "eval/coherence_"), ("latent probe", "eval/latent_acc_")):
+        points = sorted(
+            (int(k.removeprefix(prefix)), v)
+            for k, v in metrics.items()
+            if k.startswith(prefix) and k.removeprefix(prefix).isdigit() and np.isfinite(v)
+        )
+        if points:
+            series[name] = points
+    if not series:
+        return None
+    fig = Figure(figsize=(5.2, 3.6))
+    ax = fig.subplots()
+    for (name, points), marker in zip(series.items(), ("o", "s"), strict=False):
+        ks, values = zip(*points, strict=True)
+        ax.plot(ks, values, marker=marker, label=name)
+    if num_classes:
+        ax.axhline(1.0 / num_classes, color="grey", linestyle="--", linewidth=1,
+                   label=f"chance (1/{num_classes})")  # fmt: skip
+    ax.set_xlabel("conditioning modalities")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0.0, 1.0)
+    all_k = sorted({k for points in series.values() for k, _ in points})
+    ax.set_xticks(all_k)
+    ax.set_title(title or "coherence and latent probe by number of modalities")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path

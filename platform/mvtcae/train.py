@@ -568,6 +568,7 @@ class TrainResult:
     tracking_uri: str | None = None
     wall_time_s: float = 0.0
     candidates: list[str] = field(default_factory=list)
+    trend_plot: str | None = None
 
 
 def prepare_dataset(cfg: ExperimentConfig) -> tuple[Path, Any]:
@@ -822,6 +823,9 @@ def _evaluate_and_register(cfg: ExperimentConfig, out: TrainResult, dataset_dir:
     out.eval_metrics = {k: float(v) for k, v in report.metrics.items()}
     step = int(out.final_metrics.get("epoch", 0))
     grace = cfg.tracking.outage_grace_s
+    if "trend" in report.plots:
+        relative = Path(report.plots["trend"]).relative_to(task_out_dir).as_posix()
+        out.trend_plot = storage.join(eval_dir, relative)
     with storage.local_directory(eval_dir) as local_eval:
         report.plots = {
             k: local_eval / Path(p).relative_to(task_out_dir) for k, p in report.plots.items()
@@ -883,6 +887,8 @@ def format_summary(result: TrainResult) -> str:
         rows.append(("best checkpoint", str(result.best_checkpoint)))
     for key, value in sorted(result.eval_metrics.items()):
         rows.append((key, f"{value:.4g}"))
+    if result.trend_plot is not None:
+        rows.append(("trend plot", f"{result.trend_plot}  (MLflow: evaluation/plots/trend.png)"))
     reg = result.registered
     if reg is not None:
         rows.append(("registered model", f"{reg.name} v{reg.version}"))

@@ -100,11 +100,14 @@ def test_evaluate_reports_every_measure_and_writes_plots(dataset, trained, tmp_p
         assert report.metrics[f"eval/latent_acc_{k}"] > 0.6
     assert 0.0 <= report.metrics["eval/coherence_1"] <= 1.0
 
-    assert set(report.plots) == {"reconstruction", "cross_modal_img", "latent_projection"}
+    assert set(report.plots) == {"reconstruction", "cross_modal_img", "latent_projection", "trend"}
     for path in report.plots.values():
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report.plots["trend"] == tmp_path / "out" / "plots" / "trend.png"
     saved = json.loads((tmp_path / "out" / "evaluation.json").read_text())
     assert saved["metrics"] == pytest.approx(report.metrics)
+    cost = saved["details"]["cost"]  # what the evaluation computed, stated up front
+    assert cost["coherence decoder passes"] > 0 and cost["joint NLL decoder passes"] > 0
     assert set(saved["details"]["coherence_by_subset"]) == {
         "img",
         "vec",
@@ -223,3 +226,32 @@ def test_cli_refuses_a_missing_model(dataset, tmp_path):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2
     assert "no model_config.json" in result.output
+
+
+def test_trend_plot_marks_chance_and_needs_a_measure(tmp_path):
+    from matplotlib.image import imread
+
+    from mvtcae.plots import save_trend_plot
+
+    metrics = {"eval/coherence_1": 0.4, "eval/coherence_2": 0.6, "eval/latent_acc_1": 0.7,
+               "eval/latent_acc_2": 0.8, "eval/latent_acc_3": 0.85, "eval/joint_nll": 12.0,
+               "eval/coherence_mean": 0.5}  # fmt: skip
+    path = save_trend_plot(metrics, 4, tmp_path / "trend.png")
+    assert path is not None and imread(path).shape[2] in (3, 4)
+    assert save_trend_plot({"eval/joint_nll": 1.0}, 4, tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()
+
+
+def test_evaluation_cost_counts_the_work_of_each_measure():
+    from mvtcae.evaluate import EvalConfig, evaluation_cost
+
+    cfg = EvalConfig(max_subsets_per_size=None, probe_train_samples=100, nll_K=10,
+                     nll_max_samples=20, nll_subsets_per_size=1)  # fmt: skip
+    cost = evaluation_cost(cfg, modalities=3, rows=50)
+    # coherence: k=1 -> 3 subsets x 2 targets, k=2 -> 3 subsets x 1 target, per row
+    assert cost["coherence decoder passes"] == 50 * (3 * 2 + 3 * 1)
+    assert cost["probe encoder passes"] == 150 * (3 * 1 + 3 * 2 + 1 * 3)
+    assert cost["joint NLL decoder passes"] == 20 * 10 * 3
+    assert cost["subset NLL decoder passes"] == 20 * 10 * 3 * 3
+    off = EvalConfig(coherence=False, latent_accuracy=False, nll_subsets_per_size=0)
+    assert set(evaluation_cost(off, 3, 50)) == {"joint NLL decoder passes"}

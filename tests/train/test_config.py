@@ -30,7 +30,7 @@ def test_embedded_defaults_are_the_demo() -> None:
     assert demo.model == defaults.model
     assert demo.train.epochs == defaults.train.epochs
     assert demo.train.num_workers == defaults.train.num_workers == 2
-    assert demo.data.dataset == defaults.data.dataset == "polymnist"
+    assert demo.data.dataset == defaults.data.dataset == "mfeat"
 
 
 def test_overrides_parse_yaml_values_into_nested_sections() -> None:

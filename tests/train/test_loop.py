@@ -33,7 +33,8 @@ def _batches(dataset: Path, batch_size: int = 64) -> list[MultimodalBatch]:
 
 def _model(dataset: Path, seed: int = 0) -> MVTCAE:
     torch.manual_seed(seed)
-    return MVTCAE(model_config_for(ModelSection(latent_dim=8), load_manifest(dataset)))
+    section = ModelSection(latent_dim=8, decoder_scale=0.75)
+    return MVTCAE(model_config_for(section, load_manifest(dataset)))
 
 
 def test_model_config_comes_from_the_manifest(tiny_dataset: Path) -> None:

@@ -67,8 +67,8 @@ def test_space_edges_are_checked_against_the_experiment_config(tmp_path):
 def test_points_and_asha_are_checked(tmp_path):
     with pytest.raises(ConfigError, match=r"points_to_evaluate\[0\].*model\.gamma"):
         load_tune_config(_write(tmp_path, {"points_to_evaluate": [{"model.gamma": 1}]}))
-    tune = {"asha": {"grace_period": 9}}
-    with pytest.raises(ConfigError, match=r"grace_period \(9\) exceeds train\.epochs \(5\)"):
+    tune = {"asha": {"grace_period": 40}}
+    with pytest.raises(ConfigError, match=r"grace_period \(40\) exceeds train\.epochs \(30\)"):
         load_tune_config(_write(tmp_path, tune))
 
 

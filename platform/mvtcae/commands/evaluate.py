@@ -108,3 +108,5 @@ def evaluate_command(
     for key, value in sorted(report.metrics.items()):
         click.echo(f"{key:<{width}}  {value:.4f}")
     click.echo(f"wrote {out_dir / 'evaluation.json'} and {len(report.plots)} plots")
+    if "trend" in report.plots:
+        click.echo(f"trend plot (by number of conditioning modalities): {report.plots['trend']}")
