@@ -26,9 +26,10 @@ install: $(STAMP) ## Create .venv and install the platform with dev tools
 test: install ## Run the test suite
 	$(BIN)/pytest -q --timeout=900
 
-lint: install ## Run ruff
+lint: install ## Run ruff and the layering check (docs/architecture.md)
 	$(BIN)/ruff check platform tests jobs
 	$(BIN)/ruff format --check platform tests jobs
+	$(BIN)/pytest -q -p no:cacheprovider tests/test_layout.py
 
 bench-model: install ## Benchmark the model's loss step and joint NLL
 	$(BIN)/python jobs/bench_model.py
@@ -73,7 +74,7 @@ clean: ## Remove the virtual environment and caches
 # --- Ray cluster: a local head + second node + MLflow server, and job submission -------------
 # (docs/cluster.md). Everything binds to 127.0.0.1; processes are stopped by their PIDs.
 CLUSTER_DIR ?= $(CURDIR)/.cluster
-CLUSTER := MVTCAE_CLUSTER_DIR=$(CLUSTER_DIR) $(BIN)/python -m mvtcae.cluster
+CLUSTER := MVTCAE_CLUSTER_DIR=$(CLUSTER_DIR) $(BIN)/mvtcae cluster
 TRAIN_CONFIG ?= jobs/configs/demo.yaml
 # Checkpoints go to the cluster's shared directory, which every node reaches.
 SUBMIT_SET := --set train.storage_path=$(CLUSTER_DIR)/storage/ray_results

@@ -2,7 +2,7 @@
 candidate demo settings side by side.
 
 Each setting trains the platform's own model with the platform's own step
-(`mvtcae.train.run_train_epoch`) in this process, on a built-in dataset held in memory, for a
+(`mvtcae.training.run_train_epoch`) in this process, on a built-in dataset held in memory, for a
 time budget; every ``--eval-every`` seconds of training it measures, on the validation split,
 coherence given k = 1..M-1 modalities and the linear probe given one modality (evaluation time
 is not counted as training time). It writes a JSON of every point and a plot of coherence given
@@ -129,27 +129,29 @@ def _batches(arrays: dict, scales: dict, order: np.ndarray, batch: int):
 
 def measure(model: Any, dataset: Path, eval_cfg: Any, val: Any, classifiers: dict) -> dict:
     """Coherence given k and probe accuracy given 1 on the validation rows."""
-    from mvtcae import measures
+    from mvtcae.evaluation.coherence import coherence, model_generator
+    from mvtcae.evaluation.probe import latent_accuracy
+    from mvtcae.evaluation.split import load_eval_split
 
     model.eval()
     out: dict[str, float] = {}
-    generate = measures.model_generator(model)
-    coherence, _ = measures.coherence(generate, classifiers, model.modalities, val, eval_cfg)
-    out.update(coherence)
-    train = measures.load_eval_split(dataset, "train", eval_cfg.probe_train_samples, 0)
+    scores, _ = coherence(model_generator(model), classifiers, model.modalities, val, eval_cfg)
+    out.update(scores)
+    train = load_eval_split(dataset, "train", eval_cfg.probe_train_samples, 0)
     cfg1 = eval_cfg.model_copy(update={"max_subsets_per_size": 2})
-    probe, _ = measures.latent_accuracy(model, train, val, cfg1, "cpu")
+    probe, _ = latent_accuracy(model, train, val, cfg1, "cpu")
     out.update(probe)
     model.train()
     return out
 
 
 def run_setting(name: str, overrides: list[str], args: argparse.Namespace) -> dict:
-    from mvtcae import MVTCAE, measures
-    from mvtcae.config import load_config
+    from mvtcae import MVTCAE
+    from mvtcae.config import EvaluationSection, load_config
     from mvtcae.data import load_split_arrays
-    from mvtcae.evaluate import EvalConfig
-    from mvtcae.train import build_optimizer, model_config_for, prepare_dataset, run_train_epoch
+    from mvtcae.evaluation.coherence import modality_classifiers
+    from mvtcae.evaluation.split import load_eval_split
+    from mvtcae.training import build_optimizer, model_config_for, prepare_dataset, run_train_epoch
 
     cfg = load_config(None, [*overrides, f"train.seed={args.seed}"])
     dataset, manifest = prepare_dataset(cfg)
@@ -159,12 +161,12 @@ def run_setting(name: str, overrides: list[str], args: argparse.Namespace) -> di
     arrays = load_split_arrays(dataset, "train")
     scales = {m: spec.scale for m, spec in manifest.modalities.items()}
     val_split = "val" if "val" in manifest.splits else "test"
-    eval_cfg = EvalConfig(
+    eval_cfg = EvaluationSection(
         max_samples=args.eval_rows, max_subsets_per_size=3, probe_train_samples=2000,
         probe_max_iter=300, classifier_epochs=cfg.eval.classifier_epochs,
     )  # fmt: skip
-    val = measures.load_eval_split(dataset, val_split, args.eval_rows, 0)
-    classifiers, accuracies = measures.modality_classifiers(dataset, eval_cfg)
+    val = load_eval_split(dataset, val_split, args.eval_rows, 0)
+    classifiers, accuracies = modality_classifiers(dataset, eval_cfg)
     rng = np.random.default_rng(args.seed)
     n = len(arrays["ids"])
     points, trained, samples, epoch = [], 0.0, 0, 0

@@ -2,7 +2,7 @@
 plain fp32 PyTorch loop over the same data held in memory, same model, batch 256.
 
 For each network family (default MLP and conv, PolyMNIST-sized, latent 512) it runs, in one
-process: the plain loop (fp32, and bf16 for reference) and four real `mvtcae.train` runs.
+process: the plain loop (fp32, and bf16 for reference) and four real `mvtcae.training` runs.
 Steady-state samples/s is the per-epoch training throughput after the first (warm-up) epoch,
 printed as median [min, max]; the fixed start-up overhead of a Ray run (cluster, workers,
 process group, data pipeline, first-epoch warm-up excluded) is reported separately as the
@@ -81,7 +81,7 @@ def plain_loop(cfg: Any, dataset_dir: Path, manifest: Any, precision: str) -> di
     """The baseline: one process, all cores, tensors in memory, the same model and step."""
     from mvtcae import MVTCAE, MultimodalBatch
     from mvtcae.data import load_split_arrays
-    from mvtcae.train import build_optimizer, model_config_for, run_train_epoch
+    from mvtcae.training import build_optimizer, model_config_for, run_train_epoch
 
     torch.set_num_threads(2)
     torch.manual_seed(cfg.train.seed)
@@ -108,10 +108,10 @@ def plain_loop(cfg: Any, dataset_dir: Path, manifest: Any, precision: str) -> di
 
 
 def ray_run(cfg: Any) -> dict[str, Any]:
-    """A real `mvtcae.train` run without MLflow; per-epoch metrics read from its checkpoints."""
+    """A real `mvtcae.training` run without MLflow; per-epoch metrics read from its checkpoints."""
     import ray
 
-    from mvtcae.train import build_trainer, prepare_dataset
+    from mvtcae.training import build_trainer, prepare_dataset
 
     dataset_dir, manifest = prepare_dataset(cfg)
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -141,7 +141,7 @@ def ray_run(cfg: Any) -> dict[str, Any]:
 
 def bench_network(args: argparse.Namespace, networks: str, storage: Path) -> dict[str, Any]:
     """All measurements for one network family."""
-    from mvtcae.train import prepare_dataset
+    from mvtcae.training import prepare_dataset
 
     rows = args.rows if networks == "mlp" else args.conv_rows
     data_dir = args.data_dir.with_name(f"{args.data_dir.name}-{rows}")

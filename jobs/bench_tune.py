@@ -35,7 +35,7 @@ def sweep_overhead(spec: Any) -> dict[str, Any]:
     from ray.tune import ExperimentAnalysis
 
     from mvtcae import storage, tracking
-    from mvtcae.tune import SWEEP_STATE_FILE
+    from mvtcae.config.sweep import SWEEP_STATE_FILE
 
     state = json.loads(storage.read_text(storage.join(spec.experiment_dir, SWEEP_STATE_FILE)))
     client = tracking.client_for(spec.experiment.tracking)
@@ -86,7 +86,7 @@ class CheapTask:
     def __init__(self, dataset_dir: Path, steps: int, batch_size: int, latent_dim: int,
                  nll_K: int, val_rows: int) -> None:  # fmt: skip
         from mvtcae.data import load_manifest
-        from mvtcae.measures import load_eval_split
+        from mvtcae.evaluation.split import load_eval_split
 
         self.manifest = load_manifest(dataset_dir)
         train = load_eval_split(dataset_dir, "train")
@@ -105,10 +105,9 @@ class CheapTask:
         import torch
 
         from mvtcae import MVTCAE
-        from mvtcae.config import ModelSection
-        from mvtcae.evaluate import EvalConfig
-        from mvtcae.measures import joint_nll
-        from mvtcae.train import model_config_for
+        from mvtcae.config import EvaluationSection, ModelSection
+        from mvtcae.evaluation.likelihood import joint_nll
+        from mvtcae.training import model_config_for
 
         torch.manual_seed(seed)
         section = ModelSection(
@@ -124,7 +123,7 @@ class CheapTask:
             model(batch).loss.backward()
             optimizer.step()
         model.eval()
-        cfg = EvalConfig(nll_K=self.nll_K, nll_batch_size_K=self.nll_K,
+        cfg = EvaluationSection(nll_K=self.nll_K, nll_batch_size_K=self.nll_K,
                          nll_max_samples=len(self.val), nll_subsets_per_size=0)  # fmt: skip
         with torch.no_grad():
             return joint_nll(model, self.val, cfg, "cpu")[0]["eval/joint_nll"]
@@ -227,9 +226,10 @@ def main(argv: list[str] | None = None) -> None:
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {}
     if args.sweep:
-        from mvtcae.tune import load_tune_config, run_sweep
+        from mvtcae.config import load_sweep_config
+        from mvtcae.sweep import run_sweep
 
-        spec = load_tune_config(args.sweep, args.overrides)
+        spec = load_sweep_config(args.sweep, args.overrides)
         if args.run_sweep:
             run_sweep(spec)
         report["overhead"] = sweep_overhead(spec)

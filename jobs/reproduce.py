@@ -9,7 +9,7 @@ paper's only in trend, and they are labelled so everywhere this job writes them.
     ray job submit --working-dir . -- python jobs/reproduce.py --config jobs/configs/reproduce_gpu.yaml
 
 Each experiment is a shipped experiment config plus overrides (epochs, dataset size, workers,
-the full evaluation protocol), run once per seed with `mvtcae.train.train`, so every run is in
+the full evaluation protocol), run once per seed with `mvtcae.training.train`, so every run is in
 MLflow and the registry like any other. The job writes ``results.json``, ``results.md`` and
 ``coherence.png`` into the protocol's output directory.
 """
@@ -74,7 +74,7 @@ def load_protocol(path: Path) -> Protocol:
 def run_experiment(key: str, experiment: Experiment, seed: int, protocol: Protocol) -> dict:
     """Train and evaluate one (experiment, seed); return its measures and timings."""
     from mvtcae.config import load_config
-    from mvtcae.train import train
+    from mvtcae.training import train
 
     overrides = [
         *experiment.overrides,

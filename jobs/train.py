@@ -15,7 +15,7 @@ DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 
 def main(argv: list[str] | None = None) -> None:
     """Run `mvtcae train`, with the demo config unless --config is given."""
-    from mvtcae.commands.train import train_command
+    from mvtcae.cli.train import train_command
 
     args = list(sys.argv[1:] if argv is None else argv)
     if not any(a == "--config" or a.startswith("--config=") for a in args):

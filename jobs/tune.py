@@ -14,7 +14,7 @@ DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "tune_demo.yaml"
 
 def main(argv: list[str] | None = None) -> None:
     """Run `mvtcae tune`, with the demo sweep unless --config is given."""
-    from mvtcae.commands.tune import tune_command
+    from mvtcae.cli.tune import tune_command
 
     args = list(sys.argv[1:] if argv is None else argv)
     if not any(a == "--config" or a.startswith("--config=") for a in args):

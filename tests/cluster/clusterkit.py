@@ -47,18 +47,18 @@ def cluster_overrides(state_dir: Path, tag: str = "") -> dict[str, str]:
 
 
 def spec_for(overrides: dict[str, str]) -> cluster.ClusterSpec:
-    """The spec that `python -m mvtcae.cluster` computes under these settings."""
+    """The spec that `python -m mvtcae.cli cluster` computes under these settings."""
     with mock.patch.dict(os.environ, overrides):
         return cluster.default_spec()
 
 
 def cli(env: dict[str, str], *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    """Run ``python -m mvtcae.cluster ARGS`` from the repository, capturing its output.
+    """Run ``python -m mvtcae.cli cluster ARGS`` from the repository, capturing its output.
 
     Interrupted (KeyboardInterrupt, a timeout), the command gets a SIGTERM and up to a minute to
     stop what it started itself, as `up` does, before it is killed.
     """
-    argv = [sys.executable, "-m", "mvtcae.cluster", *args]
+    argv = [sys.executable, "-m", "mvtcae.cli", "cluster", *args]
     with subprocess.Popen(
         argv, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     ) as proc:

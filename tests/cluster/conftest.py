@@ -18,13 +18,13 @@ from mvtcae import cluster
 
 class RunningCluster(NamedTuple):
     spec: cluster.ClusterSpec
-    env: dict[str, str]  # for `python -m mvtcae.cluster ...` on this cluster
+    env: dict[str, str]  # for `python -m mvtcae.cli cluster ...` on this cluster
     up_output: str  # stdout and stderr of `up`
 
 
 @pytest.fixture(scope="module")
 def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningCluster]:
-    """A local cluster started with `python -m mvtcae.cluster up` on free ports, torn down after
+    """A local cluster started with `python -m mvtcae.cli cluster up` on free ports, torn down after
     the module; `cluster.down` runs to its end whatever interrupts the run."""
     overrides = clusterkit.cluster_overrides(tmp_path_factory.mktemp("cluster"))
     spec = clusterkit.spec_for(overrides)

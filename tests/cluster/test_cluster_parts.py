@@ -20,7 +20,10 @@ from unittest import mock
 
 import pytest
 
-from mvtcae import cluster, mlflow_auth
+from mvtcae import cluster
+from mvtcae.tracking import auth as mlflow_auth
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -151,9 +154,14 @@ def test_env_command_prints_paths_never_secrets(spec, capsys):
         "MVTCAE_CLUSTER_DASHBOARD_PORT": str(spec.dashboard_port),
         "MVTCAE_CLUSTER_MLFLOW_PORT": str(spec.mlflow_port),
     }
+    from click.testing import CliRunner
+
+    from mvtcae.cli import main
+
     with mock.patch.dict(os.environ, overrides):
-        assert cluster.main(["env"]) == 0
-    out = capsys.readouterr().out
+        result = CliRunner().invoke(main, ["cluster", "env"])
+    assert result.exit_code == 0, result.output
+    out = result.output
     assert f"export MVTCAE_MLFLOW_CREDENTIALS_FILE={spec.mlflow_credentials_path}" in out
     assert f"export MLFLOW_TRACKING_URI={spec.mlflow_uri}" in out
     secrets_shown = [s for s in (password, cluster.read_token(spec)) if s in out]
@@ -263,7 +271,7 @@ def test_submit_command_uploads_the_working_dir_with_the_clusters_uris(spec):
     assert not any("PASSWORD" in key for key in env)
     # Every worker process loads them from that file before it takes work.
     hook = cluster.runtime_env(spec)["worker_process_setup_hook"]
-    assert hook == "mvtcae.mlflow_auth.apply_credentials_file"
+    assert hook == "mvtcae.tracking.auth.apply_credentials_file"
 
 
 def test_runtime_env_is_valid_for_ray(spec):
@@ -300,7 +308,7 @@ def test_what_must_not_travel_stays_out_of_the_uploaded_package(spec, tmp_path):
     for name in keep + drop:
         (repo / name).parent.mkdir(parents=True, exist_ok=True)
         (repo / name).write_text("x")
-    shutil.copy(cluster.REPO_ROOT / ".rayignore", repo / ".rayignore")
+    shutil.copy(REPO / ".rayignore", repo / ".rayignore")
     package = tmp_path / "pkg.zip"
     excludes = cluster.runtime_env(spec)["excludes"]
     create_package(str(repo), package, include_gitignore=False, excludes=excludes)
@@ -314,7 +322,7 @@ def test_the_uploaded_package_module_is_complete(spec, tmp_path):
     from ray._private.runtime_env.packaging import create_package
 
     package = tmp_path / "module.zip"
-    module = cluster.REPO_ROOT / "platform" / "mvtcae"
+    module = REPO / "platform" / "mvtcae"
     excludes = cluster.runtime_env(spec)["excludes"]
     create_package(str(module), package, include_gitignore=True, include_parent_dir=True,
                    excludes=excludes)  # fmt: skip

@@ -1,7 +1,7 @@
 """An interrupted test run stops the processes its fixtures started.
 
 A child pytest (its own process session) runs tests/cluster/interrupted_session.py, whose test
-holds the real `running` fixture: a local cluster started with `python -m mvtcae.cluster up`.
+holds the real `running` fixture: a local cluster started with `python -m mvtcae.cli cluster up`.
 Once the test runs, the child gets SIGTERM (turned into a KeyboardInterrupt by
 tests/conftest.py) or SIGINT (Ctrl-C); it must exit as interrupted, after the fixture's
 finalizer stopped every recorded process and every process in the cluster's temp dirs.

@@ -1,4 +1,4 @@
-"""End to end on a real local cluster: `python -m mvtcae.cluster up` (what `make cluster-up`
+"""End to end on a real local cluster: `python -m mvtcae.cli cluster up` (what `make cluster-up`
 runs) starts a Ray head, a second Ray node and an MLflow server; the job API refuses requests
 without the token and MLflow refuses them without the credentials; a tiny training job submitted
 with `ray job submit --working-dir .` succeeds and its run and registered model version are
@@ -27,7 +27,8 @@ import numpy as np
 import pytest
 from clusterkit import cli as _cli
 
-from mvtcae import cluster, mlflow_auth
+from mvtcae import cluster
+from mvtcae.tracking import auth as mlflow_auth
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -275,7 +276,7 @@ def test_submitted_training_job_is_tracked_through_the_server(running):
     assert runtime_env["env_vars"]["MVTCAE_MLFLOW_CREDENTIALS_FILE"] == str(
         spec.mlflow_credentials_path
     )
-    assert runtime_env["worker_process_setup_hook"] == "mvtcae.mlflow_auth.apply_credentials_file"
+    assert runtime_env["worker_process_setup_hook"] == "mvtcae.tracking.auth.apply_credentials_file"
     assert _leaks(password, texts) == []
 
 

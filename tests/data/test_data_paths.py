@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mvtcae.classifiers import ClassifierSettings, cache_path
 from mvtcae.data import (
     DatasetError,
     DatasetWriter,
@@ -27,7 +26,8 @@ from mvtcae.data import (
     write_dataset_from_npz,
 )
 from mvtcae.data.format import ModalitySpec
-from mvtcae.names import UnsafeNameError, check_name, check_relative_path, path_inside
+from mvtcae.evaluation.classifiers import ClassifierSettings, cache_path
+from mvtcae.safety.names import UnsafeNameError, check_name, check_relative_path, path_inside
 
 DIGEST = "ab" * 32
 SPEC = {"m0": ModalitySpec(shape=(3,), dtype="float32")}

@@ -392,8 +392,7 @@ def test_cluster_launcher_keeps_dashboard_local_and_auth_on():
 
 def test_rayjob_checkpoint_uri_survives_config_validation():
     """The RayJobs' object-store storage path reaches Ray Train and Tune as the same URI."""
-    from mvtcae.config import load_config
-    from mvtcae.tune import load_tune_config
+    from mvtcae.config import load_config, load_sweep_config
 
     (client_config,) = [
         c for c in objects_of("ConfigMap") if c["metadata"]["name"] == "mvtcae-mlflow-client"
@@ -402,7 +401,7 @@ def test_rayjob_checkpoint_uri_survives_config_validation():
     assert uri.startswith("s3://")
     cfg = load_config(REPO / "jobs" / "configs" / "polymnist.yaml", [f"train.storage_path={uri}"])
     assert cfg.train.storage_path == uri
-    spec = load_tune_config(
+    spec = load_sweep_config(
         REPO / "jobs" / "configs" / "tune_demo.yaml", [f"train.storage_path={uri}"]
     )
     assert spec.experiment_dir == f"{uri}/{spec.study_name}"

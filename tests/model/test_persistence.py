@@ -231,7 +231,7 @@ def test_init_kwargs_must_be_a_json_object(throwaway):
 
 
 def test_platform_checkpoint_loader_honours_the_environment(throwaway, monkeypatch):
-    from mvtcae.checkpoint import load_model
+    from mvtcae.storage.checkpoints import load_model
 
     model, model_dir, name, marker = throwaway
     monkeypatch.delenv("MVTCAE_TRUSTED_MODULES", raising=False)

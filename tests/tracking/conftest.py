@@ -6,7 +6,7 @@ import mlflow
 import pytest
 from tiny_models import tiny_model
 
-from mvtcae.tracking import TrackingConfig
+from mvtcae.config import TrackingSection
 from testkit import torch_threads
 
 
@@ -18,11 +18,11 @@ def one_torch_thread():
 
 
 @pytest.fixture
-def tracking(tmp_path, monkeypatch) -> TrackingConfig:
-    """A TrackingConfig on a fresh SQLite store; MLflow's global URIs are restored afterwards."""
+def tracking(tmp_path, monkeypatch) -> TrackingSection:
+    """A TrackingSection on a fresh SQLite store; MLflow's global URIs are restored afterwards."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    yield TrackingConfig(
+    yield TrackingSection(
         tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
         experiment_name="tests",
         registered_model_name="tiny-mvtcae",

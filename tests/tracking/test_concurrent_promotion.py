@@ -15,7 +15,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from mvtcae.tracking import TrackingConfig, client_for, log_pyfunc_model, promote_if_better
+from mvtcae.config import TrackingSection
+from mvtcae.tracking import client_for, log_pyfunc_model, promote_if_better
 from testkit import MlflowServer
 
 pytestmark = pytest.mark.slow
@@ -30,7 +31,7 @@ def server(tmp_path_factory):
         yield running
 
 
-def _register_versions(cfg: TrackingConfig, info, run_id: str, n: int) -> list[int]:
+def _register_versions(cfg: TrackingSection, info, run_id: str, n: int) -> list[int]:
     client = client_for(cfg)
     versions = []
     for _ in range(n):
@@ -52,7 +53,7 @@ def _register(cfg, version, value, run_id, barrier, errors) -> None:
 
 @pytest.mark.parametrize("mode", ["min", "max"])
 def test_champion_converges_on_the_best_of_concurrent_registrations(server, make_model, mode):
-    cfg = TrackingConfig(
+    cfg = TrackingSection(
         tracking_uri=server.uri,
         experiment_name=f"concurrent-{mode}",
         registered_model_name=f"concurrent-{mode}",

@@ -11,7 +11,12 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from mvtcae.run_logger import RunLogger, TrackingUnavailableError, flush_spools, retry_until
+from mvtcae.tracking.run_logger import (
+    RunLogger,
+    TrackingUnavailableError,
+    flush_spools,
+    retry_until,
+)
 from testkit import MlflowServer
 
 pytestmark = pytest.mark.slow

@@ -15,14 +15,14 @@ import pytest
 import torch
 
 from mvtcae import MVTCAE, MultimodalBatch, MVTCAEConfig
-from mvtcae.serving import RequestError, parse_request
+from mvtcae.config import TrackingSection
 from mvtcae.tracking import (
-    TrackingConfig,
     load_champion,
     log_model_and_register,
     log_pyfunc_model,
     start_run,
 )
+from mvtcae.tracking.pyfunc import RequestError, parse_request
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def champion(tmp_path_factory):
     from tiny_models import tiny_model
 
     root = tmp_path_factory.mktemp("serving")
-    tracking = TrackingConfig(
+    tracking = TrackingSection(
         tracking_uri=f"sqlite:///{root}/mlflow.db", registered_model_name="served-mvtcae"
     )
     previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
@@ -144,7 +144,7 @@ def test_rest_json_body_parses_and_answers(make_model):
 
     from mlflow.pyfunc.scoring_server import infer_and_parse_data, predictions_to_json
 
-    from mvtcae.serving import answer
+    from mvtcae.tracking.pyfunc import answer
 
     model = make_model(6)
     x = _inputs(3)

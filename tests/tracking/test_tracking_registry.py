@@ -10,8 +10,8 @@ import pytest
 import torch
 import yaml
 
+from mvtcae.config import TrackingSection
 from mvtcae.tracking import (
-    TrackingConfig,
     client_for,
     decide_promotion,
     flatten_config,
@@ -27,20 +27,20 @@ from mvtcae.tracking import (
 def test_tracking_uri_precedence(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert resolve_tracking_uri(TrackingConfig()) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert resolve_tracking_uri(TrackingSection()) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
-    assert resolve_tracking_uri(TrackingConfig()) == "http://mlflow:5000"
-    cfg = TrackingConfig(tracking_uri="sqlite:////data/runs.db")
+    assert resolve_tracking_uri(TrackingSection()) == "http://mlflow:5000"
+    cfg = TrackingSection(tracking_uri="sqlite:////data/runs.db")
     assert resolve_tracking_uri(cfg) == "sqlite:////data/runs.db"
     assert resolve_artifact_location(cfg, resolve_tracking_uri(cfg)) == "/data/mlartifacts"
-    assert resolve_tracking_uri(TrackingConfig(tracking_uri="databricks")) == "databricks"
+    assert resolve_tracking_uri(TrackingSection(tracking_uri="databricks")) == "databricks"
 
 
 @pytest.mark.parametrize("uri", ["file:///tmp/mlruns", "./mlruns"])
 def test_file_store_is_refused(uri, monkeypatch):
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     with pytest.raises(ValueError, match="file store"):
-        resolve_tracking_uri(TrackingConfig(tracking_uri=uri))
+        resolve_tracking_uri(TrackingSection(tracking_uri=uri))
 
 
 def test_flatten_config_names_nested_keys():
@@ -105,7 +105,7 @@ def test_a_nan_first_model_is_registered_but_never_champion(tracking, make_model
     assert int(client.get_model_version_by_alias(name, "champion").version) == 2
 
 
-def _train_run(tracking: TrackingConfig, make_model, seed: int, nll: float, pass_metrics: bool):
+def _train_run(tracking: TrackingSection, make_model, seed: int, nll: float, pass_metrics: bool):
     with start_run(tracking, run_name=f"seed{seed}") as run:
         mlflow.log_metric("eval/joint_nll", nll)
         metrics = {"eval/joint_nll": nll} if pass_metrics else None

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from mvtcae.names import UnsafeNameError, check_name, check_relative_path, path_inside
+from mvtcae.safety.names import UnsafeNameError, check_name, check_relative_path, path_inside
 
 FORMAT_NAME = "mvtcae-shards"
 FORMAT_VERSION = 1

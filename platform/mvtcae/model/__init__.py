@@ -1,12 +1,17 @@
-"""The MVTCAE model in plain PyTorch: no Ray, no MLflow."""
+"""The MVTCAE model in plain PyTorch: no Ray, no MLflow.
 
-from .batch import MultimodalBatch, as_batch
-from .config import ConfigError, MVTCAEConfig
-from .mvtcae import MVTCAE
-from .output import ModelOutput
-from .persistence import UntrustedModuleError
+The configuration (``MVTCAEConfig``, ``ConfigError``) imports without torch, so that the
+platform's configuration layer can validate against it cheaply; the rest loads on first use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import DISTRIBUTIONS, ConfigError, MVTCAEConfig
 
 __all__ = [
+    "DISTRIBUTIONS",
     "MVTCAE",
     "ConfigError",
     "MVTCAEConfig",
@@ -14,4 +19,23 @@ __all__ = [
     "MultimodalBatch",
     "UntrustedModuleError",
     "as_batch",
+    "decoder_mean",
 ]
+
+_LAZY = {
+    "MVTCAE": ".mvtcae",
+    "MultimodalBatch": ".batch",
+    "as_batch": ".batch",
+    "ModelOutput": ".output",
+    "UntrustedModuleError": ".persistence",
+    "decoder_mean": ".likelihoods",
+}
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: these import torch, which the configuration layer does not need.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'mvtcae.model' has no attribute {name!r}")

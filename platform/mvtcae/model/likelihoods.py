@@ -89,3 +89,12 @@ def make_log_prob(distribution: str, scale: float = 1.0) -> RowLogProb:
     if distribution == "categorical":
         return categorical_log_prob
     raise ValueError(f"unknown decoder distribution {distribution!r}")
+
+
+def decoder_mean(output: Tensor, distribution: str) -> Tensor:
+    """Mean of a decoder distribution from the decoder's raw output."""
+    if distribution == "bernoulli":
+        return torch.sigmoid(output)
+    if distribution == "categorical":
+        return torch.softmax(output, dim=-1)
+    return output

@@ -27,6 +27,7 @@ from .networks import (
     gaussian_params,
 )
 from .output import ModelOutput
+from .persistence import load_model, save_model
 
 
 class MVTCAE(nn.Module):
@@ -265,11 +266,20 @@ class MVTCAE(nn.Module):
 
     # -- likelihood ------------------------------------------------------------------------
     @torch.no_grad()
-    def compute_joint_nll(self, inputs: Any, K: int = 1000, batch_size_K: int = 100) -> Tensor:
-        """−Σ_i log p(X_i), importance-weighted with the joint posterior as proposal.
+    def compute_joint_nll(
+        self,
+        inputs: Any,
+        K: int = 1000,
+        batch_size_K: int = 100,
+        proposal: str | Sequence[str] = "all",
+    ) -> Tensor:
+        """−Σ_i log p(X_i), importance-weighted with a posterior of the model as proposal.
 
-        Vectorised over rows and samples, ``batch_size_K`` samples per step. With masks, each
-        row's estimate covers its observed modalities, proposed from their product of experts.
+        ``proposal`` names the modalities whose product of experts proposes z (default: every
+        modality, the joint posterior; a subset gives MoPoE's subset estimates of the same
+        likelihood). Vectorised over rows and samples, ``batch_size_K`` samples per step. With
+        masks, each row's estimate covers its observed modalities, proposed from their present
+        experts; every row needs one proposal modality present.
         """
         if K < 1 or batch_size_K < 1:
             raise ValueError(
@@ -281,7 +291,7 @@ class MVTCAE(nn.Module):
             batch = as_batch(inputs)
             mods = self._cond_modalities("all", batch)
             mus, logvars, present = self._experts(batch, mods)
-            mu, logvar = product_of_experts(mus, logvars, present)
+            mu, logvar = self._proposal(batch, mods, mus, logvars, present, proposal)
             std = torch.exp(0.5 * logvar)
             eps = mu.new_empty((K, *mu.shape)).normal_()  # one (K, n, d) draw, as multivae
             log_w = torch.cat(
@@ -296,6 +306,27 @@ class MVTCAE(nn.Module):
             return -log_px.sum()
         finally:
             self.train(was_training)
+
+    def _proposal(
+        self,
+        batch: MultimodalBatch,
+        mods: Sequence[str],
+        mus: Tensor,
+        logvars: Tensor,
+        present: Tensor | None,
+        proposal: str | Sequence[str],
+    ) -> tuple[Tensor, Tensor]:
+        """(mu, logvar) of the product of experts of the ``proposal`` modalities."""
+        if proposal == "all":
+            return product_of_experts(mus, logvars, present)
+        chosen = [mods.index(m) for m in self._cond_modalities(proposal, batch)]
+        sub_present = None if present is None else present[chosen]
+        if sub_present is not None and not bool(sub_present.any(dim=0).all()):
+            empty = int((~sub_present.any(dim=0)).sum())
+            raise ValueError(
+                f"{empty} rows have none of the proposal modalities {list(proposal)} present"
+            )
+        return product_of_experts(mus[chosen], logvars[chosen], sub_present)
 
     def _log_weights(
         self,
@@ -316,8 +347,6 @@ class MVTCAE(nn.Module):
     # -- persistence -----------------------------------------------------------------------
     def save(self, dir_path: str) -> None:
         """Write ``model_config.json`` and ``model.safetensors`` (no pickle) into ``dir_path``."""
-        from .persistence import save_model
-
         save_model(self, dir_path)
 
     @classmethod
@@ -335,8 +364,6 @@ class MVTCAE(nn.Module):
         ``nn.Module`` subclasses from ``mvtcae`` or from ``trusted_modules`` (module names,
         each covering its submodules); anything else raises `UntrustedModuleError` unimported.
         """
-        from .persistence import load_model
-
         return load_model(cls, dir_path, encoders, decoders, map_location, trusted_modules)
 
     load_from_folder = load  # multivae's name

@@ -7,7 +7,7 @@ import json
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -15,8 +15,8 @@ from torch import nn
 
 from .config import MVTCAEConfig
 
-if TYPE_CHECKING:
-    from .mvtcae import MVTCAE
+# The model class, passed in by MVTCAE.load: this module never imports it (no import cycle).
+M = TypeVar("M", bound=nn.Module)
 
 CONFIG_FILE = "model_config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -142,7 +142,7 @@ def build_from_reference(
     return obj(**kwargs)
 
 
-def save_model(model: MVTCAE, dir_path: str | Path) -> None:
+def save_model(model: nn.Module, dir_path: str | Path) -> None:
     """Write config, weights and (for custom networks) their importable references."""
     out = Path(dir_path)
     out.mkdir(parents=True, exist_ok=True)
@@ -168,13 +168,13 @@ def save_model(model: MVTCAE, dir_path: str | Path) -> None:
 
 
 def load_model(
-    cls: type[MVTCAE],
+    cls: type[M],
     dir_path: str | Path,
     encoders: dict[str, nn.Module] | None,
     decoders: dict[str, nn.Module] | None,
     map_location: str | torch.device,
     trusted_modules: Iterable[str] | None = None,
-) -> MVTCAE:
+) -> M:
     """Rebuild a model written by :func:`save_model`.
 
     Custom networks not passed in are rebuilt from ``architecture.json`` only from trusted

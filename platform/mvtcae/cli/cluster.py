@@ -1,0 +1,122 @@
+"""``mvtcae cluster``: a local Ray cluster with an MLflow server, for trying ``ray job submit``.
+
+``up`` starts a Ray head, a second Ray node and an MLflow server (basic auth) on 127.0.0.1;
+``down`` stops exactly what ``up`` started, by PID; ``status`` and ``env`` show it; ``submit``
+runs ``ray job submit --working-dir .`` against it. See `mvtcae.cluster`.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import signal
+import sys
+
+import click
+
+from mvtcae import cluster
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM as Ctrl-C, once: a second one must not cut short the cleanup the first began."""
+    signal.signal(signum, signal.SIG_IGN)
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _log_to_stderr() -> None:
+    """Show the cluster module's log messages (what `up` cleaned, ...) on the command line."""
+    log = logging.getLogger(cluster.__name__)
+    if log.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def _spec() -> cluster.ClusterSpec:
+    try:
+        return cluster.default_spec()
+    except cluster.ClusterError as err:
+        raise click.ClickException(str(err)) from None
+
+
+@click.group("cluster")
+def cluster_command() -> None:
+    """A local Ray cluster (head + second node) and an MLflow server, all on 127.0.0.1."""
+    _log_to_stderr()
+
+
+@cluster_command.command("up")
+def up_command() -> None:
+    """Start the Ray head, a second node and the MLflow server."""
+    spec = _spec()
+    # Terminated half-way, `up` stops what it started, as on Ctrl-C.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        state = cluster.up(spec)
+    except cluster.ClusterError as err:
+        raise click.ClickException(str(err)) from None
+    except KeyboardInterrupt:
+        click.echo("interrupted; stopped what it had started", err=True)
+        sys.exit(130)
+    click.echo(f"Ray dashboard and job API: {state['dashboard_url']} (token: {spec.token_path})")
+    click.echo(f"MLflow server: {state['mlflow_uri']}   checkpoints: {state['storage_path']}")
+    click.echo(f"MLflow login: {cluster.MLFLOW_ADMIN}, password in {spec.mlflow_credentials_path}")
+    click.echo("Submit with `make submit-train`; stop with `make cluster-down`.")
+
+
+@cluster_command.command("down")
+def down_command() -> None:
+    """Stop exactly what `up` started, by PID."""
+    try:
+        stopped = cluster.down(_spec())
+    except cluster.ClusterError as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"stopped {len(stopped)} processes" if stopped else "nothing was running")
+
+
+@cluster_command.command("status")
+def status_command() -> None:
+    """Show the running cluster."""
+    spec = _spec()
+    records = cluster.running_processes(spec)
+    if not records:
+        click.echo(f"no local cluster running from {spec.state_dir}")
+        sys.exit(1)
+    for r in records:
+        click.echo(f"{r['name']:<10} pid {r['pid']:<8} log {r['log']}")
+    click.echo(f"Ray nodes alive: {cluster.alive_nodes(spec, cluster.read_token(spec))}")
+    click.echo(f"dashboard / job API: {spec.dashboard_url}   MLflow: {spec.mlflow_uri}")
+    click.echo(f"MLflow login: {cluster.MLFLOW_ADMIN}, password in {spec.mlflow_credentials_path}")
+    click.echo(f"checkpoint storage: {spec.storage_dir}")
+
+
+@cluster_command.command("env")
+def env_command() -> None:
+    """Print shell exports for `ray job` and MLflow clients: addresses and the paths of the
+    token and credentials files, never their content."""
+    spec = _spec()
+    for key, value in cluster.client_exports(spec).items():
+        click.echo(f"export {key}={shlex.quote(value)}")
+
+
+@cluster_command.command(
+    "submit", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False}
+)
+@click.option("--submission-id", default=None)
+@click.option("--no-wait", is_flag=True)
+@click.argument("entrypoint", nargs=-1, type=click.UNPROCESSED)
+def submit_command(submission_id: str | None, no_wait: bool, entrypoint: tuple[str, ...]) -> None:
+    """ray job submit --working-dir . -- ENTRYPOINT..."""
+    args = list(entrypoint)
+    args = args[1:] if args[:1] == ["--"] else args
+    spec = _spec()
+    try:
+        # The command line is part of what the user asked for: show it as ray's own CLI would.
+        click.echo("+ " + shlex.join(cluster.submit_argv(spec, args, submission_id, not no_wait)))
+        code = cluster.submit(spec, args, submission_id, wait=not no_wait)
+    except cluster.ClusterError as err:
+        raise click.ClickException(str(err)) from None
+    sys.exit(code)

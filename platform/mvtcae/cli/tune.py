@@ -1,0 +1,51 @@
+"""``mvtcae tune``: search MVTCAE's loss weights with Ray Tune + Optuna, tracked in MLflow."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+
+@click.command("tune")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Tune YAML: `base:` experiment config plus a `tune:` section (default: built-in).",
+)
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="SECTION.FIELD=VALUE",
+    help="Override a value (repeatable): tune.num_samples=4 sets the tune section, "
+    "train.epochs=3 the base experiment.",
+)
+@click.option("--resume", is_flag=True, help="Continue the interrupted sweep of this study name.")
+@click.option("--print-config", is_flag=True, help="Print the validated sweep config and exit.")
+def tune_command(
+    config_path: Path | None, overrides: tuple[str, ...], resume: bool, print_config: bool
+) -> None:
+    """Run a Ray Tune + Optuna sweep, log it to MLflow and register the best model."""
+    import yaml
+
+    from mvtcae.config import ConfigError, load_sweep_config
+    from mvtcae.sweep import format_sweep_summary, run_sweep
+
+    try:
+        spec = load_sweep_config(config_path, list(overrides))
+    except ConfigError as err:
+        raise click.UsageError(str(err)) from None
+    if print_config:
+        click.echo(yaml.safe_dump(spec.to_dict(), sort_keys=False), nl=False)
+        return
+    try:
+        result = run_sweep(spec, resume=resume or spec.tune.resume)
+    except ConfigError as err:
+        raise click.UsageError(str(err)) from None
+    click.echo("\n" + "=" * 30 + " MVTCAE sweep summary " + "=" * 30)
+    click.echo(format_sweep_summary(result))
+    sys.stdout.flush()

@@ -1,0 +1,278 @@
+"""The experiment config: one validated pydantic model per section, YAML in and out.
+
+Defaults run the demo on a laptop: UCI Multiple Features (six views, shipped in a wheel), two
+CPU workers on a local Ray, a SQLite MLflow store. Relative paths are resolved against the
+working directory once, when the config is built, because Ray workers run in their own session
+directories.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from mvtcae.config import locations
+from mvtcae.config.base import (
+    ConfigError,
+    Section,
+    apply_overrides,
+    format_errors,
+    read_yaml_mapping,
+)
+from mvtcae.config.evaluation import EvaluationSection
+from mvtcae.config.tracking import TrackingSection
+from mvtcae.model.config import DISTRIBUTIONS
+from mvtcae.safety.names import check_name
+
+
+def _absolute(path: Path | None) -> Path | None:
+    return None if path is None else Path(path).expanduser().resolve()
+
+
+class DataSection(Section):
+    """Which dataset to train on and how to prepare and read it."""
+
+    dataset: Literal["polymnist", "mfeat", "custom"] = "mfeat"
+    dir: Path | None = Field(
+        default=None, description="dataset directory; default data/<dataset>-<n_train>"
+    )
+    prepare_if_missing: bool = Field(
+        default=True, description="write the built-in dataset into `dir` when it is absent"
+    )
+    n_train: int = Field(default=5000, ge=10, description="PolyMNIST training tuples to write")
+    n_test: int = Field(default=1000, ge=10, description="PolyMNIST test tuples to write")
+    missing_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
+    seed: int = 0
+    val_split: str | None = Field(
+        default=None,
+        description="split validated each epoch; default 'val' if present, else 'test'",
+    )
+    materialize: bool | None = Field(
+        default=None,
+        description="hold the splits in the object store; None lets the data layer decide",
+    )
+    shuffle_buffer: int = Field(
+        default=2048, ge=0, description="local shuffle buffer rows per worker"
+    )
+    reshuffle_shards_each_epoch: bool = Field(
+        default=False,
+        description="draw a new shard/block order every epoch; off, the order is fixed by "
+        "train.seed and rows are reshuffled per epoch in the shuffle buffer, so that a resumed "
+        "run sees exactly the data order of an uninterrupted one",
+    )
+
+    @field_validator("dir", mode="before")
+    @classmethod
+    def _resolve_dir(cls, v: object) -> Path | None:
+        if v is None:
+            return None
+        if isinstance(v, str) and locations.is_uri(v):
+            raise ValueError(
+                "data.dir must be a local or shared directory path; dataset URIs "
+                f"({v.split('://', 1)[0]}://…) are not supported yet"
+            )
+        return _absolute(Path(v))
+
+    @model_validator(mode="after")
+    def _custom_needs_dir(self) -> DataSection:
+        if self.dataset == "custom" and self.dir is None:
+            raise ValueError("data.dir is required when data.dataset is 'custom'")
+        return self
+
+    def resolved_dir(self) -> Path:
+        """The dataset directory, absolute (the default one when none is configured)."""
+        if self.dir is not None:
+            return self.dir
+        name = f"{self.dataset}-{self.n_train}" if self.dataset == "polymnist" else self.dataset
+        return Path("data", name).resolve()
+
+
+class ModelSection(Section):
+    """MVTCAE hyperparameters; shapes and default likelihoods come from the dataset manifest."""
+
+    latent_dim: int = Field(default=32, ge=1)
+    alpha: float = Field(default=5 / 6, ge=0.0, le=1.0)
+    beta: float = Field(default=2.5, gt=0.0)
+    networks: Literal["mlp", "conv"] = "mlp"
+    decoders_dist: dict[str, str] | None = Field(
+        default=None, description="{modality: distribution}; missing ones use the manifest's"
+    )
+    decoder_scale: float | dict[str, float] | None = Field(
+        default=1.0, description="scale of normal/laplace likelihoods: one value or per modality"
+    )
+    uses_likelihood_rescaling: bool = False
+    rescale_factors: dict[str, float] | None = None
+
+    @field_validator("decoders_dist")
+    @classmethod
+    def _known_distributions(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        for modality, dist in (v or {}).items():
+            if dist not in DISTRIBUTIONS:
+                raise ValueError(
+                    f"modality {modality!r}: unknown distribution {dist!r}; use one of {DISTRIBUTIONS}"
+                )
+        return v
+
+    @field_validator("decoder_scale")
+    @classmethod
+    def _positive_scale(cls, v: float | dict[str, float] | None) -> float | dict[str, float] | None:
+        values = v.items() if isinstance(v, dict) else [("all", v)]
+        for modality, scale in values:
+            if scale is not None and scale <= 0:
+                raise ValueError(f"modality {modality!r}: scale must be > 0, got {scale}")
+        return v
+
+
+class OptimizerSection(Section):
+    """Optimizer and its hyperparameters."""
+
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(default=1e-3, gt=0.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = Field(default=0.9, ge=0.0, description="sgd only")
+
+
+class ScheduleSection(Section):
+    """Learning-rate schedule, stepped once per epoch."""
+
+    name: Literal["constant", "cosine", "step"] = "constant"
+    warmup_epochs: int = Field(default=0, ge=0, description="linear warm-up from lr/10")
+    min_lr_ratio: float = Field(default=0.0, ge=0.0, le=1.0, description="cosine floor, times lr")
+    step_epochs: int = Field(default=30, ge=1, description="step schedule: epochs between decays")
+    gamma: float = Field(default=0.5, gt=0.0, le=1.0, description="step schedule: decay factor")
+
+
+class CheckpointSection(Section):
+    """Which checkpoints to keep."""
+
+    num_to_keep: int = Field(default=2, ge=1)
+    metric: str = "val/loss"
+    mode: Literal["min", "max"] = "min"
+
+
+class TrainSection(Section):
+    """The Ray Train run: scaling, optimisation, precision, checkpoints and recovery."""
+
+    epochs: int = Field(default=30, ge=1)
+    batch_size: int = Field(default=128, ge=1, description="global batch, split across workers")
+    num_workers: int = Field(default=2, ge=1)
+    use_gpu: bool | None = Field(default=None, description="None: use GPUs if the cluster has any")
+    resources_per_worker: dict[str, float] | None = Field(
+        default=None, description="default {'CPU': 1} (plus {'GPU': 1} on GPU)"
+    )
+    threads_per_worker: int | None = Field(
+        default=None, ge=1, description="torch intra-op threads; default: the worker's CPUs"
+    )
+    optimizer: OptimizerSection = OptimizerSection()
+    schedule: ScheduleSection = ScheduleSection(name="cosine", warmup_epochs=2, min_lr_ratio=0.1)
+    grad_clip_norm: float | None = Field(default=1000.0, gt=0.0, description="None: no clipping")
+    on_nonfinite: Literal["raise", "skip"] = Field(
+        default="raise",
+        description="a step whose loss or gradient norm is NaN/inf: stop the run with an error "
+        "naming the epoch, step and terms (raise), or drop the step's update (skip)",
+    )
+    max_nonfinite_steps: int = Field(
+        default=10, ge=1, description="skip: steps the whole run may drop before it stops"
+    )
+    precision: Literal["fp32", "bf16"] = "fp32"
+    seed: int = 0
+    max_batches_per_epoch: int | None = Field(default=None, ge=1, description="cap, for smoke runs")
+    checkpoint: CheckpointSection = CheckpointSection()
+    max_failures: int = Field(default=2, ge=0, description="worker-group restarts before failing")
+    storage_path: str = Field(
+        default="outputs/ray_results",
+        validate_default=True,
+        description="run storage every node reaches: a shared local path, or a URI such as "
+        "s3://bucket/prefix, gs://bucket/prefix or file:///abs/dir (pyarrow file systems)",
+    )
+    run_name: str | None = Field(default=None, description="Ray run name prefix; default: `name`")
+    ray_address: str | None = Field(
+        default=None, description="Ray cluster; None: RAY_ADDRESS, else a local Ray"
+    )
+    local_num_cpus: int | None = Field(
+        default=None,
+        ge=1,
+        description="logical CPUs of a local Ray; default leaves room for Ray Data",
+    )
+
+    @field_validator("storage_path", mode="before")
+    @classmethod
+    def _resolve_storage(cls, v: object) -> str:
+        if not isinstance(v, str | os.PathLike):
+            raise ValueError(f"expected a path or URI string, got {type(v).__name__}")
+        return locations.normalize(v)
+
+    @field_validator("run_name")
+    @classmethod
+    def _safe_run_name(cls, v: str | None) -> str | None:
+        return None if v is None else check_name(v, "train.run_name")
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _positive_resources(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for name, amount in (v or {}).items():
+            if amount < 0:
+                raise ValueError(f"resource {name!r}: amount must be >= 0, got {amount}")
+        return v
+
+    @model_validator(mode="after")
+    def _batch_covers_workers(self) -> TrainSection:
+        if self.batch_size < self.num_workers:
+            raise ValueError(
+                f"train.batch_size ({self.batch_size}) is smaller than train.num_workers "
+                f"({self.num_workers}): each worker needs at least one row per step"
+            )
+        return self
+
+
+class ExperimentConfig(Section):
+    """Everything one training run needs, in one validated object."""
+
+    name: str = "mvtcae-demo"
+    data: DataSection = DataSection()
+    model: ModelSection = ModelSection()
+    train: TrainSection = TrainSection()
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
+    eval: EvaluationSection = Field(default_factory=EvaluationSection)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        return check_name(v, "name")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON/YAML-safe dict of the whole config."""
+        return self.model_dump(mode="json")
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        """The config as YAML text, also written to ``path`` when given."""
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "dict") -> ExperimentConfig:
+    """Validate a raw dict into an ExperimentConfig, raising ConfigError naming each bad field."""
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_errors(err, source)) from None
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None
+) -> ExperimentConfig:
+    """Load a YAML config (or the embedded defaults when ``path`` is None) and apply overrides."""
+    raw: dict[str, Any] = {}
+    source = "embedded defaults"
+    if path is not None:
+        source = str(path)
+        raw = read_yaml_mapping(path, "config file")
+    apply_overrides(raw, list(overrides or []))
+    return config_from_dict(raw, source)

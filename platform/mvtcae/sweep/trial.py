@@ -1,0 +1,255 @@
+"""One Tune trial: an MLflow child run around the platform's Ray Train training.
+
+The trial function builds the training's ``TorchTrainer`` (`mvtcae.training.build_trainer`)
+with the sweep's objectives: after every epoch rank 0 measures them on the validation split (a
+measure that α and β do not change) and reports them with the epoch's metrics; Ray Tune's own
+reporting callback forwards them to Tune, which hands them to ASHA and the searcher. Each
+finished trial's last checkpoint is evaluated on the test split in a Ray task of its own.
+
+How a trial can end besides completing:
+
+- *diverged*: the workers stop at the first non-finite step (`mvtcae.training.nonfinite`) and
+  report that epoch's record with NaN objectives; the trial raises `TrialDiverged` there, so
+  Tune records it as errored and the study as failed at that epoch;
+- *infrastructure*: the tracking server, run storage or Ray failed under it. Such a failure is
+  retried inside the trial (the inner Train run resumes from its checkpoint); when the retries
+  are used up the trial reports ``mvtcae/failure_kind = infrastructure`` and raises
+  `TrialInfrastructureError`: the searcher records the reason and runs the same parameters
+  again instead of counting the trial against the budget.
+
+MLflow logging goes through `mvtcae.tracking.run_logger.RunLogger`, so an outage delays metrics but
+never fails a trial, and a failure handler never hides the original error.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.exceptions
+import ray.tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from mvtcae import storage, tracking
+from mvtcae.config import EvaluationSection, trial_config
+from mvtcae.data import load_manifest
+from mvtcae.safety.redaction import redact_text
+from mvtcae.storage.checkpoints import checkpoint_epoch
+from mvtcae.tracking.run_logger import SPOOL_DIR, RunLogger, mlflow_client, retry_until
+from mvtcae.training import (
+    EpochObjectives,
+    build_trainer,
+    evaluation_task,
+    raise_for_stop,
+    read_stop_record,
+    scaling_config,
+)
+from mvtcae.training.nonfinite import NonFiniteError
+
+logger = logging.getLogger(__name__)
+
+TRIAL_TAG = "mvtcae.tune.trial_id"
+SWEEP_TAG = "mvtcae.tune.sweep"
+PARENT_TAG = "mlflow.parentRunId"
+FAILURE_KIND_KEY = "mvtcae/failure_kind"
+FAILURE_KEY = "mvtcae/failure"
+INFRASTRUCTURE = "infrastructure"
+
+
+class TrialDiverged(RuntimeError):
+    """A trial's loss or objective became NaN or infinite."""
+
+
+class TrialInfrastructureError(RuntimeError):
+    """A trial failed because of the tracking server, run storage or Ray, not its parameters."""
+
+
+@dataclass(frozen=True)
+class SweepContext:
+    """What every trial of a sweep shares (passed with ``tune.with_parameters``)."""
+
+    base_config: dict[str, Any]
+    dataset_dir: str
+    val_split: str
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    sweep_name: str
+    epoch_eval: dict[str, Any]
+    objectives: tuple[str, ...]
+    final_eval: bool
+    tracking_grace_s: float = 120.0
+    infra_retries: int = 2
+
+
+def _spool_location(context: SweepContext, trial_name: str) -> str:
+    return storage.join(context.base_config["train"]["storage_path"], trial_name, SPOOL_DIR)
+
+
+def start_child_run(context: SweepContext, trial_id: str, params: dict[str, Any]) -> str:
+    """Create the trial's MLflow run nested under the sweep's parent run; log its sampled values."""
+    client = mlflow_client(context.tracking_uri)
+    run = client.create_run(
+        context.experiment_id,
+        run_name=f"{context.sweep_name}-{trial_id}",
+        tags={
+            PARENT_TAG: context.parent_run_id,
+            TRIAL_TAG: trial_id,
+            SWEEP_TAG: context.sweep_name,
+        },
+    )
+    client.log_dict(run.info.run_id, dict(params), "trial_params.json")
+    return run.info.run_id
+
+
+def check_finite(metrics: dict[str, Any], names: tuple[str, ...], where: str) -> None:
+    """Raise TrialDiverged when one of the named metrics is missing a finite value."""
+    for name in names:
+        value = metrics.get(name)
+        if isinstance(value, int | float) and not math.isfinite(value):
+            raise TrialDiverged(f"{where}: {name} is {value}; the trial diverged")
+
+
+def is_infrastructure_error(error: BaseException) -> bool:
+    """Whether ``error`` (or what caused it) is a failure of the tracking server, run storage
+    or Ray rather than of the trial's parameters or code."""
+    infrastructure = (
+        OSError,  # storage I/O, unreachable servers (ConnectionError, TimeoutError)
+        ray.exceptions.RayActorError,
+        ray.exceptions.ObjectLostError,
+        ray.exceptions.NodeDiedError,
+        ray.exceptions.RaySystemError,
+    )
+    seen: set[int] = set()
+    stack = [error]
+    while stack:
+        err = stack.pop()
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        if isinstance(err, TrialDiverged | NonFiniteError):
+            return False
+        if isinstance(err, infrastructure):
+            return True
+        stack.extend([err.__cause__, err.__context__])
+        failures = getattr(err, "worker_failures", None)  # Ray Train's WorkerGroupError
+        if isinstance(failures, dict):
+            stack.extend(failures.values())
+    return False
+
+
+def run_trial(params: dict[str, Any], context: SweepContext) -> None:
+    """Tune function: train one configuration with Ray Train inside an MLflow child run."""
+    trial_id = ray.tune.get_context().get_trial_id()
+    trial_name = f"{context.sweep_name}-{trial_id}"
+    try:
+        run_id = retry_until(lambda: start_child_run(context, trial_id, params),
+                             f"trial {trial_id}: creating its MLflow run",
+                             context.tracking_grace_s)  # fmt: skip
+    except Exception as err:
+        _give_up_on_infrastructure(context, trial_id, err)
+    tracker = RunLogger(context.tracking_uri, run_id,
+                        spool=_spool_location(context, trial_name))  # fmt: skip
+    try:
+        cfg = trial_config(context.base_config, params, source=f"trial {trial_id} {params}")
+        _log_config(cfg, context, run_id)
+        result = _fit_with_retries(cfg, context, trial_id, run_id, trial_name)
+        check_finite(result.metrics or {}, ("train/loss", "val/loss"), f"trial {trial_id}")
+        if context.final_eval and result.checkpoint is not None:
+            _final_evaluation(cfg, context, result.checkpoint, tracker)
+    except BaseException as err:
+        _end(tracker, "FAILED", err)
+        if is_infrastructure_error(err):
+            _give_up_on_infrastructure(context, trial_id, err)
+        raise
+    _end(tracker, "FINISHED")
+
+
+def _log_config(cfg: Any, context: SweepContext, run_id: str) -> None:
+    retry_until(lambda: tracking.log_config(cfg.to_dict(), run_id=run_id, tracking=cfg.tracking),
+                "logging the trial's config", context.tracking_grace_s)  # fmt: skip
+
+
+def _fit_with_retries(cfg: Any, context: SweepContext, trial_id: str, run_id: str,
+                      trial_name: str) -> Any:  # fmt: skip
+    """Fit, retrying infrastructure failures; a retry resumes the inner run's last checkpoint.
+    A run whose workers stopped on non-finite values raises TrialDiverged."""
+    run_dir = storage.join(context.base_config["train"]["storage_path"], trial_name)
+    for attempt in range(context.infra_retries + 1):
+        try:
+            result = _fit(cfg, context, trial_id, run_id)
+            try:
+                raise_for_stop(read_stop_record(run_dir))
+            except NonFiniteError as failure:
+                raise TrialDiverged(f"trial {trial_id}: {failure}") from failure
+            return result
+        except Exception as err:
+            if attempt == context.infra_retries or not is_infrastructure_error(err):
+                raise
+            wait = 5.0 * 2**attempt
+            logger.warning(
+                "trial %s: infrastructure failure (%s: %s); retry %d of %d in %.0f s",
+                trial_id, type(err).__name__, redact_text(str(err))[:300],
+                attempt + 1, context.infra_retries, wait,
+            )  # fmt: skip
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def _give_up_on_infrastructure(context: SweepContext, trial_id: str, err: BaseException) -> None:
+    """Tell Tune (and so the searcher) that the trial failed for an infrastructure reason."""
+    reason = redact_text(f"{type(err).__name__}: {err}")[:1000]
+    ray.tune.report(
+        {FAILURE_KIND_KEY: INFRASTRUCTURE, FAILURE_KEY: reason,
+         **dict.fromkeys(context.objectives, math.nan)}
+    )  # fmt: skip
+    raise TrialInfrastructureError(f"trial {trial_id}: {reason}") from err
+
+
+def _end(tracker: RunLogger, status: str, error: BaseException | None = None) -> None:
+    """Record the outcome on the child run; a tracking failure here never hides ``error``."""
+    if error is not None:
+        message = redact_text(f"{type(error).__name__}: {error}")[:5000]
+        tracker.set_tags({"mvtcae.tune.error": message})
+    tracker.close(tracker_grace(tracker))
+    try:
+        mlflow_client(tracker.tracking_uri).set_terminated(tracker.run_id, status=status)
+    except Exception as tracking_error:  # noqa: BLE001
+        logger.warning("could not mark MLflow run %s %s: %s", tracker.run_id, status,
+                       type(tracking_error).__name__)  # fmt: skip
+
+
+def tracker_grace(tracker: RunLogger) -> float:
+    """How long a trial waits, at its end, for an unreachable tracking server."""
+    return 30.0 if tracker.pending else 0.0
+
+
+def _fit(cfg: Any, context: SweepContext, trial_id: str, run_id: str) -> Any:
+    manifest = load_manifest(context.dataset_dir)
+    name = f"{context.sweep_name}-{trial_id}"
+    objectives = EpochObjectives(
+        names=context.objectives,
+        measures=EvaluationSection.model_validate(context.epoch_eval),
+        split=context.val_split,
+    )
+    trainer = build_trainer(
+        cfg, name, Path(context.dataset_dir), manifest, run_id, context.tracking_uri,
+        callbacks=[TuneReportCallback()], objectives=objectives,
+    )  # fmt: skip
+    return trainer.fit()
+
+
+def _final_evaluation(cfg: Any, context: SweepContext, checkpoint: Any, tracker: RunLogger) -> None:
+    """Evaluate the trial's last checkpoint on the test split in a Ray task with a CPU of its own
+    (and a GPU when training had one); log the measures to the trial's run."""
+    root = context.base_config["train"]["storage_path"]
+    location = storage.location_of(root, checkpoint.path)
+    task = evaluation_task(bool(scaling_config(cfg.train).use_gpu))
+    eval_cfg = cfg.eval.model_copy(update={"plots": False}).model_dump(mode="json")
+    report, _, _, _ = ray.get(task.remote([location], context.dataset_dir, eval_cfg, threads=1))
+    tracker.log_metrics(report.metrics, checkpoint_epoch(location) or 0)

@@ -1,0 +1,104 @@
+"""Loading a logged or saved MVTCAE back: from the registry, a run, or a (checkpoint) directory.
+
+These loaders read only ``model_config.json`` + ``model.safetensors`` (and an architecture file
+naming networks of trusted modules); they never import code stored with a logged model.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from mvtcae import storage
+from mvtcae.model.mvtcae import MVTCAE
+from mvtcae.safety.trust import platform_trusted_modules
+from mvtcae.tracking.registry import CHAMPION
+from mvtcae.tracking.runs import _use_uri, resolve_tracking_uri
+
+
+def download_model_dir(
+    model_uri: str, tracking_uri: str | None = None, dst: str | Path | None = None
+) -> Path:
+    """Download a logged MVTCAE pyfunc and return its ``model_dir`` (config + safetensors)."""
+    import mlflow
+
+    if tracking_uri is not None:
+        _use_uri(tracking_uri)
+    local = Path(
+        mlflow.artifacts.download_artifacts(model_uri, dst_path=None if dst is None else str(dst))
+    )
+    candidates = list(_find_model_dirs(local))
+    if not candidates:
+        raise FileNotFoundError(f"{model_uri} holds no model_config.json + model.safetensors")
+    return candidates[0]
+
+
+def _find_model_dirs(root: Path) -> Iterator[Path]:
+    """Directories under ``root`` holding a saved MVTCAE, shallowest first."""
+    configs = sorted(root.rglob("model_config.json"), key=lambda p: (len(p.parts), str(p)))
+    for config in configs:
+        if (config.parent / "model.safetensors").is_file():
+            yield config.parent
+
+
+def load_champion(
+    name: str,
+    tracking_uri: str | None = None,
+    *,
+    alias: str = CHAMPION,
+    device: str = "cpu",
+    trusted_modules: list[str] | None = None,
+) -> MVTCAE:
+    """The registered model's ``alias`` version (default: the champion) as an `MVTCAE` object.
+
+    Reads only the JSON + safetensors files, never the logged code; custom networks are
+    rebuilt only from ``mvtcae``, ``MVTCAE_TRUSTED_MODULES`` and ``trusted_modules``.
+    """
+    uri = tracking_uri or resolve_tracking_uri(None)
+    trusted = platform_trusted_modules(trusted_modules)
+    with tempfile.TemporaryDirectory() as scratch:
+        model_dir = download_model_dir(f"models:/{name}@{alias}", uri, dst=scratch)
+        model = MVTCAE.load(model_dir, trusted_modules=trusted)
+    return model.to(device).eval()
+
+
+def _load_from_directory(
+    directory: Path, shown: str, *, trusted_modules: list[str] | None = None
+) -> MVTCAE:
+    """The first saved MVTCAE under ``directory`` (networks from trusted modules only)."""
+    found = next(_find_model_dirs(directory), None) if directory.is_dir() else None
+    if found is None:
+        raise FileNotFoundError(
+            f"{shown}: no model_config.json + model.safetensors found; give a model or "
+            "checkpoint directory (local or s3://, gs://, file://), or an MLflow URI such as "
+            "models:/<name>@champion"
+        )
+    return MVTCAE.load(str(found), trusted_modules=platform_trusted_modules(trusted_modules))
+
+
+def load_model_from(
+    ref: str | Path,
+    tracking_uri: str | None = None,
+    *,
+    device: str = "cpu",
+    trusted_modules: list[str] | None = None,
+) -> MVTCAE:
+    """An `MVTCAE` from a model/checkpoint directory (local, or in run storage such as s3://…)
+    or an MLflow URI (models:/…, runs:/…).
+
+    Reads only the JSON + safetensors files, never code logged with a model; custom networks
+    are rebuilt only from ``mvtcae``, ``MVTCAE_TRUSTED_MODULES`` and ``trusted_modules``."""
+    text = str(ref)
+    trusted = platform_trusted_modules(trusted_modules)
+    if "://" not in text and ":/" not in text:
+        return _load_from_directory(Path(text), text, trusted_modules=trusted).to(device).eval()
+    if text.split("://", 1)[0].lower() in storage.URI_SCHEMES:  # run storage: s3://, gs://, …
+        with storage.local_directory(storage.normalize(text)) as directory:
+            model = _load_from_directory(directory, text, trusted_modules=trusted)
+            return model.to(device).eval()
+    uri = tracking_uri or resolve_tracking_uri(None)
+    with tempfile.TemporaryDirectory() as scratch:
+        model_dir = download_model_dir(text, uri, dst=scratch)
+        model = MVTCAE.load(str(model_dir), trusted_modules=trusted)
+    return model.to(device).eval()

@@ -1,0 +1,58 @@
+"""Training MVTCAE on Ray Train: the step (`step`), the worker loop (`loop`), the driver
+(`driver`: ``train``) and its printed summary (`summary`), with non-finite guards (`nonfinite`).
+"""
+
+from mvtcae.training.driver import (
+    RUN_STATE_FILE,
+    EpochObjectives,
+    TrainResult,
+    build_trainer,
+    ensure_ray,
+    evaluation_task,
+    prepare_dataset,
+    ranked_checkpoints,
+    scaling_config,
+    train,
+)
+from mvtcae.training.loop import data_order_seed, raise_for_stop, read_stop_record
+from mvtcae.training.nonfinite import NonFiniteError, StepGuard
+from mvtcae.training.step import (
+    autocast,
+    build_optimizer,
+    build_scheduler,
+    epoch_metrics,
+    lr_factor,
+    model_config_for,
+    run_train_epoch,
+    run_validation,
+    train_step,
+)
+from mvtcae.training.summary import format_summary
+
+__all__ = [
+    "RUN_STATE_FILE",
+    "EpochObjectives",
+    "NonFiniteError",
+    "StepGuard",
+    "TrainResult",
+    "autocast",
+    "build_optimizer",
+    "build_scheduler",
+    "build_trainer",
+    "data_order_seed",
+    "ensure_ray",
+    "epoch_metrics",
+    "evaluation_task",
+    "format_summary",
+    "lr_factor",
+    "model_config_for",
+    "prepare_dataset",
+    "raise_for_stop",
+    "ranked_checkpoints",
+    "read_stop_record",
+    "run_train_epoch",
+    "run_validation",
+    "scaling_config",
+    "train",
+    "train_step",
+]

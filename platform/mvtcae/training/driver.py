@@ -1,0 +1,344 @@
+"""The training driver: one run of MVTCAE on Ray Train, from dataset to registered model.
+
+``train`` prepares the dataset, connects to Ray, opens (or, on resume, reopens) one MLflow run,
+fits a ``TorchTrainer`` whose workers run `mvtcae.training.loop`, evaluates the best intact
+checkpoint in a Ray task (on a GPU when training had one) with `mvtcae.evaluation`, and hands it
+to the registry's promotion gate. Any failure after the MLflow run is opened ends it FAILED.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+import mvtcae.data as data_layer
+from mvtcae import storage, tracking
+from mvtcae.config import EvaluationSection, ExperimentConfig, TrainSection
+from mvtcae.data import open_splits
+from mvtcae.evaluation import evaluate_checkpoint
+from mvtcae.safety.values import is_number
+from mvtcae.storage import ray_session, runs
+from mvtcae.storage.checkpoints import CHECKSUMS, MODEL_FILES, rank_by_metric, verify_checkpoint
+from mvtcae.tracking.run_logger import SPOOL_DIR, flush_spools, retry_until
+from mvtcae.training.loop import (
+    clear_stop_record,
+    raise_for_stop,
+    read_stop_record,
+    train_loop_per_worker,
+)
+from mvtcae.training.step import model_config_for
+
+logger = logging.getLogger(__name__)
+
+RUN_STATE_FILE = runs.RUN_STATE_FILE
+
+
+@dataclass(frozen=True)
+class EpochObjectives:
+    """A sweep's objectives, measured by rank 0 on ``split`` after every epoch."""
+
+    names: tuple[str, ...]
+    measures: EvaluationSection
+    split: str
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced."""
+
+    run_id: str | None
+    run_name: str
+    run_dir: str
+    best_checkpoint: str | None
+    final_metrics: dict[str, float]
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    registered: Any = None
+    tracking_uri: str | None = None
+    wall_time_s: float = 0.0
+    candidates: list[str] = field(default_factory=list)
+    trend_plot: str | None = None
+
+
+def prepare_dataset(cfg: ExperimentConfig) -> tuple[Path, Any]:
+    """Return the dataset directory and manifest, writing a built-in dataset there if missing."""
+    data = cfg.data
+    directory = data.resolved_dir()
+    if (directory / "manifest.json").is_file():
+        return directory, data_layer.load_manifest(directory)
+    if data.dataset == "custom" or not data.prepare_if_missing:
+        raise FileNotFoundError(
+            f"data.dir {directory} holds no dataset (manifest.json missing); "
+            "prepare one with `mvtcae data prepare ...` or set data.prepare_if_missing: true"
+        )
+    logger.info("preparing %s into %s", data.dataset, directory)
+    if data.dataset == "polymnist":
+        manifest = data_layer.prepare_polymnist(
+            directory, n_train=data.n_train, n_test=data.n_test,
+            missing_ratio=data.missing_ratio, seed=data.seed, progress=True,
+        )  # fmt: skip
+    else:
+        manifest = data_layer.prepare_mfeat(
+            directory, missing_ratio=data.missing_ratio, seed=data.seed, progress=True
+        )
+    return directory, manifest
+
+
+def _worker_resources(cfg: TrainSection, use_gpu: bool) -> dict[str, float]:
+    resources = dict(cfg.resources_per_worker or {"CPU": 1.0})
+    if use_gpu:
+        resources.setdefault("GPU", 1.0)
+    return resources
+
+
+def ensure_ray(cfg: TrainSection, concurrent_runs: int = 1) -> None:
+    """Connect to the configured Ray cluster, or start a local one with room for Ray Data."""
+    per_worker = _worker_resources(cfg, False).get("CPU", 1.0)
+    cpus = cfg.local_num_cpus or ray_session.local_cpus(
+        cfg.num_workers, per_worker, concurrent_runs
+    )
+    ray_session.ensure_ray(cfg.ray_address, cpus)
+
+
+def scaling_config(cfg: TrainSection) -> ScalingConfig:
+    """ScalingConfig from the config; GPUs are used when asked, or when there are any (auto)."""
+    use_gpu = cfg.use_gpu
+    if use_gpu is None:
+        use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    return ScalingConfig(
+        num_workers=cfg.num_workers,
+        use_gpu=use_gpu,
+        resources_per_worker=_worker_resources(cfg, use_gpu),
+    )
+
+
+def _threads_per_worker(cfg: TrainSection) -> int:
+    if cfg.threads_per_worker:
+        return cfg.threads_per_worker
+    return max(1, int(round(_worker_resources(cfg, False).get("CPU", 1.0))))
+
+
+def _open_splits(cfg: ExperimentConfig, dataset_dir: Path, manifest: Any) -> dict[str, Any]:
+    splits = open_splits(
+        dataset_dir, materialize=cfg.data.materialize, seed=cfg.train.seed,
+        reshuffle_each_epoch=cfg.data.reshuffle_shards_each_epoch,
+    )  # fmt: skip
+    val_name = cfg.data.val_split or ("val" if "val" in manifest.splits else "test")
+    if "train" not in splits or val_name not in splits:
+        raise ValueError(
+            f"dataset {dataset_dir} has splits {sorted(splits)}; training needs 'train' and "
+            f"'{val_name}' (data.val_split)"
+        )
+    return {"train": splits["train"], "val": splits[val_name]}
+
+
+def _data_config() -> DataConfig:
+    """Split train and val across workers, in a deterministic block order: with the per-epoch
+    shuffle seeds, an epoch's row order is then a function of (seed, rank, epoch)."""
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return DataConfig(datasets_to_split=["train", "val"], execution_options=options)
+
+
+def build_trainer(cfg: ExperimentConfig, run_name: str, dataset_dir: Path, manifest: Any,
+                  run_id: str | None, tracking_uri: str | None,
+                  callbacks: list[Any] | None = None,
+                  objectives: EpochObjectives | None = None) -> ray.train.torch.TorchTrainer:  # fmt: skip
+    """The TorchTrainer for this config (same name + storage path restores a run's state).
+
+    ``callbacks`` are Ray Train callbacks for the run (e.g. Tune's reporting callback);
+    ``objectives`` makes rank 0 measure a sweep's objectives after every epoch and report them.
+    """
+    tc = cfg.train
+    loop_cfg = {
+        "train": tc.model_dump(mode="json"),
+        "model_config": model_config_for(cfg.model, manifest).to_dict(),
+        "dataset_dir": str(dataset_dir),
+        "shuffle_buffer": cfg.data.shuffle_buffer,
+        "threads_per_worker": _threads_per_worker(tc),
+        "run_id": run_id,
+        "tracking_uri": tracking_uri,
+        "tracking_grace_s": cfg.tracking.outage_grace_s,
+        "run_dir": storage.join(tc.storage_path, run_name),
+    }
+    if objectives is not None:
+        loop_cfg.update(
+            epoch_eval=objectives.measures.model_dump(mode="json"),
+            val_split=objectives.split,
+            objectives=list(objectives.names),
+        )
+    run_config = RunConfig(
+        name=run_name,
+        storage_path=str(tc.storage_path),
+        checkpoint_config=CheckpointConfig(
+            num_to_keep=tc.checkpoint.num_to_keep,
+            checkpoint_score_attribute=tc.checkpoint.metric,
+            checkpoint_score_order=tc.checkpoint.mode,
+        ),
+        failure_config=FailureConfig(max_failures=tc.max_failures),
+        callbacks=list(callbacks or []),
+    )
+    return ray.train.torch.TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_cfg,
+        scaling_config=scaling_config(tc),
+        run_config=run_config,
+        datasets=_open_splits(cfg, dataset_dir, manifest),
+        dataset_config=_data_config(),
+    )
+
+
+def ranked_checkpoints(result: Any, cfg: TrainSection, run_dir: str) -> list[tuple[str, dict]]:
+    """(storage location, metrics) of the run's kept checkpoints, best first by the checkpoint
+    metric; checkpoints whose metric is missing or not finite come last."""
+    entries = [(c.path, dict(m)) for c, m in (result.best_checkpoints or [])]
+    ranked = rank_by_metric(entries, cfg.checkpoint.metric, cfg.checkpoint.mode)
+    return [(storage.location_of(run_dir, path), metrics) for path, metrics in ranked]
+
+
+def train(cfg: ExperimentConfig, *, resume: bool = False) -> TrainResult:
+    """Train (or resume) a run, evaluate its best checkpoint and register it in MLflow.
+
+    Once the MLflow run is open, any failure (storage, Ray, non-finite values, evaluation,
+    registration, an interrupt) ends it as FAILED (KILLED for an interrupt) with the error
+    recorded in its ``mvtcae.error`` tag, and is raised again.
+    """
+    started = time.perf_counter()
+    dataset_dir, manifest = prepare_dataset(cfg)
+    ensure_ray(cfg.train)
+    tracking_uri = tracking.resolve_tracking_uri(cfg.tracking)
+    found = _run_to_resume(cfg) if resume else None
+    run_name = found.name if found else runs.new_run_name(runs.run_prefix(cfg))
+    run_id = _open_mlflow_run(cfg, found, run_name)
+    try:
+        record = found or runs.create_run(cfg, run_name, run_id)
+        out = _fit(cfg, record, dataset_dir, manifest, tracking_uri)
+        if out.best_checkpoint is not None:
+            _evaluate_and_register(cfg, out, dataset_dir)
+    except BaseException as err:
+        tracking.end_run_after_error(err)
+        raise
+    tracking.end_run()
+    out.wall_time_s = time.perf_counter() - started
+    return out
+
+
+def _run_to_resume(cfg: ExperimentConfig) -> runs.RunRecord:
+    found = runs.find_latest_run(cfg)
+    if found is None:
+        raise FileNotFoundError(
+            f"resume: no run named {runs.run_prefix(cfg)}-<stamp> under {cfg.train.storage_path}"
+        )
+    logger.info("resuming %s in MLflow run %s", found.name, found.mlflow_run_id)
+    return found
+
+
+def _open_mlflow_run(cfg: ExperimentConfig, found: runs.RunRecord | None, run_name: str) -> str:
+    """Reopen the resumed run's MLflow run, or start one (config logged); return its id."""
+    grace = cfg.tracking.outage_grace_s
+    if found is not None:
+        retry_until(lambda: tracking.start_run(cfg.tracking, run_id=found.mlflow_run_id),
+                    "reopening the MLflow run", grace)  # fmt: skip
+        return found.mlflow_run_id
+    run = retry_until(lambda: tracking.start_run(cfg.tracking, run_name=run_name),
+                      "starting the MLflow run", grace)  # fmt: skip
+    try:
+        retry_until(lambda: tracking.log_config(cfg.to_dict(), run_id=run.info.run_id,
+                                                tracking=cfg.tracking),
+                    "logging the config", grace)  # fmt: skip
+    except BaseException as err:
+        tracking.end_run_after_error(err)
+        raise
+    return run.info.run_id
+
+
+def _fit(cfg: ExperimentConfig, record: runs.RunRecord, dataset_dir: Path, manifest: Any,
+         tracking_uri: str) -> TrainResult:  # fmt: skip
+    """Run the trainer; raise NonFiniteError if the workers stopped on one."""
+    trainer = build_trainer(cfg, record.name, dataset_dir, manifest, record.mlflow_run_id,
+                            tracking_uri)  # fmt: skip
+    clear_stop_record(record.location)
+    result = trainer.fit()
+    unsent = flush_spools(storage.join(record.location, SPOOL_DIR), tracking_uri,
+                          cfg.tracking.outage_grace_s)  # fmt: skip
+    if unsent:
+        logger.warning("%d metric values could not be sent to MLflow; they are kept in %s",
+                       unsent, storage.join(record.location, SPOOL_DIR))  # fmt: skip
+    raise_for_stop(read_stop_record(record.location))
+    ranked = ranked_checkpoints(result, cfg.train, record.location)
+    final = {k: float(v) for k, v in (result.metrics or {}).items() if is_number(v)}
+    return TrainResult(
+        run_id=record.mlflow_run_id, run_name=record.name, run_dir=record.location,
+        best_checkpoint=ranked[0][0] if ranked else None, final_metrics=final,
+        best_metrics=ranked[0][1] if ranked else {}, tracking_uri=tracking_uri,
+        candidates=[loc for loc, _ in ranked],
+    )  # fmt: skip
+
+
+def evaluation_task(use_gpu: bool) -> Any:
+    """``evaluate_checkpoint`` as a Ray task with one CPU (and a GPU when training had one).
+
+    The task is scheduled outside any enclosing placement group: inside a Tune trial, whose
+    group holds only the trial's token CPU, it would otherwise never fit.
+    """
+    return ray.remote(evaluate_checkpoint).options(
+        num_cpus=1,
+        num_gpus=1 if use_gpu else 0,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
+    )
+
+
+def _evaluate_and_register(cfg: ExperimentConfig, out: TrainResult, dataset_dir: Path) -> None:
+    """Evaluate the best intact checkpoint in a Ray task (on a GPU if training had one), log,
+    register.
+
+    The task writes its report and plots to ``<run dir>/evaluation`` in run storage; the driver
+    reads them back from there, so the task may run on any node.
+    """
+    eval_dir = storage.join(out.run_dir, "evaluation")
+    use_gpu = bool(scaling_config(cfg.train).use_gpu)
+    task = evaluation_task(use_gpu)
+    report, task_out_dir, chosen, skipped = ray.get(
+        task.remote(
+            out.candidates or [out.best_checkpoint],
+            str(dataset_dir),
+            cfg.eval.model_dump(mode="json"),
+            out_location=eval_dir,
+            threads=_threads_per_worker(cfg.train),
+        )  # fmt: skip
+    )
+    for note in skipped:
+        logger.warning("skipped corrupt checkpoint %s", note)
+    out.best_checkpoint = chosen
+    out.eval_metrics = {k: float(v) for k, v in report.metrics.items()}
+    step = int(out.final_metrics.get("epoch", 0))
+    grace = cfg.tracking.outage_grace_s
+    if "trend" in report.plots:
+        relative = Path(report.plots["trend"]).relative_to(task_out_dir).as_posix()
+        out.trend_plot = storage.join(eval_dir, relative)
+    with storage.local_directory(eval_dir) as local_eval:
+        report.plots = {
+            k: local_eval / Path(p).relative_to(task_out_dir) for k, p in report.plots.items()
+        }
+        retry_until(lambda: tracking.log_evaluation(report, run_id=out.run_id,
+                                                    tracking=cfg.tracking, step=step),
+                    "logging the evaluation", grace)  # fmt: skip
+    if cfg.tracking.log_model:
+        with storage.local_directory(chosen, files=(*MODEL_FILES, CHECKSUMS)) as checkpoint_dir:
+            verify_checkpoint(checkpoint_dir, files=MODEL_FILES)
+            out.registered = retry_until(
+                lambda: tracking.log_model_and_register(
+                    checkpoint_dir, cfg.tracking, out.eval_metrics, out.run_id
+                ),
+                f"registering the model (best checkpoint: {chosen})",
+                grace,
+            )

@@ -1,0 +1,147 @@
+"""The experiment config: shipped YAML files validate, overrides apply, bad values name the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mvtcae.config import ConfigError, ExperimentConfig, config_from_dict, load_config
+
+CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
+
+
+@pytest.mark.parametrize("name", ["demo", "polymnist", "mfeat"])
+def test_shipped_configs_validate(name: str) -> None:
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    assert Path(cfg.train.storage_path).is_absolute()
+    assert cfg.data.resolved_dir().is_absolute()
+
+
+def test_full_polymnist_config_follows_the_original_settings() -> None:
+    cfg = load_config(CONFIGS / "polymnist.yaml")
+    assert cfg.model.alpha == pytest.approx(5 / 6)
+    assert (cfg.model.beta, cfg.model.latent_dim, cfg.model.decoder_scale) == (2.5, 512, 0.75)
+    assert (cfg.train.optimizer.lr, cfg.train.batch_size) == (1e-3, 256)
+
+
+def test_embedded_defaults_are_the_demo() -> None:
+    demo, defaults = load_config(CONFIGS / "demo.yaml"), load_config(None)
+    assert demo.model == defaults.model
+    assert demo.train.epochs == defaults.train.epochs
+    assert demo.train.num_workers == defaults.train.num_workers == 2
+    assert demo.data.dataset == defaults.data.dataset == "mfeat"
+
+
+def test_overrides_parse_yaml_values_into_nested_sections() -> None:
+    cfg = load_config(
+        None,
+        [
+            "train.epochs=7",
+            "train.optimizer.lr=0.01",
+            "train.precision=bf16",
+            "model.decoders_dist={m0: normal}",
+        ],
+    )
+    assert cfg.train.epochs == 7
+    assert cfg.train.optimizer.lr == 0.01
+    assert cfg.train.precision == "bf16"
+    assert cfg.model.decoders_dist == {"m0": "normal"}
+
+
+def test_yaml_round_trip(tmp_path: Path) -> None:
+    cfg = load_config(CONFIGS / "demo.yaml", ["train.epochs=3"])
+    cfg.to_yaml(tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("train.epochs=0", "train.epochs"),
+        ("train.precision=fp8", "train.precision"),
+        ("model.alpha=1.5", "model.alpha"),
+        ("model.decoders_dist={m0: gauss}", "model.decoders_dist"),
+        ("model.decoder_scale=-1", "model.decoder_scale"),
+        ("train.optimizer.name=lamb", "train.optimizer.name"),
+        ("train.checkpoint.mode=best", "train.checkpoint.mode"),
+        ("train.batch_sise=3", "train.batch_sise"),
+        ("tracking.promotion_mode=up", "tracking.promotion_mode"),
+    ],
+)
+def test_bad_values_name_the_field(override: str, field: str) -> None:
+    with pytest.raises(ConfigError, match=rf"\n  {field}: "):
+        load_config(None, [override])
+
+
+def test_batch_smaller_than_workers_is_refused() -> None:
+    with pytest.raises(ConfigError, match="train.batch_size .* smaller than train.num_workers"):
+        config_from_dict({"train": {"batch_size": 1, "num_workers": 2}})
+
+
+def test_custom_dataset_needs_a_directory() -> None:
+    with pytest.raises(ConfigError, match="data.dir is required"):
+        config_from_dict({"data": {"dataset": "custom"}})
+
+
+def test_malformed_override_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="expected section.field=value"):
+        load_config(None, ["train.epochs"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_to_dict_is_json_safe() -> None:
+    import json
+
+    assert json.loads(json.dumps(ExperimentConfig().to_dict()))["train"]["epochs"] >= 1
+
+
+def test_cli_prints_the_validated_config_and_names_bad_fields() -> None:
+    from click.testing import CliRunner
+
+    from mvtcae.cli import main
+
+    runner = CliRunner()
+    ok = runner.invoke(
+        main,
+        [
+            "train",
+            "--config",
+            str(CONFIGS / "demo.yaml"),
+            "--set",
+            "train.epochs=2",
+            "--print-config",
+        ],
+    )
+    assert ok.exit_code == 0, ok.output
+    assert load_config(None, []).name == "mvtcae-demo"
+    assert "epochs: 2" in ok.output
+    bad = runner.invoke(main, ["train", "--set", "train.num_workers=0", "--print-config"])
+    assert bad.exit_code == 2
+    assert "train.num_workers" in bad.output
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("name=..", "name"),
+        ("name=../elsewhere", "name"),
+        ("name=/abs", "name"),
+        ("train.run_name=a/b", "train.run_name"),
+        ("train.run_name=..", "train.run_name"),
+    ],
+)
+def test_run_names_that_could_leave_run_storage_are_refused(override: str, field: str) -> None:
+    with pytest.raises(ConfigError, match=rf"{field}: .*not allowed"):
+        load_config(None, [override])
+
+
+def test_a_study_name_that_could_leave_run_storage_is_refused(tmp_path: Path) -> None:
+    from mvtcae.config import load_sweep_config
+
+    with pytest.raises(ConfigError, match=r"tune\.study_name.*not allowed"):
+        load_sweep_config(None, ["tune.study_name=../other"])

@@ -1,0 +1,78 @@
+"""A sweep whose Tune state, trial checkpoints and study artifacts live on an object store
+(a real moto S3 server), as the KubeRay tuning RayJob runs it: the sweep finishes, registers the
+best trial from its ``s3://`` checkpoint, and a second start finds the sweep already there."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from sweep_helpers import tiny_tune_file
+
+from mvtcae import storage
+from mvtcae.config import ConfigError
+from testkit import create_bucket, s3_environment, s3_server
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def s3_and_ray(tmp_path_factory: pytest.TempPathFactory):
+    """A moto S3 server with bucket ``sweeps``; Ray starts inside the AWS environment."""
+    import ray
+
+    from mvtcae.storage.ray_session import start_local_ray
+
+    with s3_server(tmp_path_factory.mktemp("moto")) as endpoint, s3_environment(endpoint):
+        create_bucket(endpoint, "sweeps")
+        start_local_ray(num_cpus=4)
+        try:
+            yield endpoint
+        finally:
+            ray.shutdown()
+
+
+def test_a_sweep_keeps_its_state_on_s3_and_registers_from_there(
+    s3_and_ray, tiny_dataset, tmp_path
+) -> None:
+    from mvtcae.config import load_sweep_config
+    from mvtcae.config.sweep import SWEEP_STATE_FILE
+    from mvtcae.sweep import run_sweep
+    from mvtcae.tracking import client_for
+
+    tune = {
+        "study_name": "s3-sweep",
+        "num_samples": 2,
+        "max_concurrent": 1,
+        "seed": 3,
+        "asha": {"enabled": False},
+    }
+    path = tiny_tune_file(tmp_path, tiny_dataset, tune, epochs=1)
+    overrides = ["train.storage_path=s3://sweeps/ray", "tracking.registered_model_name=s3-sweep"]
+    spec = load_sweep_config(path, overrides)
+    assert spec.experiment_dir == "s3://sweeps/ray/s3-sweep"
+
+    result = run_sweep(spec)
+
+    assert result.finished and len(result.trials) == 2
+    assert all(t["state"] == "COMPLETE" for t in result.trials), result.trials
+    state = json.loads(storage.read_text(storage.join(spec.experiment_dir, SWEEP_STATE_FILE)))
+    assert state["parent_run_id"] == result.parent_run_id
+    trials = json.loads(storage.read_text(result.artifacts["trials"]))
+    assert [t["number"] for t in trials] == [0, 1]
+    assert result.artifacts["trials"] == "s3://sweeps/ray/s3-sweep/study/trials.json"
+    train_runs = storage.join(spec.experiment_dir, "train_runs")
+    assert len(storage.list_dirs(train_runs)) == 2  # one Ray Train run per trial
+    checkpoint = result.best["checkpoint"]
+    assert checkpoint.startswith(train_runs + "/")
+    assert storage.is_file(storage.join(checkpoint, "model.safetensors"))
+
+    client = client_for(spec.experiment.tracking)
+    champion = client.get_model_version_by_alias("s3-sweep", "champion")
+    assert champion.run_id == result.best["mlflow_run_id"]
+    assert {a.path for a in client.list_artifacts(result.parent_run_id, "study")} >= {
+        "study/trials.json", "study/pareto_front.json",
+    }  # fmt: skip
+
+    with pytest.raises(ConfigError, match="already exists at s3://sweeps/ray/s3-sweep"):
+        run_sweep(load_sweep_config(path, overrides))

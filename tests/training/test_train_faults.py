@@ -1,0 +1,115 @@
+"""Faults in real training runs (local Ray, SQLite MLflow, tiny data): a diverging run stops at
+the step where the loss went non-finite and ends FAILED without checkpoints or a registered
+model; a storage error before the loop ends the MLflow run FAILED; a corrupt latest checkpoint
+makes ``--resume`` fall back to the newest intact one, and with none intact the run stops with
+an error naming the bad files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import ray
+
+from mvtcae.storage.checkpoints import CorruptCheckpointError
+from mvtcae.training import train
+from mvtcae.training.nonfinite import NonFiniteError
+
+pytestmark = pytest.mark.slow
+
+DIVERGING_LR = "train.optimizer.lr=1e30"  # Adam moves every weight by ~1e30 in one step
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_session():
+    ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _client(cfg):
+    from mvtcae.tracking import client_for
+
+    return client_for(cfg.tracking)
+
+
+def _only_run(cfg):
+    client = _client(cfg)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment_name)
+    (run,) = client.search_runs([experiment.experiment_id])
+    return run
+
+
+def _no_models(cfg) -> bool:
+    return not _client(cfg).search_registered_models(
+        f"name = '{cfg.tracking.registered_model_name}'"
+    )
+
+
+def test_a_diverging_run_stops_at_the_bad_step_and_fails(tmp_path, tiny_dataset, make_config):
+    cfg = make_config(tmp_path, tiny_dataset, DIVERGING_LR, "train.grad_clip_norm=null")
+    with pytest.raises(NonFiniteError, match=r"epoch 1, step 2: .*loss=") as caught:
+        train(cfg)
+    run = _only_run(cfg)
+    assert run.info.status == "FAILED"
+    assert "NonFiniteError" in run.data.tags["mvtcae.error"]
+    assert "epoch 1, step 2" in run.data.tags["mvtcae.nonfinite"]
+    assert "val/loss" not in run.data.metrics  # no epoch was reported
+    run_dirs = [p for p in (tmp_path / "ray_results").iterdir() if p.name.startswith(cfg.name)]
+    assert run_dirs and not list(run_dirs[0].glob("checkpoint_epoch_*"))
+    assert _no_models(cfg)
+    assert caught.value.epoch == 1
+
+
+def test_skipping_bad_steps_has_a_budget(tmp_path, tiny_dataset, make_config):
+    cfg = make_config(
+        tmp_path, tiny_dataset, DIVERGING_LR, "train.grad_clip_norm=null",
+        "train.on_nonfinite=skip", "train.max_nonfinite_steps=3",
+    )  # fmt: skip
+    with pytest.raises(NonFiniteError, match="4 steps skipped, over train.max_nonfinite_steps=3"):
+        train(cfg)
+    assert _only_run(cfg).info.status == "FAILED"
+    assert _no_models(cfg)
+
+
+def test_a_storage_error_before_the_loop_fails_the_mlflow_run(tmp_path, tiny_dataset, make_config):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where run storage should be")
+    cfg = make_config(tmp_path, tiny_dataset, f"train.storage_path={blocker / 'ray_results'}")
+    with pytest.raises(OSError):
+        train(cfg)
+    run = _only_run(cfg)
+    assert run.info.status == "FAILED"
+    assert "Error" in run.data.tags["mvtcae.error"]
+
+
+def test_resume_skips_a_corrupt_latest_checkpoint(tmp_path, tiny_dataset, make_config):
+    extra = ("name=corrupt-test", "eval.coherence=false", "eval.plots=false")
+    cfg = make_config(tmp_path, tiny_dataset, *extra, "train.checkpoint.metric=epoch",
+                      "train.checkpoint.mode=max")  # fmt: skip
+    first = train(cfg)
+    run_dir = Path(first.run_dir)
+    assert sorted(p.name for p in run_dir.glob("checkpoint_epoch_*")) == [
+        "checkpoint_epoch_0002", "checkpoint_epoch_0003"]  # fmt: skip
+    weights = run_dir / "checkpoint_epoch_0003" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a truncated upload
+
+    longer = make_config(tmp_path, tiny_dataset, *extra, "train.epochs=4",
+                         "train.checkpoint.metric=epoch", "train.checkpoint.mode=max")  # fmt: skip
+    resumed = train(longer, resume=True)
+    client = _client(cfg)
+    history = client.get_metric_history(first.run_id, "train/resumed_after_epoch")
+    assert [(m.step, m.value) for m in history] == [(2, 2.0)]
+    skipped = client.get_run(first.run_id).data.tags["mvtcae.corrupt_checkpoints_skipped"]
+    assert "checkpoint_epoch_0003" in skipped and "model.safetensors" in skipped
+    assert resumed.final_metrics["epoch"] == 4
+    assert client.get_run(first.run_id).info.status == "FINISHED"
+
+    # Nothing intact: a clear error naming every bad checkpoint, and a FAILED run.
+    for path in run_dir.glob("checkpoint_epoch_*/model.safetensors"):
+        path.write_bytes(b"")
+    again = make_config(tmp_path, tiny_dataset, *extra, "train.epochs=6",
+                        "train.checkpoint.metric=epoch", "train.checkpoint.mode=max")  # fmt: skip
+    with pytest.raises(CorruptCheckpointError, match="no intact checkpoint to restore"):
+        train(again, resume=True)
+    assert client.get_run(first.run_id).info.status == "FAILED"

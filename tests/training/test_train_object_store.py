@@ -1,0 +1,86 @@
+"""Training with run storage on an object store: a real moto S3 server, a real local Ray.
+
+The storage path is an ``s3://`` URI, as in the KubeRay RayJobs. Run state, checkpoints and the
+evaluation land in the bucket; ``--resume`` finds the run there; the model is registered from it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import ray
+
+from mvtcae import storage
+from mvtcae.tracking import client_for
+from mvtcae.training import RUN_STATE_FILE, train
+from testkit import create_bucket, s3_environment, s3_server
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def s3_and_ray(tmp_path_factory: pytest.TempPathFactory):
+    """A moto S3 server with bucket ``ckpts``; Ray starts inside the AWS environment, so its
+    workers reach the same endpoint (on a cluster the runtime environment carries it)."""
+    with s3_server(tmp_path_factory.mktemp("moto")) as endpoint, s3_environment(endpoint):
+        create_bucket(endpoint, "ckpts")
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        try:
+            yield endpoint
+        finally:
+            ray.shutdown()
+
+
+def _val_loss_steps(cfg, run_id: str) -> list[int]:
+    return sorted(m.step for m in client_for(cfg.tracking).get_metric_history(run_id, "val/loss"))
+
+
+def test_a_run_checkpoints_evaluates_registers_and_resumes_on_s3(
+    tmp_path: Path, tiny_dataset: Path, make_config, monkeypatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # anything written to a local "s3:" directory would show here
+    root = "s3://ckpts/ray"
+    cfg = make_config(
+        tmp_path, tiny_dataset, f"train.storage_path={root}", "train.epochs=2",
+        "tracking.experiment_name=s3-runs", "tracking.registered_model_name=s3-mvtcae",
+        "eval.coherence=false",
+    )  # fmt: skip
+    assert cfg.train.storage_path == root
+    result = train(cfg)
+
+    assert result.run_dir == storage.join(root, result.run_name)
+    assert storage.list_dirs(root) == [result.run_name, "mvtcae_runs"]  # the run and its index
+    assert storage.is_file(storage.join(root, "mvtcae_runs", cfg.name, f"{result.run_name}.json"))
+    state = json.loads(storage.read_text(storage.join(result.run_dir, RUN_STATE_FILE)))
+    assert state["mlflow_run_id"] == result.run_id
+    checkpoints = [d for d in storage.list_dirs(result.run_dir) if d.startswith("checkpoint_")]
+    assert checkpoints == ["checkpoint_epoch_0001", "checkpoint_epoch_0002"]
+    assert result.best_checkpoint in {storage.join(result.run_dir, c) for c in checkpoints}
+    for name in ("model.safetensors", "model_config.json", "optimizer.pt", "trainer_state.json"):
+        assert storage.is_file(storage.join(result.best_checkpoint, name)), name
+    evaluation = storage.join(result.run_dir, "evaluation")
+    report = json.loads(storage.read_text(storage.join(evaluation, "evaluation.json")))
+    assert report["metrics"]["eval/joint_nll"] == pytest.approx(
+        result.eval_metrics["eval/joint_nll"]
+    )
+    with storage.local_directory(storage.join(evaluation, "plots")) as plots_dir:
+        assert sorted(p.suffix for p in plots_dir.iterdir()) == [".png"] * len(report["plots"])
+    assert not (tmp_path / "s3:").exists()
+
+    client = client_for(cfg.tracking)
+    plots = client.list_artifacts(result.run_id, "evaluation/plots")
+    assert plots and all(a.path.endswith(".png") for a in plots)
+    assert result.registered.version == 1 and result.registered.alias == "champion"
+
+    longer = make_config(
+        tmp_path, tiny_dataset, f"train.storage_path={root}", "train.epochs=3",
+        "tracking.experiment_name=s3-runs", "tracking.registered_model_name=s3-mvtcae",
+        "eval.coherence=false",
+    )  # fmt: skip
+    resumed = train(longer, resume=True)
+    assert (resumed.run_id, resumed.run_dir) == (result.run_id, result.run_dir)
+    assert _val_loss_steps(cfg, result.run_id) == [1, 2, 3]
+    kept = [d for d in storage.list_dirs(result.run_dir) if d.startswith("checkpoint_")]
+    assert "checkpoint_epoch_0003" in kept and len(kept) == 2
