@@ -1,7 +1,8 @@
 """mvtcae-platform: train, tune, track and ship MVTCAE multimodal VAEs on Ray and MLflow.
 
 The model API (``MVTCAE``, ``MVTCAEConfig``, ``MultimodalBatch``) is imported lazily so that the
-command line starts without loading torch.
+command line starts without loading torch. It needs torch, safetensors and numpy only; the rest
+of the platform needs the ``platform`` extra (``pip install 'mvtcae-platform[platform]'``).
 """
 
 from __future__ import annotations

