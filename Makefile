@@ -55,6 +55,22 @@ tune: install ## Ray Tune + Optuna sweep of alpha/beta, tracked in MLflow (TUNE_
 optuna-dashboard: install ## Live view of the sweeps' Optuna studies on http://127.0.0.1:8080
 	$(BIN)/optuna-dashboard $(OPTUNA_STORAGE) --host 127.0.0.1 --port 8080
 
+MLFLOW_STORE ?= sqlite:///$(CURDIR)/mlflow.db
+
+mlflow-ui: install ## MLflow UI over the demo's store (MLFLOW_STORE=...) on http://127.0.0.1:5000
+	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_STORE) --host 127.0.0.1 --port 5000
+
+SERVE_MODEL ?= models:/mvtcae-demo@champion
+
+serve: install ## Serve the demo's champion (SERVE_MODEL=...) with mlflow models serve on http://127.0.0.1:5001
+	PATH=$(CURDIR)/$(BIN):$$PATH MLFLOW_TRACKING_URI=$(MLFLOW_STORE) MLFLOW_REGISTRY_URI=$(MLFLOW_STORE) \
+		$(BIN)/mlflow models serve -m $(SERVE_MODEL) --env-manager local -h 127.0.0.1 -p 5001 -w 1
+
+ray-dashboard: install ## A local Ray head with its dashboard (Train tab on) on http://127.0.0.1:8265; jobs attach with RAY_ADDRESS=127.0.0.1:6380; Ctrl-C stops it
+	RAY_TRAIN_ENABLE_STATE_TRACKING=1 $(BIN)/ray start --head --block --disable-usage-stats \
+		--node-ip-address=127.0.0.1 --port=6380 --include-dashboard=true \
+		--dashboard-host=127.0.0.1 --dashboard-port=8265 --temp-dir=/tmp/mvtcae-ray-dashboard
+
 bench-tune: install ## Tune overhead of a small sweep, and TPE against random search over seeds
 	$(BIN)/python jobs/bench_tune.py $(ARGS)
 
@@ -69,7 +85,7 @@ reproduce: install ## The paper's PolyMNIST and mfeat settings, then a results t
 clean: ## Remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache
 
-.PHONY: help install test lint bench-model bench-data demo bench-train bench-tune bench-learning reproduce clean
+.PHONY: help install test lint bench-model bench-data demo bench-train bench-tune bench-learning reproduce clean mlflow-ui ray-dashboard optuna-dashboard tune serve
 
 # --- Ray cluster: a local head + second node + MLflow server, and job submission -------------
 # (docs/cluster.md). Everything binds to 127.0.0.1; processes are stopped by their PIDs.

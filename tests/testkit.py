@@ -213,3 +213,15 @@ class MlflowServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def free_port_block() -> int:
+    """The first port block (see `mvtcae.cluster.ClusterSpec`) from 17600 on where nothing
+    listens: room for a local Ray cluster of two nodes."""
+    from mvtcae import cluster
+
+    for base in range(17600, 30000, 500):
+        ports = cluster.ClusterSpec(Path("/x"), Path("/h"), Path("/n"), base, base + 8, base + 9)
+        if not cluster.busy_ports(ports.all_ports()):
+            return base
+    raise RuntimeError("no free block of 300 ports between 17600 and 30000")

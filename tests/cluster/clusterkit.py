@@ -13,6 +13,7 @@ from pathlib import Path
 from unittest import mock
 
 from mvtcae import cluster
+from testkit import free_port_block
 
 REPO = Path(__file__).resolve().parents[2]
 # Set by tests/cluster/test_interrupt.py for the pytest it starts: where the `running` fixture
@@ -20,15 +21,6 @@ REPO = Path(__file__).resolve().parents[2]
 REPORT_ENV = "MVTCAE_TEST_CLUSTER_REPORT"
 # ... and where tests/cluster/interrupted_session.py announces that its test runs.
 STARTED_ENV = "MVTCAE_TEST_INTERRUPT_STARTED"
-
-
-def free_port_block() -> int:
-    """The first port block (see `ClusterSpec`) from 17600 on where nothing listens."""
-    for base in range(17600, 30000, 500):
-        ports = cluster.ClusterSpec(Path("/x"), Path("/h"), Path("/n"), base, base + 8, base + 9)
-        if not cluster.busy_ports(ports.all_ports()):
-            return base
-    raise RuntimeError("no free block of 300 ports between 17600 and 30000")
 
 
 def cluster_overrides(state_dir: Path, tag: str = "") -> dict[str, str]:

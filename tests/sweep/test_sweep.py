@@ -15,6 +15,7 @@ import pytest
 from sweep_helpers import tiny_tune_file
 
 from mvtcae.config import ConfigError
+from mvtcae.data import load_manifest
 from mvtcae.sweep.study import run_id_of
 
 pytestmark = pytest.mark.slow
@@ -160,6 +161,8 @@ def test_mlflow_parent_and_child_runs(sweep):
         assert float(child.data.params["model.alpha"]) == pytest.approx(sampled["model.alpha"])
         history = client.get_metric_history(child.info.run_id, "val/joint_nll")
         assert [m.step for m in history] == [1, 2]
+        (used,) = client.get_run(child.info.run_id).inputs.dataset_inputs  # its lineage
+        assert used.dataset.digest == load_manifest(spec.experiment.data.dir).digest()
         assert len(client.get_metric_history(child.info.run_id, "train/loss")) == 2
         assert "eval/joint_nll" in child.data.metrics
     artifacts = {a.path for a in client.list_artifacts(final.parent_run_id, "study")}
@@ -175,6 +178,9 @@ def test_best_model_registered_through_the_gate(sweep):
     champion = client.get_model_version_by_alias(name, "champion")
     assert champion.run_id == final.best["mlflow_run_id"]
     assert champion.tags["promotion.metric"] == "eval/joint_nll"
+    assert (
+        champion.tags["mvtcae.dataset.digest"] == load_manifest(spec.experiment.data.dir).digest()
+    )
     assert final.best["number"] == _study(spec).best_trial.number
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import sys
 import uuid
 from pathlib import Path
@@ -56,15 +57,31 @@ def _batch(arrays: dict[str, np.ndarray]) -> MultimodalBatch:
     return MultimodalBatch(data={m: torch.from_numpy(a) for m, a in arrays.items()})
 
 
+def _frame(arrays: dict[str, np.ndarray]) -> pd.DataFrame:
+    """A request in the signature's form: a row per sample, each modality flattened."""
+    return pd.DataFrame({m: list(a.reshape(len(a), -1)) for m, a in arrays.items()})
+
+
+def test_the_logged_model_has_a_signature_and_an_input_example(champion):
+    _, tracking = champion
+    info = mlflow.models.get_model_info(f"models:/{tracking.registered_model_name}@champion")
+    inputs = {s.name: s for s in info.signature.inputs.inputs}
+    assert set(inputs) == {"img", "vec"} and not any(s.required for s in inputs.values())
+    assert {p.name for p in info.signature.params.params} == {
+        "task", "cond_mod", "gen_mod", "return_mean", "seed"
+    }  # fmt: skip
+    assert info.saved_input_example_info is not None
+
+
 def test_champion_pyfunc_encodes_like_the_model(champion):
     model, tracking = champion
     loaded = mlflow.pyfunc.load_model(f"models:/{tracking.registered_model_name}@champion")
     x = _inputs()
-    got = loaded.predict({"task": "encode", **x})["z"]
+    got = loaded.predict(_frame(x), params={"task": "encode"})["z"]
     want = model.encode(_batch(x), cond_mod="all", return_mean=True).z.detach().numpy()
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
-    got_img = loaded.predict({"task": "encode", "cond_mod": ["img"], **x})["z"]
+    got_img = loaded.predict(_frame(x), params={"cond_mod": "img"})["z"]  # task auto: encode
     want_img = model.encode(_batch(x), cond_mod="img", return_mean=True).z.detach().numpy()
     np.testing.assert_allclose(got_img, want_img, rtol=1e-6, atol=1e-6)
     assert not np.allclose(got_img, got)
@@ -74,9 +91,7 @@ def test_champion_pyfunc_cross_modal_predict(champion):
     model, tracking = champion
     loaded = mlflow.pyfunc.load_model(f"models:/{tracking.registered_model_name}@champion")
     x = _inputs()
-    got = loaded.predict(
-        {"task": "predict", "cond_mod": "img", "gen_mod": ["vec", "img"], "img": x["img"]}
-    )
+    got = loaded.predict(_frame({"img": x["img"]}), params={"gen_mod": "vec,img"})
     raw = model.predict(
         _batch({"img": x["img"]}), cond_mod="img", gen_mod=["vec", "img"], return_mean=True
     )
@@ -86,16 +101,21 @@ def test_champion_pyfunc_cross_modal_predict(champion):
     assert got["img"].shape == (6, 1, 8, 8)
 
 
-def test_dataframe_request_with_flat_rows_and_uint8(champion):
-    model, tracking = champion
+def test_a_request_the_model_cannot_answer_names_what_to_change(champion):
+    from mlflow.exceptions import MlflowException
+
+    _, tracking = champion
     loaded = mlflow.pyfunc.load_model(f"models:/{tracking.registered_model_name}@champion")
-    img_u8 = (np.random.default_rng(1).random((4, 1, 8, 8)) * 255).astype(np.uint8)
-    frame = pd.DataFrame({"task": ["encode"] * 4, "img": [row.reshape(-1) for row in img_u8]})
-    got = loaded.predict(frame)["z"]
-    want = model.encode(
-        _batch({"img": img_u8.astype(np.float32) / 255.0}), cond_mod="img", return_mean=True
-    ).z
-    np.testing.assert_allclose(got, want.detach().numpy(), rtol=1e-5, atol=1e-6)
+    x = _inputs(2)
+    cases = [
+        (_frame(x), {"cond_mod": "audio"}, "cond_mod: unknown modalities ['audio']"),
+        (_frame({"img": x["img"][:, :, :, :7]}), {}, "modality 'img'"),
+        (_frame(x), {"task": "decode"}, "task must be one of"),
+    ]
+    for frame, params, message in cases:
+        with pytest.raises(MlflowException, match=re.escape(message)) as caught:
+            loaded.predict(frame, params=params)
+        assert caught.value.error_code == "INVALID_PARAMETER_VALUE"
 
 
 def test_load_champion_returns_the_same_weights(champion):
@@ -203,8 +223,45 @@ def test_pyfunc_rebuilds_custom_networks_only_from_trusted_modules(tracking, tmp
 
         loaded = mlflow.pyfunc.load_model(info.model_uri, model_config={"trusted_modules": [name]})
         x = np.random.default_rng(0).random((3, 4), dtype=np.float32)
-        got = loaded.predict({"task": "encode", "a": x})["z"]
+        got = loaded.predict(_frame({"a": x}), params={"task": "encode"})["z"]
         want = model.encode(_batch({"a": x}), cond_mod="a", return_mean=True).z.detach().numpy()
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     finally:
         sys.modules.pop(name, None)
+
+
+IMPORT_PROBE = """
+import importlib.metadata, json, runpy, sys
+import mlflow.pyfunc, mlflow.models  # what MLflow itself brings is covered by its own pin
+before = set(sys.modules)
+sys.path.insert(0, sys.argv[2])  # the logged code/ copy first, as MLflow loads it
+runpy.run_path(sys.argv[1])  # the models-from-code file, as the server runs it
+new = {m.split(".")[0] for m in set(sys.modules) - before}
+third = [m for m in new if m not in sys.stdlib_module_names and not m.startswith("_")]
+dists = importlib.metadata.packages_distributions()
+print(json.dumps(sorted({d for m in third if m != "mvtcae" for d in dists.get(m, [m])})))
+"""
+
+
+def test_the_requirements_cover_what_the_serving_code_imports(champion, tmp_path):
+    import subprocess
+
+    _, tracking = champion
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            f"models:/{tracking.registered_model_name}@champion", dst_path=str(tmp_path / "m")
+        )
+    )
+    required = {
+        line.split("==")[0].strip().lower()
+        for line in (local / "requirements.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", IMPORT_PROBE, str(local / "model_code.py"), str(local / "code")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    imported = {d.lower() for d in json.loads(out.stdout.strip().splitlines()[-1])}
+    assert imported, "the probe saw no import"
+    assert imported <= required, f"imported but not required: {imported - required}"

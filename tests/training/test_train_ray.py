@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import ray
 
+from mvtcae.data import load_manifest
 from mvtcae.training import RUN_STATE_FILE, train
 
 pytestmark = pytest.mark.slow
@@ -96,6 +97,12 @@ def test_train_tracks_registers_and_resumes(
     assert result.registered.version == 1 and result.registered.alias == "champion"
     champion = client.get_model_version_by_alias("tiny-mvtcae", "champion")
     assert champion.run_id == result.run_id
+    # Lineage: the dataset is the run's input, and the version names it, its run and config.
+    digest = load_manifest(tiny_dataset).digest()
+    (used,) = run.inputs.dataset_inputs
+    assert (used.dataset.digest, used.dataset.name) == (digest, load_manifest(tiny_dataset).name)
+    assert champion.tags["mvtcae.dataset.digest"] == digest
+    assert champion.tags["mvtcae.config"] == f"runs:/{result.run_id}/config.yaml"
     plots = client.list_artifacts(result.run_id, "evaluation/plots")
     assert any(a.path.endswith(".png") for a in plots)
 

@@ -1,4 +1,4 @@
-"""The click tree of the ``mvtcae`` command: ``mvtcae train | tune | evaluate | data | cluster``."""
+"""The click tree of the ``mvtcae`` command: ``mvtcae train | tune | evaluate | lineage | data | cluster``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import click
 from mvtcae.cli.cluster import cluster_command
 from mvtcae.cli.data import data as data_command
 from mvtcae.cli.evaluate import evaluate_command
+from mvtcae.cli.lineage import lineage_command
 from mvtcae.cli.train import train_command
 from mvtcae.cli.tune import tune_command
 
@@ -37,4 +38,5 @@ main.add_command(data_command)
 main.add_command(train_command)
 main.add_command(tune_command)
 main.add_command(evaluate_command)
+main.add_command(lineage_command)
 main.add_command(cluster_command)

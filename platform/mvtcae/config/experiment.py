@@ -28,6 +28,11 @@ from mvtcae.config.tracking import TrackingSection
 from mvtcae.model.config import DISTRIBUTIONS
 from mvtcae.safety.names import check_name
 
+# Cluster-wide defaults (set by `mvtcae cluster`, a KubeRay ConfigMap or by hand) for jobs whose
+# config leaves the dataset directory or the run storage unset.
+DATA_DIR_ENV = "MVTCAE_DATA_DIR"
+STORAGE_PATH_ENV = "MVTCAE_STORAGE_PATH"
+
 
 def _absolute(path: Path | None) -> Path | None:
     return None if path is None else Path(path).expanduser().resolve()
@@ -38,7 +43,10 @@ class DataSection(Section):
 
     dataset: Literal["polymnist", "mfeat", "custom"] = "mfeat"
     dir: Path | None = Field(
-        default=None, description="dataset directory; default data/<dataset>-<n_train>"
+        default_factory=lambda: os.environ.get(DATA_DIR_ENV) or None,
+        validate_default=True,
+        description=f"dataset directory; default ${DATA_DIR_ENV} when set, else "
+        "data/<dataset> (data/polymnist-<n_train> for PolyMNIST)",
     )
     prepare_if_missing: bool = Field(
         default=True, description="write the built-in dataset into `dir` when it is absent"
@@ -185,10 +193,11 @@ class TrainSection(Section):
     checkpoint: CheckpointSection = CheckpointSection()
     max_failures: int = Field(default=2, ge=0, description="worker-group restarts before failing")
     storage_path: str = Field(
-        default="outputs/ray_results",
+        default_factory=lambda: os.environ.get(STORAGE_PATH_ENV) or "outputs/ray_results",
         validate_default=True,
         description="run storage every node reaches: a shared local path, or a URI such as "
-        "s3://bucket/prefix, gs://bucket/prefix or file:///abs/dir (pyarrow file systems)",
+        "s3://bucket/prefix, gs://bucket/prefix or file:///abs/dir (pyarrow file systems); "
+        f"default ${STORAGE_PATH_ENV} when set, else outputs/ray_results",
     )
     run_name: str | None = Field(default=None, description="Ray run name prefix; default: `name`")
     ray_address: str | None = Field(
@@ -234,9 +243,9 @@ class ExperimentConfig(Section):
     """Everything one training run needs, in one validated object."""
 
     name: str = "mvtcae-demo"
-    data: DataSection = DataSection()
+    data: DataSection = Field(default_factory=DataSection)  # reads $MVTCAE_DATA_DIR when built
     model: ModelSection = ModelSection()
-    train: TrainSection = TrainSection()
+    train: TrainSection = Field(default_factory=TrainSection)  # reads $MVTCAE_STORAGE_PATH
     tracking: TrackingSection = Field(default_factory=TrackingSection)
     eval: EvaluationSection = Field(default_factory=EvaluationSection)
 

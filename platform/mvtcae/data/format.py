@@ -14,6 +14,7 @@ optional int64 ``label`` and an int64 ``sample_id``. See docs/data-format.md.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -203,6 +204,23 @@ class Manifest(BaseModel):
         """Uncompressed bytes of one row (tensors, presence flags, label and id)."""
         extra = len(self.modalities) + 8 + (8 if self.has_labels else 0)
         return sum(spec.row_bytes for spec in self.modalities.values()) + extra
+
+    def digest(self) -> str:
+        """What identifies the dataset's content: 32 hex digits of a SHA-256 over the schema, the
+        preprocessing and every shard's file, row count and checksum (not the name, description
+        or creation time). Equal digests mean the same rows in the same shards."""
+        content = {
+            "format": [self.format, self.format_version],
+            "modalities": {m: spec.model_dump(mode="json", exclude={"description"})
+                           for m, spec in self.modalities.items()},
+            "num_classes": self.num_classes,
+            "has_labels": self.has_labels,
+            "preprocessing": self.preprocessing,
+            "splits": {name: [[s.file, s.num_rows, s.sha256] for s in split.shards]
+                       for name, split in sorted(self.splits.items())},
+        }  # fmt: skip
+        canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
     def arrow_schema(self) -> pa.Schema:
         """The Arrow schema every shard of this dataset has."""

@@ -1,11 +1,16 @@
-"""The one place that connects to Ray or starts a local Ray for a training run or a sweep."""
+"""The one place that connects to Ray or starts a local Ray for a training run or a sweep, and
+checks that the local paths a multi-node run needs are shared by every node."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import math
 import os
 import socket
+import uuid
+from urllib.parse import urlparse
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +53,13 @@ def start_local_ray(num_cpus: int) -> None:
         num_cpus=num_cpus,
         dashboard_host="127.0.0.1",
         dashboard_port=port,
-        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+        runtime_env={
+            "env_vars": {
+                "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}",
+                # The dashboard's Train tab shows runs only when Train records its state.
+                "RAY_TRAIN_ENABLE_STATE_TRACKING": "1",
+            }
+        },
     )
     logger.info("Ray dashboard: http://127.0.0.1:%d", port)
 
@@ -63,3 +74,105 @@ def _dashboard_port(preferred: int) -> int:
                 continue
             return sock.getsockname()[1]
     raise RuntimeError("no free TCP port on 127.0.0.1 for the Ray dashboard")
+
+
+class NodeLocalPathError(RuntimeError):
+    """A local path that a multi-node cluster needs on every node is not the same on every node."""
+
+
+def _read_digest(path: str) -> str | None:
+    """SHA-256 of a file as this node sees it (None: not readable here)."""
+    try:
+        with open(path, "rb") as handle:
+            return hashlib.sha256(handle.read()).hexdigest()
+    except OSError:
+        return None
+
+
+def nodes_missing_files(files: list[tuple[str, str]]) -> dict[str, list[str]]:
+    """For each ``(path, sha256)``: the Ray nodes (by IP) that cannot read that file with that
+    content. Empty on a single-node cluster. One zero-CPU task per node, pinned to it."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = _alive_nodes()
+    if len(nodes) < 2:
+        return {}
+    probe = ray.remote(num_cpus=0, max_retries=0)(_read_many)
+    answers = {
+        n["NodeManagerAddress"] + f" ({n['NodeID'][:8]})": probe.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+        ).remote([path for path, _ in files])
+        for n in nodes
+    }
+    missing: dict[str, list[str]] = {}
+    for node, ref in answers.items():
+        for (path, expected), seen in zip(files, ray.get(ref), strict=True):
+            if seen != expected:
+                missing.setdefault(path, []).append(node)
+    return missing
+
+
+def _alive_nodes() -> list[dict]:
+    import ray
+
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def _local_path(location: str) -> str | None:
+    """The local path of a plain path or ``file://`` URI; None for remote URIs."""
+    if "://" not in location:
+        return location
+    parsed = urlparse(location)
+    return parsed.path if parsed.scheme == "file" else None
+
+
+def _read_many(paths: list[str]) -> list[str | None]:
+    return [_read_digest(p) for p in paths]
+
+
+def check_shared_paths(paths: dict[str, str], marker_dir: dict[str, str]) -> None:
+    """Refuse, before any work starts, local paths that not every node of a multi-node cluster
+    sees alike.
+
+    ``paths`` maps an option (``data.dir``) to a file that must read the same everywhere (the
+    dataset's manifest); ``marker_dir`` maps an option (``train.storage_path``) to a directory
+    into which a marker file is written here and looked for on every node. URIs are skipped:
+    object stores are shared by construction (``file://`` is checked like a path).
+    """
+    if len(_alive_nodes()) < 2:
+        return  # one node sees its own files
+    checks: list[tuple[str, str, str]] = []
+    written: list[str] = []
+    try:
+        for option, location in marker_dir.items():
+            directory = _local_path(location)
+            if directory is None:
+                continue
+            marker = os.path.join(directory, f".mvtcae-shared-check-{uuid.uuid4().hex}")
+            os.makedirs(directory, exist_ok=True)
+            with open(marker, "w") as handle:
+                handle.write(marker)
+            written.append(marker)
+            checks.append((option, marker, _read_digest(marker) or ""))
+        for option, location in paths.items():
+            path = _local_path(location)
+            if path is not None:
+                checks.append((option, path, _read_digest(path) or ""))
+        missing = nodes_missing_files([(path, digest) for _, path, digest in checks])
+    finally:
+        for marker in written:
+            with contextlib.suppress(OSError):
+                os.remove(marker)
+    problems = [
+        f"{option}: {path} does not read the same on node(s) {', '.join(missing[path])}"
+        for option, path, _ in checks
+        if path in missing
+    ]
+    if problems:
+        raise NodeLocalPathError(
+            "this Ray cluster has several nodes, and a local path the run needs on every node "
+            "is node-local: " + "; ".join(problems) + ". Use a filesystem every node mounts at "
+            "the same path, or a URI (s3://bucket/prefix, gs://bucket/prefix) for "
+            "train.storage_path; copy or mount the dataset at the same path on every node."
+        )

@@ -31,7 +31,7 @@ from mvtcae.storage.checkpoints import MODEL_FILES
 from mvtcae.sweep import study as sweep_study
 from mvtcae.sweep.trial import SWEEP_TAG, SweepContext, run_trial
 from mvtcae.tracking.run_logger import SPOOL_DIR, flush_spools, retry_until
-from mvtcae.training import ensure_ray, prepare_dataset
+from mvtcae.training import ensure_cluster, prepare_dataset
 from mvtcae.training.loop import RUN_ID_KEY
 
 logger = logging.getLogger(__name__)
@@ -66,9 +66,9 @@ def run_sweep(spec: SweepSpec, *, resume: bool | None = None) -> SweepResult:
     spec = _with_resolved_tracking(spec)
     dataset_dir, manifest = prepare_dataset(spec.experiment)
     check_sweep_state(spec, resume)
+    ensure_cluster(spec.experiment, dataset_dir, concurrent_runs=spec.tune.max_concurrent)
     study_storage = sweep_study.open_storage(spec.tune.storage)
     parent_run_id = _open_parent_run(spec, resume)
-    ensure_ray(spec.experiment.train, concurrent_runs=spec.tune.max_concurrent)
     context = _context(spec, dataset_dir, manifest, parent_run_id)
     grid = _tuner(spec, context, study_storage, resume).fit()
     study = optuna.load_study(study_name=spec.study_name, storage=study_storage)

@@ -40,6 +40,7 @@ from mvtcae.config import EvaluationSection, trial_config
 from mvtcae.data import load_manifest
 from mvtcae.safety.redaction import redact_text
 from mvtcae.storage.checkpoints import checkpoint_epoch
+from mvtcae.tracking import lineage
 from mvtcae.tracking.run_logger import SPOOL_DIR, RunLogger, mlflow_client, retry_until
 from mvtcae.training import (
     EpochObjectives,
@@ -171,8 +172,12 @@ def run_trial(params: dict[str, Any], context: SweepContext) -> None:
 
 
 def _log_config(cfg: Any, context: SweepContext, run_id: str) -> None:
+    """The trial's config and dataset, on its MLflow run."""
     retry_until(lambda: tracking.log_config(cfg.to_dict(), run_id=run_id, tracking=cfg.tracking),
                 "logging the trial's config", context.tracking_grace_s)  # fmt: skip
+    manifest, client = load_manifest(context.dataset_dir), mlflow_client(context.tracking_uri)
+    retry_until(lambda: lineage.log_dataset(client, run_id, manifest, context.dataset_dir),
+                "logging the trial's dataset", context.tracking_grace_s)  # fmt: skip
 
 
 def _fit_with_retries(cfg: Any, context: SweepContext, trial_id: str, run_id: str,

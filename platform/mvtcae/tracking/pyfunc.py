@@ -3,28 +3,28 @@
 The model is logged *from code* (``mvtcae/tracking/model_code.py``) with one artifact,
 ``model_dir`` (``model_config.json`` + ``model.safetensors``): loading executes no pickle.
 
-Request (``model.predict(request)``): a dict, or a pandas DataFrame with one row per sample::
+Request, the MLflow way (the model's signature says it; MLflow checks requests against it):
 
-    {
-      "task": "encode" | "predict",        # default: "predict" if "gen_mod" is given, else "encode"
-      "cond_mod": ["m0", "m1"] | "m0" | "all",  # default: every modality present in the request
-      "gen_mod": ["m2"] | "all",           # predict only; default "all"
-      "return_mean": true,                 # false: one posterior sample (seeded by "seed")
-      "seed": 0,                           # optional, for return_mean=false
-      "m0": array (n, *shape) or (n, prod(shape)),   # one entry per conditioning modality
-      ...
-    }
+- **inputs**: a DataFrame with one row per sample and one column per conditioning modality,
+  each cell that sample's values flattened to ``prod(shape)`` floats (model scale; images in
+  [0, 1]). Columns are optional: send the modalities you condition on.
+- **params**: ``task`` (``encode`` | ``predict``; default ``auto``: predict when ``gen_mod``
+  is given, else encode), ``cond_mod`` (comma-separated names or ``all``; default: every
+  modality in the inputs), ``gen_mod`` (comma-separated names or ``all``; predict only),
+  ``return_mean`` (default true; false draws one posterior sample), ``seed`` (for
+  ``return_mean=false``; default -1: unseeded).
 
-Modality inputs are model-scale floats; ``uint8`` arrays are divided by 255 as the data
-pipeline does for images. In a DataFrame each modality column holds one (nested or flat)
-array per row and the option columns are read from the first row; ``cond_mod``/``gen_mod``
-may also be comma-separated strings there.
+Over REST (``mlflow models serve``) that is ``{"dataframe_split": {"columns": [...], "data":
+[...]}, "params": {...}}`` (or ``dataframe_records``); the README has a ``curl`` example. A
+request the model cannot answer comes back as HTTP 400 with a message naming the modality or
+option at fault. In Python, ``loaded.predict(frame, params={...})``.
+
+Without a signature (a model logged before signatures, or `parse_request` used directly) a dict
+with ``(n, *shape)`` arrays and the options as keys is still understood.
 
 Response: ``{"z": (n, latent_dim)}`` for encode; ``{m: (n, *shape)}`` for predict, each the
 mean of the decoder distribution (sigmoid of the logits for bernoulli, softmax over the last
-dim for categorical). Everything is float32 NumPy.
-
-Over REST (``mlflow models serve``) the same dict is the body's ``"inputs"``. Load on a GPU with
+dim for categorical). Everything is float32 NumPy. Load on a GPU with
 ``mlflow.pyfunc.load_model(uri, model_config={"device": "cuda"})``;
 ``loaded.unwrap_python_model().mvtcae`` is the underlying `MVTCAE` object.
 
@@ -118,7 +118,14 @@ def _as_mapping(model_input: Any) -> dict[str, Any]:
 
 
 def _modality_array(values: Any, name: str, shape: tuple[int, ...]) -> np.ndarray:
-    array = np.asarray(values if not isinstance(values, list) else [np.asarray(v) for v in values])
+    try:
+        array = np.asarray(
+            values if not isinstance(values, list) else [np.asarray(v) for v in values]
+        )
+    except ValueError:  # ragged rows
+        raise RequestError(
+            f"modality {name!r}: rows differ in length; each row holds {int(np.prod(shape))} values"
+        ) from None
     if array.dtype == np.uint8:
         array = array.astype(np.float32) / 255.0
     array = array.astype(np.float32)
@@ -131,9 +138,57 @@ def _modality_array(values: Any, name: str, shape: tuple[int, ...]) -> np.ndarra
     return array.reshape(n, *shape)
 
 
-def parse_request(model_input: Any, input_dims: Mapping[str, tuple[int, ...]]) -> Request:
-    """Turn a dict or DataFrame request into a `Request`, checking names and shapes."""
+# The request options as MLflow params, with defaults that mean "not given".
+PARAM_DEFAULTS: dict[str, Any] = {
+    "task": "auto",
+    "cond_mod": "",
+    "gen_mod": "",
+    "return_mean": True,
+    "seed": -1,
+}
+_UNSET = {"task": "auto", "cond_mod": "", "gen_mod": "", "seed": -1}
+
+
+def request_signature(input_dims: Mapping[str, tuple[int, ...]]) -> Any:
+    """The MLflow signature of the pyfunc: one optional float-array column per modality, the
+    options as params."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import DataType
+    from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
+
+    kinds = {"task": DataType.string, "cond_mod": DataType.string, "gen_mod": DataType.string,
+             "return_mean": DataType.boolean, "seed": DataType.long}  # fmt: skip
+    return ModelSignature(
+        inputs=Schema(
+            [ColSpec(Array(DataType.double), name=m, required=False) for m in input_dims]
+        ),
+        params=ParamSchema([ParamSpec(k, kinds[k], v) for k, v in PARAM_DEFAULTS.items()]),
+    )
+
+
+def input_example(input_dims: Mapping[str, tuple[int, ...]], rows: int = 2) -> pd.DataFrame:
+    """A request of ``rows`` samples in the signature's form (mid-range values, every modality)."""
+    return pd.DataFrame({
+        m: [np.full(int(np.prod(shape)), 0.5) for _ in range(rows)]
+        for m, shape in input_dims.items()
+    })  # fmt: skip
+
+
+def parse_request(
+    model_input: Any, input_dims: Mapping[str, tuple[int, ...]], params: Mapping | None = None
+) -> Request:
+    """Turn a DataFrame (or dict) request and its params into a `Request`, checking names and
+    shapes; a param at its "not given" default leaves the option to the request or the default."""
     raw = _as_mapping(model_input)
+    unknown_params = sorted(set(params or {}) - set(PARAM_DEFAULTS))
+    if unknown_params:
+        raise RequestError(
+            f"unknown params {unknown_params}; the options are {list(PARAM_DEFAULTS)}"
+        )
+    for key, value in (params or {}).items():
+        if key in _UNSET and value == _UNSET[key]:
+            continue
+        raw[key] = value
     modalities = list(input_dims)
     unknown = [k for k in raw if k not in OPTION_KEYS and k not in input_dims]
     if unknown:
@@ -231,6 +286,13 @@ class MVTCAEPythonModel(mlflow.pyfunc.PythonModel):
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict | None = None
     ) -> dict[str, np.ndarray]:
-        """Answer an encode / predict request (schema in the module docstring)."""
-        request = parse_request(model_input, self.mvtcae.model_config.input_dims)
+        """Answer an encode / predict request (schema in the module docstring); a request it
+        cannot answer raises MLflow's invalid-parameter error (HTTP 400) with the reason."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        try:
+            request = parse_request(model_input, self.mvtcae.model_config.input_dims, params)
+        except RequestError as err:
+            raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None
         return answer(self.mvtcae, request)

@@ -22,7 +22,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from mvtcae.config.tracking import TrackingSection
+from mvtcae.model.config import MVTCAEConfig
 from mvtcae.safety.values import is_finite_number
+from mvtcae.tracking.lineage import version_tags
+from mvtcae.tracking.pyfunc import input_example, request_signature
 from mvtcae.tracking.runs import _active_run_id, _use_uri, client_for, resolve_tracking_uri
 
 if TYPE_CHECKING:
@@ -98,6 +101,7 @@ def log_pyfunc_model(
 
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = _model_dir(model_or_dir, Path(scratch) / "model_dir")
+        input_dims = MVTCAEConfig.from_json_file(model_dir / "model_config.json").input_dims
         with _run_context(run_id):
             return mlflow.pyfunc.log_model(
                 name=name,
@@ -108,6 +112,8 @@ def log_pyfunc_model(
                 code_paths=[str(_package_dir())],
                 pip_requirements=_pip_requirements(),
                 metadata={"weights_format": "safetensors", "framework": "mvtcae"},
+                signature=request_signature(input_dims),
+                input_example=input_example(input_dims),
             )
 
 
@@ -144,7 +150,8 @@ def log_model_and_register(
     info = log_pyfunc_model(model_or_dir, run_id=run_id)
     if not tracking.registered_model_name:
         return None
-    version = mlflow.register_model(info.model_uri, tracking.registered_model_name)
+    tags = version_tags(client_for(tracking), run_id)
+    version = mlflow.register_model(info.model_uri, tracking.registered_model_name, tags=tags)
     candidate = _candidate_value(tracking, metrics, run_id)
     return promote_if_better(
         tracking, int(version.version), candidate, run_id=run_id, model_uri=info.model_uri

@@ -28,6 +28,7 @@ from mvtcae.evaluation import evaluate_checkpoint
 from mvtcae.safety.values import is_number
 from mvtcae.storage import ray_session, runs
 from mvtcae.storage.checkpoints import CHECKSUMS, MODEL_FILES, rank_by_metric, verify_checkpoint
+from mvtcae.tracking import lineage
 from mvtcae.tracking.run_logger import SPOOL_DIR, flush_spools, retry_until
 from mvtcae.training.loop import (
     clear_stop_record,
@@ -107,6 +108,16 @@ def ensure_ray(cfg: TrainSection, concurrent_runs: int = 1) -> None:
         cfg.num_workers, per_worker, concurrent_runs
     )
     ray_session.ensure_ray(cfg.ray_address, cpus)
+
+
+def ensure_cluster(cfg: ExperimentConfig, dataset_dir: Path, concurrent_runs: int = 1) -> None:
+    """`ensure_ray`, then refuse local dataset and storage paths that are node-local on a
+    multi-node cluster (before any run is opened or any worker started)."""
+    ensure_ray(cfg.train, concurrent_runs)
+    ray_session.check_shared_paths(
+        {"data.dir": str(Path(dataset_dir) / "manifest.json")},
+        {"train.storage_path": cfg.train.storage_path},
+    )
 
 
 def scaling_config(cfg: TrainSection) -> ScalingConfig:
@@ -214,11 +225,11 @@ def train(cfg: ExperimentConfig, *, resume: bool = False) -> TrainResult:
     """
     started = time.perf_counter()
     dataset_dir, manifest = prepare_dataset(cfg)
-    ensure_ray(cfg.train)
+    ensure_cluster(cfg, dataset_dir)
     tracking_uri = tracking.resolve_tracking_uri(cfg.tracking)
     found = _run_to_resume(cfg) if resume else None
     run_name = found.name if found else runs.new_run_name(runs.run_prefix(cfg))
-    run_id = _open_mlflow_run(cfg, found, run_name)
+    run_id = _open_mlflow_run(cfg, found, run_name, dataset_dir, manifest)
     try:
         record = found or runs.create_run(cfg, run_name, run_id)
         out = _fit(cfg, record, dataset_dir, manifest, tracking_uri)
@@ -242,8 +253,10 @@ def _run_to_resume(cfg: ExperimentConfig) -> runs.RunRecord:
     return found
 
 
-def _open_mlflow_run(cfg: ExperimentConfig, found: runs.RunRecord | None, run_name: str) -> str:
-    """Reopen the resumed run's MLflow run, or start one (config logged); return its id."""
+def _open_mlflow_run(cfg: ExperimentConfig, found: runs.RunRecord | None, run_name: str,
+                     dataset_dir: Path, manifest: Any) -> str:  # fmt: skip
+    """Reopen the resumed run's MLflow run, or start one (config and dataset logged); return
+    its id."""
     grace = cfg.tracking.outage_grace_s
     if found is not None:
         retry_until(lambda: tracking.start_run(cfg.tracking, run_id=found.mlflow_run_id),
@@ -255,6 +268,9 @@ def _open_mlflow_run(cfg: ExperimentConfig, found: runs.RunRecord | None, run_na
         retry_until(lambda: tracking.log_config(cfg.to_dict(), run_id=run.info.run_id,
                                                 tracking=cfg.tracking),
                     "logging the config", grace)  # fmt: skip
+        client = tracking.client_for(cfg.tracking)
+        retry_until(lambda: lineage.log_dataset(client, run.info.run_id, manifest, dataset_dir),
+                    "logging the dataset", grace)  # fmt: skip
     except BaseException as err:
         tracking.end_run_after_error(err)
         raise

@@ -1,0 +1,53 @@
+"""``mvtcae lineage``: a registered model traced back to its run, config and dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command("lineage")
+@click.argument("model_uri", metavar="MODEL_URI")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Experiment YAML whose tracking section applies (default: built-in defaults).",
+)
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="SECTION.FIELD=VALUE",
+    help="Override a config value (repeatable), e.g. --set tracking.tracking_uri=http://...",
+)
+@click.option(
+    "--verify-files/--no-verify-files",
+    default=True,
+    show_default=True,
+    help="Also re-hash every shard at the dataset's source (off: compare the manifest only).",
+)
+def lineage_command(
+    model_uri: str, config_path: Path | None, overrides: tuple[str, ...], verify_files: bool
+) -> None:
+    """Print the chain model version -> run -> config -> dataset of MODEL_URI
+    (models:/NAME@ALIAS or models:/NAME/VERSION) and whether the dataset at its source still
+    matches the one the model was trained on. Exits with 1 when it does not."""
+    from mvtcae.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config_path, list(overrides))
+    except ConfigError as err:
+        raise click.UsageError(str(err)) from None
+    from mvtcae import tracking
+    from mvtcae.tracking.lineage import LineageError, format_lineage, trace
+
+    try:
+        found = trace(model_uri, tracking.client_for(cfg.tracking), verify_files=verify_files)
+    except LineageError as err:
+        raise click.UsageError(str(err)) from None
+    click.echo(format_lineage(found))
+    if found.dataset_matches is False:
+        raise SystemExit(1)
