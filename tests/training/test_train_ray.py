@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
 
@@ -184,3 +185,33 @@ def test_killed_worker_restarts_from_the_checkpoint(
     assert [r.info.run_id for r in runs] == [result.run_id]  # still one MLflow run
     assert runs[0].info.status == "FINISHED"
     assert (Path(result.run_dir) / RUN_STATE_FILE).is_file()
+
+
+def test_image_grids_are_logged_at_every_epoch(tmp_path: Path, make_config) -> None:
+    from mlflow import MlflowClient
+
+    from mvtcae.data import write_arrays
+
+    rng = np.random.default_rng(0)
+
+    def split(n: int) -> dict:
+        labels = rng.integers(0, 2, n)
+        image = rng.random((n, 1, 8, 8)) * 0.3 + 0.6 * labels[:, None, None, None]
+        vector = rng.normal(size=(n, 4)) + labels[:, None]
+        data = {"img": image.astype(np.float32), "vec": vector.astype(np.float32)}
+        return {"data": data, "labels": labels}
+
+    write_arrays(tmp_path / "images", {"train": split(128), "test": split(48)}, name="tiny-img")
+    cfg = make_config(tmp_path, tmp_path / "images", "train.epochs=2", "train.num_workers=1",
+                      "eval.images_every_n_epochs=1", "eval.grid_samples=3")  # fmt: skip
+    result = train(cfg)
+    client = MlflowClient(tracking_uri=cfg.tracking.tracking_uri)
+    logged = [a.path for a in client.list_artifacts(result.run_id, "images")]
+    # MLflow names each logged image <key>+step+<step>+timestamp+...; '/' in a key becomes '~'.
+    for grid in ("reconstruction", "cross_modal_img"):
+        steps = {
+            int(p.split("+step+")[1].split("+")[0])
+            for p in logged
+            if f"images~{grid}+step+" in p and p.endswith(".png")
+        }
+        assert steps == {1, 2}, (grid, logged)

@@ -53,6 +53,12 @@ class EvaluationSection(Section):
         "much as the joint NLL, M subsets at 1 per size",
     )  # fmt: skip
     grid_samples: int = Field(default=8, ge=1)
+    images_every_n_epochs: int = Field(
+        default=1, ge=0,
+        description="during training, log reconstruction and cross-modal grids of fixed "
+        "validation samples to the MLflow run every N epochs, with the epoch as step (image "
+        "modalities only; 0: only the final evaluation's)",
+    )  # fmt: skip
     projection: Literal["pca", "tsne"] = "pca"
     projection_samples: int = Field(default=1000, ge=10)
 

@@ -154,6 +154,43 @@ def image_modalities(model: MVTCAE) -> list[str]:
 
 
 @torch.no_grad()
+def image_grids(
+    model: MVTCAE, split: EvalSplit, grid_samples: int, out_dir: Path, device: str | torch.device
+) -> dict[str, Path]:
+    """Reconstruction and cross-modal grids of the first ``grid_samples`` rows of ``split`` that
+    have each image modality (none when the model has no image modality)."""
+    plots: dict[str, Path] = {}
+    images = image_modalities(model)
+    if not images:
+        return plots
+    originals, recons = {}, {}
+    for m in images:
+        rows = split.rows_with([m])[:grid_samples]
+        if len(rows):
+            originals[m] = split.values(m, rows).numpy()
+            out = model_generator(model, from_mean=True)(split.batch(rows, [m], device), [m], [m])
+            recons[m] = out[m].float().cpu().numpy()
+    if originals:
+        plots["reconstruction"] = save_reconstruction_grid(
+            originals, recons, out_dir / "reconstruction.png"
+        )
+    for source in images:
+        rows = split.rows_with([source])[:grid_samples]
+        if not len(rows):
+            continue
+        out = model_generator(model, from_mean=True)(
+            split.batch(rows, [source], device), [source], images
+        )
+        plots[f"cross_modal_{source}"] = save_cross_modal_grid(
+            source,
+            split.values(source, rows).numpy(),
+            {m: x.float().cpu().numpy() for m, x in out.items()},
+            out_dir / f"cross_modal_{source}.png",
+        )
+    return plots
+
+
+@torch.no_grad()
 def make_plots(
     model: MVTCAE,
     split: EvalSplit,
@@ -162,35 +199,7 @@ def make_plots(
     device: str | torch.device,
 ) -> dict[str, Path]:
     """Reconstruction and cross-modal grids (image modalities) and a 2-D latent projection."""
-    plots: dict[str, Path] = {}
-    images = image_modalities(model)
-    if images:
-        originals, recons = {}, {}
-        for m in images:
-            rows = split.rows_with([m])[: cfg.grid_samples]
-            if len(rows):
-                originals[m] = split.values(m, rows).numpy()
-                out = model_generator(model, from_mean=True)(
-                    split.batch(rows, [m], device), [m], [m]
-                )
-                recons[m] = out[m].float().cpu().numpy()
-        if originals:
-            plots["reconstruction"] = save_reconstruction_grid(
-                originals, recons, out_dir / "reconstruction.png"
-            )
-        for source in images:
-            rows = split.rows_with([source])[: cfg.grid_samples]
-            if not len(rows):
-                continue
-            out = model_generator(model, from_mean=True)(
-                split.batch(rows, [source], device), [source], images
-            )
-            plots[f"cross_modal_{source}"] = save_cross_modal_grid(
-                source,
-                split.values(source, rows).numpy(),
-                {m: x.float().cpu().numpy() for m, x in out.items()},
-                out_dir / f"cross_modal_{source}.png",
-            )
+    plots = image_grids(model, split, cfg.grid_samples, out_dir, device)
     rows = np.arange(min(len(split), cfg.projection_samples))
     z = []
     for start in range(0, len(rows), cfg.batch_size):

@@ -31,7 +31,7 @@ from mvtcae.storage.checkpoints import MODEL_FILES
 from mvtcae.sweep import study as sweep_study
 from mvtcae.sweep.trial import SWEEP_TAG, SweepContext, run_trial
 from mvtcae.tracking.run_logger import SPOOL_DIR, flush_spools, retry_until
-from mvtcae.training import ensure_cluster, prepare_dataset
+from mvtcae.training import ensure_cluster, prepare_dataset, val_split_name
 from mvtcae.training.loop import RUN_ID_KEY
 
 logger = logging.getLogger(__name__)
@@ -189,7 +189,7 @@ def _context(spec: SweepSpec, dataset_dir: Path, manifest: Any, parent_run_id: s
     # the model that goes to the registry is the one whose value Optuna recorded.
     base["train"]["checkpoint"].update(metric="epoch", mode="max")
     base["train"]["storage_path"] = storage.join(spec.experiment_dir, TRAIN_RUNS)
-    val = spec.experiment.data.val_split or ("val" if "val" in manifest.splits else "test")
+    val = val_split_name(spec.experiment, manifest)
     return SweepContext(
         base_config=base,
         dataset_dir=str(dataset_dir),

@@ -150,6 +150,20 @@ class RunLogger:
         self._trim()
         self.flush()
 
+    def log_images(self, images: Mapping[str, Any], step: int) -> None:
+        """Log PNG files as MLflow images ``images/<name>`` at ``step``. Images are not kept
+        through an outage: one that cannot be sent is named in a warning, never an error."""
+        from PIL import Image
+
+        for name, path in images.items():
+            try:
+                with Image.open(path) as image:
+                    mlflow_client(self.tracking_uri).log_image(
+                        self.run_id, image.convert("RGB"), key=f"images/{name}", step=int(step)
+                    )
+            except Exception as err:  # noqa: BLE001 - a picture must not stop training
+                logger.warning("image %s of step %d not logged: %s", name, step, err)
+
     def set_tags(self, tags: Mapping[str, str]) -> None:
         """Queue tags and try to send."""
         self.pending.tags.update({k: str(v)[:5000] for k, v in tags.items()})

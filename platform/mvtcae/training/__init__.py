@@ -14,6 +14,7 @@ from mvtcae.training.driver import (
     ranked_checkpoints,
     scaling_config,
     train,
+    val_split_name,
 )
 from mvtcae.training.loop import data_order_seed, raise_for_stop, read_stop_record
 from mvtcae.training.nonfinite import NonFiniteError, StepGuard
@@ -57,4 +58,5 @@ __all__ = [
     "scaling_config",
     "train",
     "train_step",
+    "val_split_name",
 ]

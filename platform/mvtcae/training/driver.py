@@ -138,12 +138,17 @@ def _threads_per_worker(cfg: TrainSection) -> int:
     return max(1, int(round(_worker_resources(cfg, False).get("CPU", 1.0))))
 
 
+def val_split_name(cfg: ExperimentConfig, manifest: Any) -> str:
+    """The split validated every epoch: data.val_split, else 'val' if present, else 'test'."""
+    return cfg.data.val_split or ("val" if "val" in manifest.splits else "test")
+
+
 def _open_splits(cfg: ExperimentConfig, dataset_dir: Path, manifest: Any) -> dict[str, Any]:
     splits = open_splits(
         dataset_dir, materialize=cfg.data.materialize, seed=cfg.train.seed,
         reshuffle_each_epoch=cfg.data.reshuffle_shards_each_epoch,
     )  # fmt: skip
-    val_name = cfg.data.val_split or ("val" if "val" in manifest.splits else "test")
+    val_name = val_split_name(cfg, manifest)
     if "train" not in splits or val_name not in splits:
         raise ValueError(
             f"dataset {dataset_dir} has splits {sorted(splits)}; training needs 'train' and "
@@ -180,6 +185,11 @@ def build_trainer(cfg: ExperimentConfig, run_name: str, dataset_dir: Path, manif
         "tracking_uri": tracking_uri,
         "tracking_grace_s": cfg.tracking.outage_grace_s,
         "run_dir": storage.join(tc.storage_path, run_name),
+        "images": {
+            "every": cfg.eval.images_every_n_epochs,
+            "samples": cfg.eval.grid_samples,
+            "split": val_split_name(cfg, manifest),
+        },
     }
     if objectives is not None:
         loop_cfg.update(

@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,8 @@ from mvtcae import MVTCAE, MultimodalBatch, MVTCAEConfig, storage
 from mvtcae.config import EvaluationSection, TrainSection
 from mvtcae.data import iter_model_batches, load_manifest
 from mvtcae.evaluation import evaluate
+from mvtcae.evaluation.plots import image_grids, image_modalities
+from mvtcae.evaluation.split import load_eval_split
 from mvtcae.storage.checkpoints import (
     CorruptCheckpointError,
     TrainerState,
@@ -215,6 +218,8 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
                 raise NonFiniteError(epoch, None, bad or {"(rank 0's objectives)": float("nan")})
             _report(metrics, epoch, rank, world, model, optimizer, scheduler, cfg, tracker,
                     checkpoint_dir_name(epoch, dir_suffix), loop_cfg.get("run_id"))  # fmt: skip
+            if tracker is not None:
+                _log_epoch_images(model, loop_cfg, tracker, epoch, device)
     except NonFiniteError as err:
         if tracker is not None:
             logger.error("%s", err)
@@ -246,6 +251,26 @@ def _epoch_objectives(model: MVTCAE, loop_cfg: dict[str, Any], rank: int,
     except Exception as err:  # noqa: BLE001 - a diverged model can break the probe or the NLL
         logger.warning("validation measures failed: %s: %s", type(err).__name__, err)
         return dict.fromkeys(loop_cfg.get("objectives") or [], float("nan"))
+    finally:
+        model.train()
+
+
+def _log_epoch_images(model: MVTCAE, loop_cfg: dict[str, Any], tracker: RunLogger, epoch: int,
+                      device: torch.device) -> None:  # fmt: skip
+    """Rank 0, every ``images.every`` epochs: reconstruction and cross-modal grids of the same
+    validation samples, as MLflow images at this epoch (image modalities only)."""
+    images = loop_cfg.get("images") or {}
+    every = int(images.get("every") or 0)
+    if every <= 0 or epoch % every or not image_modalities(model):
+        return
+    try:
+        split = load_eval_split(loop_cfg["dataset_dir"], images["split"],
+                                max_rows=16 * int(images["samples"]))  # fmt: skip
+        with tempfile.TemporaryDirectory(prefix="mvtcae-grids-") as scratch:
+            grids = image_grids(model, split, int(images["samples"]), Path(scratch), device)
+            tracker.log_images(grids, epoch)
+    except Exception as err:  # noqa: BLE001 - a picture must not stop training
+        logger.warning("epoch %d: image grids not made: %s: %s", epoch, type(err).__name__, err)
     finally:
         model.train()
 
