@@ -187,7 +187,9 @@ def test_killed_worker_restarts_from_the_checkpoint(
     assert (Path(result.run_dir) / RUN_STATE_FILE).is_file()
 
 
-def test_image_grids_are_logged_at_every_epoch(tmp_path: Path, make_config) -> None:
+def test_image_grids_at_every_epoch_and_system_metrics_are_logged(
+    tmp_path: Path, make_config
+) -> None:
     from mlflow import MlflowClient
 
     from mvtcae.data import write_arrays
@@ -203,7 +205,8 @@ def test_image_grids_are_logged_at_every_epoch(tmp_path: Path, make_config) -> N
 
     write_arrays(tmp_path / "images", {"train": split(128), "test": split(48)}, name="tiny-img")
     cfg = make_config(tmp_path, tmp_path / "images", "train.epochs=2", "train.num_workers=1",
-                      "eval.images_every_n_epochs=1", "eval.grid_samples=3")  # fmt: skip
+                      "eval.images_every_n_epochs=1", "eval.grid_samples=3",
+                      "tracking.system_metrics_interval_s=1")  # fmt: skip
     result = train(cfg)
     client = MlflowClient(tracking_uri=cfg.tracking.tracking_uri)
     logged = [a.path for a in client.list_artifacts(result.run_id, "images")]
@@ -215,3 +218,7 @@ def test_image_grids_are_logged_at_every_epoch(tmp_path: Path, make_config) -> N
             if f"images~{grid}+step+" in p and p.endswith(".png")
         }
         assert steps == {1, 2}, (grid, logged)
+    # ... and the worker's machine, as MLflow system metrics under its rank.
+    metrics = client.get_run(result.run_id).data.metrics
+    for name in ("cpu_utilization_percentage", "system_memory_usage_megabytes"):
+        assert f"system/rank0/{name}" in metrics, sorted(metrics)

@@ -27,6 +27,12 @@ class TrackingSection(Section):
     promotion_metric: str = "eval/joint_nll"
     promotion_mode: Literal["min", "max"] = "min"
     log_model: bool = True
+    system_metrics_interval_s: float = Field(
+        default=10.0,
+        ge=0.0,
+        description="every Ray Train worker samples CPU, memory, disk, network (and GPU) every "
+        "this many seconds into the run as system/rank<k>/... (MLflow's system metrics); 0: off",
+    )
     outage_grace_s: float = Field(
         default=120.0,
         ge=0.0,

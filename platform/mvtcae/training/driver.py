@@ -184,6 +184,7 @@ def build_trainer(cfg: ExperimentConfig, run_name: str, dataset_dir: Path, manif
         "run_id": run_id,
         "tracking_uri": tracking_uri,
         "tracking_grace_s": cfg.tracking.outage_grace_s,
+        "system_metrics_interval_s": cfg.tracking.system_metrics_interval_s,
         "run_dir": storage.join(tc.storage_path, run_name),
         "images": {
             "every": cfg.eval.images_every_n_epochs,

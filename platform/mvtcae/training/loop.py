@@ -18,6 +18,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ from mvtcae.storage.checkpoints import (
     restore_rng_state,
     save_checkpoint,
 )
-from mvtcae.tracking.run_logger import SPOOL_DIR, RunLogger
+from mvtcae.tracking.run_logger import SPOOL_DIR, RunLogger, client_uri
 from mvtcae.training.nonfinite import NonFiniteError, StepGuard, nonfinite_values
 from mvtcae.training.step import (
     bf16_supported,
@@ -169,7 +170,39 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         logger.warning("%s has no native bf16; bf16 autocast will be slow", device)
     manifest = load_manifest(loop_cfg["dataset_dir"])
     tracker = _rank0_logger(loop_cfg) if rank == 0 else None
+    with _system_metrics(loop_cfg, rank):
+        _train(loop_cfg, cfg, rank, world, device, manifest, tracker)
 
+
+@contextmanager
+def _system_metrics(loop_cfg: dict[str, Any], rank: int) -> Iterator[None]:
+    """MLflow's system metrics of this worker's machine, into the run as ``system/rank<k>/...``
+    (one series per worker, so several nodes do not overwrite each other)."""
+    interval = float(loop_cfg.get("system_metrics_interval_s") or 0)
+    if interval <= 0 or not loop_cfg.get("run_id") or not loop_cfg.get("tracking_uri"):
+        yield
+        return
+    try:  # imported here: it needs psutil, and training goes on without it
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(
+            loop_cfg["run_id"], sampling_interval=interval, node_id=f"rank{rank}",
+            tracking_uri=client_uri(loop_cfg["tracking_uri"]), resume_logging=True,
+        )  # fmt: skip
+        monitor.start()
+    except Exception as err:  # noqa: BLE001 - e.g. psutil missing: train without them
+        logger.warning("system metrics are off: %s: %s", type(err).__name__, err)
+        yield
+        return
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
+def _train(loop_cfg: dict[str, Any], cfg: TrainSection, rank: int, world: int,
+           device: torch.device, manifest: Any, tracker: RunLogger | None) -> None:  # fmt: skip
+    """The worker's epochs, from a restored checkpoint or from scratch."""
     checkpoint = ray.train.get_checkpoint()
     start_epoch, skipped_before, dir_suffix = 1, 0, ""
     if checkpoint is not None:
