@@ -10,6 +10,7 @@ stop record in run storage instead of an exception Ray would answer with a resta
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import random
@@ -288,6 +289,12 @@ def _epoch_objectives(model: MVTCAE, loop_cfg: dict[str, Any], rank: int,
         model.train()
 
 
+@functools.lru_cache(maxsize=1)
+def _grid_split(dataset_dir: str, split: str, max_rows: int) -> Any:
+    """The validation samples of the epoch grids, read once per worker (the same every epoch)."""
+    return load_eval_split(dataset_dir, split, max_rows=max_rows)
+
+
 def _log_epoch_images(model: MVTCAE, loop_cfg: dict[str, Any], tracker: RunLogger, epoch: int,
                       device: torch.device) -> None:  # fmt: skip
     """Rank 0, every ``images.every`` epochs: reconstruction and cross-modal grids of the same
@@ -297,8 +304,7 @@ def _log_epoch_images(model: MVTCAE, loop_cfg: dict[str, Any], tracker: RunLogge
     if every <= 0 or epoch % every or not image_modalities(model):
         return
     try:
-        split = load_eval_split(loop_cfg["dataset_dir"], images["split"],
-                                max_rows=16 * int(images["samples"]))  # fmt: skip
+        split = _grid_split(loop_cfg["dataset_dir"], images["split"], 16 * int(images["samples"]))
         with tempfile.TemporaryDirectory(prefix="mvtcae-grids-") as scratch:
             grids = image_grids(model, split, int(images["samples"]), Path(scratch), device)
             tracker.log_images(grids, epoch)
