@@ -12,14 +12,18 @@ test and carries on), so the handler is installed again before each phase of eac
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import sys
+import tempfile
 from types import FrameType
 
 import pytest
 
 _interrupted = False
 _previous_handler = pytest.StashKey[object]()
+_cache_dir = pytest.StashKey[str]()
 
 
 def _sigterm_as_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -42,12 +46,19 @@ def _install() -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[_previous_handler] = signal.getsignal(signal.SIGTERM)
     _install()
+    # Caches (validation records, coherence classifiers) of this run only, not the user's
+    # ~/.cache; set before any Ray starts, so workers inherit it.
+    if "MVTCAE_CACHE_DIR" not in os.environ:
+        config.stash[_cache_dir] = tempfile.mkdtemp(prefix="mvtcae-test-cache-")
+        os.environ["MVTCAE_CACHE_DIR"] = config.stash[_cache_dir]
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     # None: a handler not installed from Python, which cannot be put back; the default then.
     previous = config.stash.get(_previous_handler, None)
     signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+    if _cache_dir in config.stash:
+        shutil.rmtree(config.stash[_cache_dir], ignore_errors=True)
 
 
 @pytest.hookimpl(tryfirst=True)

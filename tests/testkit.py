@@ -22,7 +22,7 @@ def _views_split(rng: np.random.Generator, n: int, mixing: list[np.ndarray]) -> 
 
 
 def write_tiny_views(
-    directory: Path,
+    directory: Path | str,
     *,
     n_train: int,
     n_test: int,
@@ -30,8 +30,9 @@ def write_tiny_views(
     width: int,
     name: str,
     n_views: int = 3,
-) -> Path:
-    """Write a tiny labelled multi-view dataset with the platform's own writer; return its dir."""
+) -> Path | str:
+    """Write a tiny labelled multi-view dataset with the platform's own writer (to a directory
+    or an object-store URI); return where."""
     from mvtcae.data import write_arrays
 
     rng = np.random.default_rng(0)

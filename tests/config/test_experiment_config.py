@@ -15,7 +15,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
 def test_shipped_configs_validate(name: str) -> None:
     cfg = load_config(CONFIGS / f"{name}.yaml")
     assert Path(cfg.train.storage_path).is_absolute()
-    assert cfg.data.resolved_dir().is_absolute()
+    assert Path(cfg.data.resolved_dir()).is_absolute()
 
 
 def test_full_polymnist_config_follows_the_original_settings() -> None:
@@ -155,14 +155,14 @@ def test_cluster_variables_are_the_defaults_of_storage_and_dataset_dir(
     monkeypatch.delenv("MVTCAE_DATA_DIR", raising=False)
     plain = load_config(shipped)
     assert plain.train.storage_path == str(Path("outputs/ray_results").resolve())
-    assert plain.data.resolved_dir() == Path("data/mfeat").resolve()
+    assert plain.data.resolved_dir() == str(Path("data/mfeat").resolve())
 
     monkeypatch.setenv("MVTCAE_STORAGE_PATH", "s3://bucket/runs")
     monkeypatch.setenv("MVTCAE_DATA_DIR", str(tmp_path / "shared" / "mfeat"))
     for cfg in (load_config(shipped), load_config(None)):  # a shipped config, the defaults
         assert cfg.train.storage_path == "s3://bucket/runs"
-        assert cfg.data.resolved_dir() == tmp_path / "shared" / "mfeat"
+        assert cfg.data.resolved_dir() == str(tmp_path / "shared" / "mfeat")
     # What a config or an override says still wins.
     cfg = load_config(shipped, [f"train.storage_path={tmp_path}/mine", "data.dir=elsewhere"])
     assert cfg.train.storage_path == str(tmp_path / "mine")
-    assert cfg.data.resolved_dir() == Path("elsewhere").resolve()
+    assert cfg.data.resolved_dir() == str(Path("elsewhere").resolve())

@@ -71,7 +71,7 @@ def test_checksum_mismatch(dataset: Path) -> None:
 
 def test_missing_shard(dataset: Path) -> None:
     (dataset / SHARD).unlink()
-    expect_error(dataset, f"shard {SHARD}", "missing on disk")
+    expect_error(dataset, f"shard {SHARD}", "missing from")
 
 
 def test_extra_shard(dataset: Path) -> None:

@@ -11,7 +11,7 @@ from testkit import write_tiny_views
 REPO = Path(__file__).resolve().parents[2]
 
 
-def write_tiny_dataset(directory: Path, n_train: int = 160, n_test: int = 48) -> Path:
+def write_tiny_dataset(directory: Path | str, n_train: int = 160, n_test: int = 48) -> Path | str:
     """Three 8-d views of a 3-class latent, written with the data layer's writer."""
     return write_tiny_views(
         directory, n_train=n_train, n_test=n_test, classes=3, width=8, name="tiny-sweep"

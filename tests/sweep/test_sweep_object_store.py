@@ -1,13 +1,15 @@
-"""A sweep whose Tune state, trial checkpoints and study artifacts live on an object store
-(a real moto S3 server), as the KubeRay tuning RayJob runs it: the sweep finishes, registers the
-best trial from its ``s3://`` checkpoint, and a second start finds the sweep already there."""
+"""A sweep whose dataset, Tune state, trial checkpoints and study artifacts live on an object
+store (a real moto S3 server), as the KubeRay tuning RayJob runs it: every trial streams the
+shards from the bucket, the sweep finishes, registers the best trial from its ``s3://``
+checkpoint, and a second start finds the sweep already there."""
 
 from __future__ import annotations
 
 import json
+import urllib.request
 
 import pytest
-from sweep_helpers import tiny_tune_file
+from sweep_helpers import tiny_tune_file, write_tiny_dataset
 
 from mvtcae import storage
 from mvtcae.config import ConfigError
@@ -18,23 +20,22 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def s3_and_ray(tmp_path_factory: pytest.TempPathFactory):
-    """A moto S3 server with bucket ``sweeps``; Ray starts inside the AWS environment."""
+    """A moto S3 server with bucket ``sweeps``; Ray starts inside the AWS environment. Yields
+    the Ray dashboard's address."""
     import ray
 
     from mvtcae.storage.ray_session import start_local_ray
 
     with s3_server(tmp_path_factory.mktemp("moto")) as endpoint, s3_environment(endpoint):
         create_bucket(endpoint, "sweeps")
-        start_local_ray(num_cpus=4)
+        dashboard = start_local_ray(num_cpus=4)
         try:
-            yield endpoint
+            yield dashboard
         finally:
             ray.shutdown()
 
 
-def test_a_sweep_keeps_its_state_on_s3_and_registers_from_there(
-    s3_and_ray, tiny_dataset, tmp_path
-) -> None:
+def test_a_sweep_keeps_its_state_on_s3_and_registers_from_there(s3_and_ray, tmp_path) -> None:
     from mvtcae.config import load_sweep_config
     from mvtcae.config.sweep import SWEEP_STATE_FILE
     from mvtcae.sweep import run_sweep
@@ -47,7 +48,9 @@ def test_a_sweep_keeps_its_state_on_s3_and_registers_from_there(
         "seed": 3,
         "asha": {"enabled": False},
     }
-    path = tiny_tune_file(tmp_path, tiny_dataset, tune, epochs=1)
+    dataset = "s3://sweeps/datasets/tiny"
+    write_tiny_dataset(dataset)
+    path = tiny_tune_file(tmp_path, dataset, tune, epochs=1)
     overrides = ["train.storage_path=s3://sweeps/ray", "tracking.registered_model_name=s3-sweep"]
     spec = load_sweep_config(path, overrides)
     assert spec.experiment_dir == "s3://sweeps/ray/s3-sweep"
@@ -63,6 +66,13 @@ def test_a_sweep_keeps_its_state_on_s3_and_registers_from_there(
     assert result.artifacts["trials"] == "s3://sweeps/ray/s3-sweep/study/trials.json"
     train_runs = storage.join(spec.experiment_dir, "train_runs")
     assert len(storage.list_dirs(train_runs)) == 2  # one Ray Train run per trial
+    # ... and the dashboard's Train tab lists them (Train records its state for it).
+    request = urllib.request.Request(f"{s3_and_ray}/api/train/v2/runs/v1")
+    request.add_header("Authorization", f"Bearer {_ray_token()}")
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        shown = json.load(answer)["train_runs"]
+    assert sorted(run["name"] for run in shown) == storage.list_dirs(train_runs)
+    assert {run["status"] for run in shown} == {"FINISHED"}
     checkpoint = result.best["checkpoint"]
     assert checkpoint.startswith(train_runs + "/")
     assert storage.is_file(storage.join(checkpoint, "model.safetensors"))
@@ -70,9 +80,25 @@ def test_a_sweep_keeps_its_state_on_s3_and_registers_from_there(
     client = client_for(spec.experiment.tracking)
     champion = client.get_model_version_by_alias("s3-sweep", "champion")
     assert champion.run_id == result.best["mlflow_run_id"]
+    assert champion.tags["mvtcae.dataset.source"] == dataset
+    for trial in result.trials:  # each trial's run names the dataset in the bucket
+        (used,) = client.get_run(trial["mlflow_run_id"]).inputs.dataset_inputs
+        assert json.loads(used.dataset.source)["uri"] == dataset
     assert {a.path for a in client.list_artifacts(result.parent_run_id, "study")} >= {
         "study/trials.json", "study/pareto_front.json",
     }  # fmt: skip
 
     with pytest.raises(ConfigError, match="already exists at s3://sweeps/ray/s3-sweep"):
         run_sweep(load_sweep_config(path, overrides))
+
+
+def _ray_token() -> str:
+    """The local Ray's dashboard token: $RAY_AUTH_TOKEN, else the file Ray generates
+    (~/.ray/auth_token, see Ray's token-authentication docs)."""
+    import os
+    from pathlib import Path
+
+    return (
+        os.environ.get("RAY_AUTH_TOKEN")
+        or (Path.home() / ".ray" / "auth_token").read_text().strip()
+    )

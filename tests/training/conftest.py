@@ -12,7 +12,7 @@ from testkit import torch_threads, write_tiny_views
 REPO = Path(__file__).resolve().parents[2]
 
 
-def write_tiny_dataset(directory: Path, n_train: int = 600, n_test: int = 150) -> Path:
+def write_tiny_dataset(directory: Path | str, n_train: int = 600, n_test: int = 150) -> Path | str:
     """Three 12-d views of a 4-class latent, written with the platform's own writer."""
     return write_tiny_views(
         directory, n_train=n_train, n_test=n_test, classes=4, width=12, name="tiny-views"

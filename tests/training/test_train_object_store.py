@@ -1,19 +1,29 @@
-"""Training with run storage on an object store: a real moto S3 server, a real local Ray.
+"""Training with its dataset and run storage on an object store: a real moto S3 server, a real
+local Ray.
 
-The storage path is an ``s3://`` URI, as in the KubeRay RayJobs. Run state, checkpoints and the
-evaluation land in the bucket; ``--resume`` finds the run there; the model is registered from it.
+The dataset and the storage path are ``s3://`` URIs, as in the KubeRay RayJobs. Ray Data streams
+the shards from the bucket, evaluation reads its split from there; run state, checkpoints and
+the evaluation land in the bucket; ``--resume`` finds the run there (and trusts the dataset's
+validation record instead of re-hashing it); the model is registered from it, and its lineage
+leads back to the dataset in the bucket.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import time
 from pathlib import Path
 
 import pytest
 import ray
 
+from conftest import write_tiny_dataset
 from mvtcae import storage
+from mvtcae.data import load_manifest
+from mvtcae.data.validate import RECORD_MARGIN_NS
 from mvtcae.tracking import client_for
+from mvtcae.tracking.lineage import trace
 from mvtcae.training import RUN_STATE_FILE, train
 from testkit import create_bucket, s3_environment, s3_server
 
@@ -38,16 +48,17 @@ def _val_loss_steps(cfg, run_id: str) -> list[int]:
 
 
 def test_a_run_checkpoints_evaluates_registers_and_resumes_on_s3(
-    tmp_path: Path, tiny_dataset: Path, make_config, monkeypatch
+    tmp_path: Path, make_config, monkeypatch, caplog
 ) -> None:
     monkeypatch.chdir(tmp_path)  # anything written to a local "s3:" directory would show here
-    root = "s3://ckpts/ray"
+    root, dataset = "s3://ckpts/ray", "s3://ckpts/datasets/tiny"
+    write_tiny_dataset(dataset)
+    time.sleep(RECORD_MARGIN_NS / 1e9)  # old enough for the first run's check to be recorded
     cfg = make_config(
-        tmp_path, tiny_dataset, f"train.storage_path={root}", "train.epochs=2",
+        tmp_path, dataset, f"train.storage_path={root}", "train.epochs=2",
         "tracking.experiment_name=s3-runs", "tracking.registered_model_name=s3-mvtcae",
-        "eval.coherence=false",
     )  # fmt: skip
-    assert cfg.train.storage_path == root
+    assert (cfg.train.storage_path, cfg.data.dir) == (root, dataset)
     result = train(cfg)
 
     assert result.run_dir == storage.join(root, result.run_name)
@@ -73,13 +84,19 @@ def test_a_run_checkpoints_evaluates_registers_and_resumes_on_s3(
     plots = client.list_artifacts(result.run_id, "evaluation/plots")
     assert plots and all(a.path.endswith(".png") for a in plots)
     assert result.registered.version == 1 and result.registered.alias == "champion"
+    assert "eval/coherence_2" in result.eval_metrics  # labels and classifiers from S3
+    lineage = trace("models:/s3-mvtcae@champion", client)
+    assert (lineage.dataset_source, lineage.dataset_matches) == (dataset, True)
+    assert lineage.dataset_digest == load_manifest(dataset).digest()
 
     longer = make_config(
-        tmp_path, tiny_dataset, f"train.storage_path={root}", "train.epochs=3",
+        tmp_path, dataset, f"train.storage_path={root}", "train.epochs=3",
         "tracking.experiment_name=s3-runs", "tracking.registered_model_name=s3-mvtcae",
         "eval.coherence=false",
     )  # fmt: skip
-    resumed = train(longer, resume=True)
+    with caplog.at_level(logging.INFO, logger="mvtcae.data.validate"):
+        resumed = train(longer, resume=True)
+    assert f"dataset {dataset} (digest {lineage.dataset_digest}) was fully validated" in caplog.text
     assert (resumed.run_id, resumed.run_dir) == (result.run_id, result.run_dir)
     assert _val_loss_steps(cfg, result.run_id) == [1, 2, 3]
     kept = [d for d in storage.list_dirs(result.run_dir) if d.startswith("checkpoint_")]

@@ -9,7 +9,8 @@ import click
 from mvtcae.data.format import DatasetError, Manifest
 from mvtcae.safety.names import UnsafeNameError
 
-_OUT = click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+_OUT = click.argument("out_dir", metavar="OUT")
+"""A local directory or an object-store prefix (s3://bucket/prefix, gs://..., file:///...)."""
 _MISSING = click.option(
     "--missing-ratio",
     type=click.FloatRange(0.0, 1.0, max_open=True),
@@ -18,7 +19,7 @@ _MISSING = click.option(
     help="Drop each modality with this probability (at least one stays per row).",
 )
 _SEED = click.option("--seed", type=int, default=0, show_default=True)
-_OVERWRITE = click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
+_OVERWRITE = click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 
 
 @click.group()
@@ -28,7 +29,8 @@ def data() -> None:
 
 @data.group()
 def prepare() -> None:
-    """Write a dataset directory (shards + manifest.json), atomically."""
+    """Write a dataset (shards + manifest.json) into OUT, atomically: a local directory or an
+    object-store prefix such as s3://bucket/datasets/mfeat (credentials from the environment)."""
 
 
 @prepare.command("polymnist")
@@ -45,7 +47,7 @@ def prepare() -> None:
 @_SEED
 @_OVERWRITE
 def prepare_polymnist_cmd(
-    out_dir: Path,
+    out_dir: str,
     n_train: int,
     n_test: int,
     n_val: int | None,
@@ -83,7 +85,7 @@ def prepare_polymnist_cmd(
 )
 @_OVERWRITE
 def prepare_mfeat_cmd(
-    out_dir: Path,
+    out_dir: str,
     missing_ratio: float,
     seed: int,
     test_fraction: float,
@@ -122,7 +124,7 @@ def prepare_mfeat_cmd(
 @_OVERWRITE
 def prepare_arrays_cmd(
     npz: Path,
-    out_dir: Path,
+    out_dir: str,
     name: str | None,
     test_fraction: float | None,
     missing_ratio: float,
@@ -147,18 +149,20 @@ def prepare_arrays_cmd(
 
 
 @data.command("validate")
-@click.argument("dataset_dir", type=click.Path(path_type=Path))
+@click.argument("dataset_dir", metavar="DATASET")
 @click.option("--schema-only", is_flag=True, help="Skip the value checks (NaN/Inf, masks…).")
-def validate_cmd(dataset_dir: Path, schema_only: bool) -> None:
-    """Check DATASET_DIR against its manifest; exit 1 naming file, column and row."""
+def validate_cmd(dataset_dir: str, schema_only: bool) -> None:
+    """Check DATASET (a directory or s3://, gs://, file:// URI) against its manifest, every
+    shard in full (checksums streamed from where the shards are); exit 1 naming file, column
+    and row. A full check is recorded, so runs on the unchanged dataset skip it."""
     from tqdm.auto import tqdm
 
-    from mvtcae.data.validate import validate_dataset
+    from mvtcae.data.validate import validate_and_record
 
     total = _shard_count(dataset_dir)
     with tqdm(total=total, unit="shard", desc="validate", disable=not total) as bar:
         _run(
-            lambda: validate_dataset(
+            lambda: validate_and_record(
                 dataset_dir, check_values=not schema_only, progress=lambda _: bar.update()
             ),
             dataset_dir,
@@ -166,7 +170,7 @@ def validate_cmd(dataset_dir: Path, schema_only: bool) -> None:
         )
 
 
-def _shard_count(dataset_dir: Path) -> int:
+def _shard_count(dataset_dir: str) -> int:
     from mvtcae.data.format import load_manifest
 
     try:
@@ -175,15 +179,15 @@ def _shard_count(dataset_dir: Path) -> int:
         return 0
 
 
-def _run(action, out_dir: Path, verb: str = "wrote") -> None:
+def _run(action, out_dir: str, verb: str = "wrote") -> None:
     try:
         manifest = action()
-    except (DatasetError, UnsafeNameError, FileExistsError) as err:
+    except (DatasetError, UnsafeNameError, OSError) as err:
         raise click.ClickException(str(err)) from err
     click.echo(summary(manifest, out_dir, verb))
 
 
-def summary(manifest: Manifest, root: Path, verb: str = "wrote") -> str:
+def summary(manifest: Manifest, root: str | Path, verb: str = "wrote") -> str:
     """A few lines describing a dataset: modalities, splits, rows and size on disk."""
     lines = [f"{verb} {root}: {manifest.name} (format v{manifest.format_version})"]
     for name, spec in manifest.modalities.items():

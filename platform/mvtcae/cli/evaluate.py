@@ -12,9 +12,9 @@ import click
 @click.option(
     "--data",
     "data_dir",
-    type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Dataset directory (default: the config's data directory).",
+    help="Dataset location: a directory or s3://, gs://, file:// URI (default: the config's "
+    "data.dir).",
 )
 @click.option("--split", default="test", show_default=True, help="Split to evaluate.")
 @click.option(
@@ -59,7 +59,7 @@ import click
 )
 def evaluate_command(
     model_ref: str,
-    data_dir: Path | None,
+    data_dir: str | None,
     split: str,
     config_path: Path | None,
     overrides: tuple[str, ...],
@@ -87,11 +87,15 @@ def evaluate_command(
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    from mvtcae.data import MANIFEST_FILE, DatasetError, DatasetFiles
+
     dataset = data_dir or cfg.data.resolved_dir()
-    if not (dataset / "manifest.json").is_file():
-        raise click.UsageError(
-            f"{dataset} is not a dataset directory (no manifest.json); use --data"
-        )
+    try:
+        found = DatasetFiles(dataset).is_file(MANIFEST_FILE)
+    except (DatasetError, OSError) as err:
+        raise click.UsageError(f"--data: {err}") from None
+    if not found:
+        raise click.UsageError(f"{dataset} is not a dataset (no manifest.json); use --data")
     try:
         model = tracking.load_model_from(
             model_ref,

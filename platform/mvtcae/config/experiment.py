@@ -34,19 +34,21 @@ DATA_DIR_ENV = "MVTCAE_DATA_DIR"
 STORAGE_PATH_ENV = "MVTCAE_STORAGE_PATH"
 
 
-def _absolute(path: Path | None) -> Path | None:
-    return None if path is None else Path(path).expanduser().resolve()
-
-
 class DataSection(Section):
     """Which dataset to train on and how to prepare and read it."""
 
     dataset: Literal["polymnist", "mfeat", "custom"] = "mfeat"
-    dir: Path | None = Field(
+    dir: str | None = Field(
         default_factory=lambda: os.environ.get(DATA_DIR_ENV) or None,
         validate_default=True,
-        description=f"dataset directory; default ${DATA_DIR_ENV} when set, else "
-        "data/<dataset> (data/polymnist-<n_train> for PolyMNIST)",
+        description=f"dataset location: a local directory, file:///abs/dir, s3://bucket/prefix "
+        f"or gs://bucket/prefix; default ${DATA_DIR_ENV} when set, else data/<dataset> "
+        "(data/polymnist-<n_train> for PolyMNIST)",
+    )
+    revalidate: bool = Field(
+        default=False,
+        description="check every shard in full on every run; off, a dataset fully validated "
+        "before whose shards are unchanged (same manifest digest, sizes and times) is trusted",
     )
     prepare_if_missing: bool = Field(
         default=True, description="write the built-in dataset into `dir` when it is absent"
@@ -75,15 +77,12 @@ class DataSection(Section):
 
     @field_validator("dir", mode="before")
     @classmethod
-    def _resolve_dir(cls, v: object) -> Path | None:
+    def _resolve_dir(cls, v: object) -> str | None:
         if v is None:
             return None
-        if isinstance(v, str) and locations.is_uri(v):
-            raise ValueError(
-                "data.dir must be a local or shared directory path; dataset URIs "
-                f"({v.split('://', 1)[0]}://…) are not supported yet"
-            )
-        return _absolute(Path(v))
+        if not isinstance(v, str | os.PathLike):
+            raise ValueError(f"expected a path or URI, got {type(v).__name__}")
+        return locations.normalize(v)
 
     @model_validator(mode="after")
     def _custom_needs_dir(self) -> DataSection:
@@ -91,12 +90,13 @@ class DataSection(Section):
             raise ValueError("data.dir is required when data.dataset is 'custom'")
         return self
 
-    def resolved_dir(self) -> Path:
-        """The dataset directory, absolute (the default one when none is configured)."""
+    def resolved_dir(self) -> str:
+        """The dataset location: an absolute local path or a URI (the default directory when
+        none is configured)."""
         if self.dir is not None:
             return self.dir
         name = f"{self.dataset}-{self.n_train}" if self.dataset == "polymnist" else self.dataset
-        return Path("data", name).resolve()
+        return str(Path("data", name).resolve())
 
 
 class ModelSection(Section):

@@ -1,8 +1,10 @@
 """Run-storage locations as strings: what a valid one looks like, checked at the config boundary.
 
 A location is an absolute local path or a URI that pyarrow's file systems open (``s3://``,
-``gs://``, ``file://``, ``hdfs://``, ...). These checks are pure string logic, so configuration
-can validate locations without touching a file system; ``mvtcae.storage`` does the I/O.
+``gs://``, ``file://``, ``hdfs://``, ...). The checks are pure string logic, so configuration
+can validate locations without touching a file system; ``resolve`` names the file system that
+opens one, for the layers that do the I/O (``mvtcae.data`` for datasets, ``mvtcae.storage`` for
+runs).
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 import os
 import posixpath
 from pathlib import Path
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlparse
+
+import pyarrow.fs as pafs
 
 from mvtcae.safety.redaction import redact_text
 
@@ -84,3 +88,23 @@ def basename(location: str) -> str:
     if is_uri(location):
         return posixpath.basename(location.partition("?")[0].rstrip("/"))
     return Path(location).name
+
+
+def local_path(location: str | os.PathLike[str]) -> str | None:
+    """The local path of a plain path or ``file://`` URI; None for every other URI."""
+    text = os.fspath(location)
+    if not is_uri(text):
+        return text
+    parsed = urlparse(text)
+    return parsed.path if parsed.scheme == "file" else None
+
+
+def resolve(location: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow file system of a location and the location's path on it.
+
+    Object stores read credentials and endpoints from the environment (``AWS_ENDPOINT_URL``,
+    ``AWS_ACCESS_KEY_ID``, ...) or from the URI's query (``?endpoint_override=host:9000``).
+    """
+    if not is_uri(location):
+        return pafs.LocalFileSystem(), str(Path(location))
+    return pafs.FileSystem.from_uri(location)

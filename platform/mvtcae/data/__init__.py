@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from mvtcae.data.files import MANIFEST_FILE, DatasetError, DatasetFiles, is_remote
 from mvtcae.data.format import (
     FORMAT_VERSION,
-    DatasetError,
     Manifest,
     ModalitySpec,
     ShardSpec,
@@ -19,7 +19,7 @@ from mvtcae.data.format import (
     presence_column,
 )
 from mvtcae.data.reader import load_split_arrays
-from mvtcae.data.validate import validate_dataset
+from mvtcae.data.validate import ensure_valid, validate_dataset
 from mvtcae.data.writer import (
     DatasetWriter,
     SplitArrays,
@@ -40,13 +40,17 @@ _LAZY = {
 
 __all__ = [
     "FORMAT_VERSION",
+    "MANIFEST_FILE",
     "DatasetError",
+    "DatasetFiles",
     "DatasetWriter",
     "Manifest",
     "ModalitySpec",
     "ShardSpec",
     "SplitArrays",
     "SplitSpec",
+    "ensure_valid",
+    "is_remote",
     "iter_model_batches",
     "load_manifest",
     "load_split_arrays",

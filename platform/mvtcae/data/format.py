@@ -24,11 +24,11 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from mvtcae.data.files import MANIFEST_FILE, DatasetError, DatasetFiles, dataset_files
 from mvtcae.safety.names import UnsafeNameError, check_name, check_relative_path, path_inside
 
 FORMAT_NAME = "mvtcae-shards"
 FORMAT_VERSION = 1
-MANIFEST_FILE = "manifest.json"
 LABEL_COLUMN = "label"
 ID_COLUMN = "sample_id"
 PRESENT_SUFFIX = "__present"
@@ -37,10 +37,6 @@ SHARD_SUFFIX = ".parquet"
 Distribution = Literal["normal", "laplace", "bernoulli", "categorical"]
 Transform = Literal["none", "divide_255"]
 STORED_DTYPES = ("uint8", "float16", "float32")
-
-
-class DatasetError(ValueError):
-    """A dataset directory does not match its manifest or holds bad values."""
 
 
 def checked_name(value: str, what: str, where: str | os.PathLike) -> str:
@@ -232,23 +228,30 @@ class Manifest(BaseModel):
             fields.append(pa.field(presence_column(name), pa.bool_(), nullable=False))
         return pa.schema(fields)
 
-    def shard_paths(self, root: str | os.PathLike, split: str) -> list[Path]:
-        """Absolute paths of a split's shards under the dataset directory ``root``."""
+    def shard_paths(self, root: str | os.PathLike | DatasetFiles, split: str) -> list[str]:
+        """Paths of a split's shards on the file system of the dataset at ``root`` (absolute
+        paths for a local directory, ``bucket/prefix/...`` for an object store)."""
         if split not in self.splits:
             raise DatasetError(f"dataset has no split {split!r}; it has {sorted(self.splits)}")
+        files = dataset_files(root)
         return [
-            dataset_file(root, shard.file, f"split {split!r} shard file")
+            files.path(shard.file, f"split {split!r} shard file")
             for shard in self.splits[split].shards
         ]
 
 
-def load_manifest(path: str | os.PathLike) -> Manifest:
-    """Read and check ``manifest.json`` of the dataset directory ``path``."""
-    file = Path(path) / MANIFEST_FILE
-    if not file.is_file():
-        raise DatasetError(f"{file}: no manifest; is {path} a dataset directory?")
+def load_manifest(path: str | os.PathLike | DatasetFiles) -> Manifest:
+    """Read and check ``manifest.json`` of the dataset at ``path`` (a directory or a URI)."""
+    files = dataset_files(path)
+    file = files.show(MANIFEST_FILE)
     try:
-        raw = json.loads(file.read_text())
+        text = files.read_text(MANIFEST_FILE)
+    except FileNotFoundError:
+        raise DatasetError(f"{file}: no manifest; is {files} a dataset directory?") from None
+    except OSError as err:
+        raise DatasetError(f"{file}: cannot be read ({err})") from err
+    try:
+        raw = json.loads(text)
     except json.JSONDecodeError as err:
         raise DatasetError(f"{file}: not valid JSON ({err})") from err
     try:

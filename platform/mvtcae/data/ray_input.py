@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,8 +21,9 @@ import ray
 import torch
 from ray.data import DataIterator, Dataset, FileShuffleConfig, RandomSeedConfig
 
+from mvtcae.data.files import DatasetFiles, dataset_files
 from mvtcae.data.format import ID_COLUMN, LABEL_COLUMN, Manifest, load_manifest, presence_column
-from mvtcae.data.validate import validate_dataset
+from mvtcae.data.validate import ensure_valid
 from mvtcae.model.batch import MultimodalBatch
 
 # Ray groups small shard lists into fewer read tasks than the cap and warns at every epoch.
@@ -39,18 +39,22 @@ and at most a fifth of the object store."""
 
 
 def open_splits(
-    path: str | os.PathLike,
+    path: str | os.PathLike | DatasetFiles,
     materialize: bool | None = None,
     *,
     splits: list[str] | None = None,
     validate: bool = True,
+    revalidate: bool = False,
     shuffle_train_files: bool = True,
     seed: int | None = None,
     reshuffle_each_epoch: bool = True,
     read_num_cpus: float = READ_TASK_CPUS,
     read_concurrency: int | None = READ_CONCURRENCY,
 ) -> dict[str, Dataset]:
-    """Open the dataset directory ``path`` as one Ray Dataset per split (validated first).
+    """Open the dataset at ``path`` (a directory or a URI such as ``s3://bucket/prefix``) as one
+    Ray Dataset per split, validated first (``ensure_valid``: a dataset validated before and
+    unchanged since is not re-hashed; ``revalidate`` checks it in full). Shards are read where
+    they are, through the location's file system.
 
     ``materialize=None`` materialises when the dataset is small (see
     ``MATERIALIZE_MAX_BYTES``): small datasets then skip the per-epoch re-read. The train
@@ -61,14 +65,15 @@ def open_splits(
     ask for ``read_num_cpus`` CPU each, at most ``read_concurrency`` at once (see the module
     docstring for the CPU budget).
     """
-    manifest = validate_dataset(path) if validate else load_manifest(path)
+    files = dataset_files(path)
+    manifest = ensure_valid(files, full=revalidate) if validate else load_manifest(files)
     names = splits or list(manifest.splits)
     if materialize is None:
         materialize = should_materialize(manifest)
     return {
         split: _open_split(
             manifest,
-            Path(path),
+            files,
             split,
             materialize,
             shuffle_train_files and split == "train",
@@ -91,7 +96,7 @@ def should_materialize(manifest: Manifest) -> bool:
 
 def _open_split(
     manifest: Manifest,
-    root: Path,
+    files: DatasetFiles,
     split: str,
     materialize: bool,
     shuffle_files: bool,
@@ -100,7 +105,7 @@ def _open_split(
     read_num_cpus: float,
     read_concurrency: int | None,
 ) -> Dataset:
-    paths = [str(p) for p in manifest.shard_paths(root, split)]
+    paths = manifest.shard_paths(files, split)
     file_shuffle = (
         FileShuffleConfig(seed=seed, reseed_after_execution=reshuffle)
         if shuffle_files and not materialize
@@ -108,6 +113,7 @@ def _open_split(
     )
     dataset = ray.data.read_parquet(
         paths,
+        filesystem=files.fs,
         num_cpus=read_num_cpus,
         concurrency=read_concurrency,
         shuffle=file_shuffle,

@@ -2,13 +2,17 @@
 
 Every dataset is written into a hidden staging directory beside the target
 (``.NAME.tmp-XXXX``), the manifest last, and only then renamed into place: an interrupted
-or failed write leaves no directory at the target path that could validate.
+or failed write leaves no directory at the target path that could validate. A target on an
+object store (``s3://bucket/prefix``) is staged locally and uploaded shards first, manifest
+last (see ``DatasetWriter._upload``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import posixpath
 import shutil
 import tempfile
 import uuid
@@ -20,9 +24,12 @@ from types import TracebackType
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pydantic import ValidationError
 
+from mvtcae.config.locations import basename
+from mvtcae.data.files import MANIFEST_FILE, DatasetFiles
 from mvtcae.data.format import (
     ID_COLUMN,
     LABEL_COLUMN,
@@ -156,10 +163,14 @@ class DatasetWriter:
         preprocessing: dict | None = None,
         source: dict | None = None,
     ) -> None:
-        self.out_dir = Path(out_dir).resolve()
+        self.target = DatasetFiles(out_dir)
+        self.out_dir: str | Path = (
+            Path(self.target.location) if self.target.is_local else self.target.location
+        )
+        """Where the dataset ends up: a local Path, or the URI of an object-store prefix."""
         # Checked before anything touches the disk; the manifest below would refuse it too.
         checked_name(name, "dataset name", self.out_dir)
-        if self.out_dir.exists() and not overwrite:
+        if not overwrite and self._target_exists():
             raise FileExistsError(f"{self.out_dir} exists; pass overwrite=True to replace it")
         try:
             self.manifest = Manifest(
@@ -180,10 +191,13 @@ class DatasetWriter:
         )
         self.overwrite = overwrite
         self._splits: dict[str, _SplitState] = {}
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.staging = Path(
-            tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent)
-        )
+        if self.target.is_local:
+            # Beside the target, so that publishing is one rename on the same file system.
+            target = Path(self.out_dir)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        else:
+            self.staging = Path(tempfile.mkdtemp(prefix="mvtcae-dataset-"))
         self._closed = False
 
     def __enter__(self) -> DatasetWriter:
@@ -250,15 +264,65 @@ class DatasetWriter:
         shutil.rmtree(self.staging, ignore_errors=True)
         self._closed = True
 
+    def _target_exists(self) -> bool:
+        if self.target.is_local:
+            return Path(self.out_dir).exists()
+        info = self.target.fs.get_file_info(self.target.root)
+        return info.type == pafs.FileType.File or bool(self.target.list_files(""))
+
     def _publish(self) -> None:
+        if not self.target.is_local:
+            self._upload()
+            return
+        out_dir = Path(self.out_dir)
         old = None
-        if self.out_dir.exists():
-            old = self.out_dir.with_name(f".{self.out_dir.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(self.out_dir, old)
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
+            os.rename(out_dir, old)
         self.staging.chmod(0o755)  # mkdtemp makes it private
-        os.rename(self.staging, self.out_dir)
+        os.rename(self.staging, out_dir)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+    def _upload(self) -> None:
+        """Publish onto an object store, where there is no rename: shards first, the manifest
+        last (a dataset without its manifest is not a dataset). Replacing one stages the new
+        shards under a hidden sibling prefix first, so a failed upload leaves the old dataset
+        whole; only the final swap (delete, server-side move, manifest) touches it."""
+        fs, root = self.target.fs, self.target.root
+        files = sorted(
+            p.relative_to(self.staging).as_posix()
+            for p in self.staging.rglob("*")
+            if p.is_file() and p.name != MANIFEST_FILE
+        )
+        replacing = self._target_exists()
+        if replacing and not self.overwrite:
+            raise FileExistsError(f"{self.out_dir} exists; pass overwrite=True to replace it")
+        parent, name = posixpath.split(root.rstrip("/"))
+        upload_root = (
+            posixpath.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:8]}") if replacing else root
+        )
+        try:
+            for relative in files:
+                _put(fs, self.staging / relative, posixpath.join(upload_root, relative))
+            if replacing:
+                with contextlib.suppress(FileNotFoundError):
+                    fs.delete_file(posixpath.join(root, MANIFEST_FILE))
+                fs.delete_dir_contents(root, missing_dir_ok=True)
+                for relative in files:
+                    target = posixpath.join(root, relative)
+                    fs.create_dir(posixpath.dirname(target), recursive=True)
+                    fs.move(posixpath.join(upload_root, relative), target)
+            _put(fs, self.staging / MANIFEST_FILE, posixpath.join(root, MANIFEST_FILE))
+        except BaseException:
+            # Never leave shards that look like a dataset being written; the manifest is absent.
+            fs.delete_dir_contents(upload_root, missing_dir_ok=True)
+            raise
+        finally:
+            if replacing:
+                with contextlib.suppress(OSError):
+                    fs.delete_dir(upload_root)
+            shutil.rmtree(self.staging, ignore_errors=True)
 
     def _to_table(
         self,
@@ -372,6 +436,12 @@ class DatasetWriter:
         state.buffered_rows = rest.num_rows
 
 
+def _put(fs: pafs.FileSystem, local: Path, path: str) -> None:
+    fs.create_dir(posixpath.dirname(path), recursive=True)
+    pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=fs)  # fmt: skip
+
+
 def _integers(split: str, column: str, values: np.ndarray, n: int) -> np.ndarray:
     values = np.asarray(values)
     if values.shape != (n,):
@@ -433,7 +503,8 @@ def write_arrays(
     if has_labels and num_classes is None:
         num_classes = int(max(np.max(p.labels) for p in parts.values() if len(p.labels))) + 1
     if name is None:
-        name = Path(out_dir).resolve().name
+        name = basename(os.fspath(out_dir)) if "://" in os.fspath(out_dir) else None
+        name = name or Path(out_dir).resolve().name
         where = f"{out_dir} (no name given, so the directory's name is the dataset name)"
         checked_name(name, "dataset name", where)
     with DatasetWriter(

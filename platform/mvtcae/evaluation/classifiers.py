@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from mvtcae.data import MANIFEST_FILE, DatasetFiles
 from mvtcae.evaluation.progress import progress
 from mvtcae.safety.names import check_name, path_inside
 
@@ -179,7 +180,7 @@ def train_classifier(
 
 def dataset_digest(dataset_dir: str | os.PathLike) -> str:
     """SHA-256 of the dataset's manifest.json (which records every shard's SHA-256)."""
-    return hashlib.sha256((Path(dataset_dir) / "manifest.json").read_bytes()).hexdigest()
+    return hashlib.sha256(DatasetFiles(dataset_dir).read_bytes(MANIFEST_FILE)).hexdigest()
 
 
 def default_cache_root() -> Path:

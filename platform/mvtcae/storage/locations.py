@@ -28,6 +28,7 @@ from mvtcae.config.locations import (
     is_uri,
     join,
     normalize,
+    resolve,
 )
 
 __all__ = [
@@ -47,13 +48,6 @@ __all__ = [
     "upload_directory",
     "write_text",
 ]
-
-
-def resolve(location: str) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow file system of a location and the location's path on it."""
-    if not is_uri(location):
-        return pafs.LocalFileSystem(), str(Path(location))
-    return pafs.FileSystem.from_uri(location)
 
 
 def location_of(root: str, fs_path: str) -> str:

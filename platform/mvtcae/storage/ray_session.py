@@ -10,7 +10,8 @@ import math
 import os
 import socket
 import uuid
-from urllib.parse import urlparse
+
+from mvtcae.config.locations import local_path
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +41,8 @@ def local_cpus(workers: int, cpus_per_worker: float, concurrent_runs: int = 1) -
     return max(os.cpu_count() or 1, needed)
 
 
-def start_local_ray(num_cpus: int) -> None:
-    """Start a local Ray whose workers know its dashboard address.
+def start_local_ray(num_cpus: int) -> str:
+    """Start a local Ray whose workers know its dashboard address; return that address.
 
     Train V2's placement-group cleaner looks the cluster up by address; with another Ray
     instance on the same host the lookup fails and stopped trials leak their placement groups.
@@ -62,6 +63,7 @@ def start_local_ray(num_cpus: int) -> None:
         },
     )
     logger.info("Ray dashboard: http://127.0.0.1:%d", port)
+    return f"http://127.0.0.1:{port}"
 
 
 def _dashboard_port(preferred: int) -> int:
@@ -119,14 +121,6 @@ def _alive_nodes() -> list[dict]:
     return [n for n in ray.nodes() if n.get("Alive")]
 
 
-def _local_path(location: str) -> str | None:
-    """The local path of a plain path or ``file://`` URI; None for remote URIs."""
-    if "://" not in location:
-        return location
-    parsed = urlparse(location)
-    return parsed.path if parsed.scheme == "file" else None
-
-
 def _read_many(paths: list[str]) -> list[str | None]:
     return [_read_digest(p) for p in paths]
 
@@ -146,7 +140,7 @@ def check_shared_paths(paths: dict[str, str], marker_dir: dict[str, str]) -> Non
     written: list[str] = []
     try:
         for option, location in marker_dir.items():
-            directory = _local_path(location)
+            directory = local_path(location)
             if directory is None:
                 continue
             marker = os.path.join(directory, f".mvtcae-shared-check-{uuid.uuid4().hex}")
@@ -156,7 +150,7 @@ def check_shared_paths(paths: dict[str, str], marker_dir: dict[str, str]) -> Non
             written.append(marker)
             checks.append((option, marker, _read_digest(marker) or ""))
         for option, location in paths.items():
-            path = _local_path(location)
+            path = local_path(location)
             if path is not None:
                 checks.append((option, path, _read_digest(path) or ""))
         missing = nodes_missing_files([(path, digest) for _, path, digest in checks])

@@ -183,7 +183,7 @@ def _open_parent_run(spec: SweepSpec, resume: bool) -> str:
     return run_id
 
 
-def _context(spec: SweepSpec, dataset_dir: Path, manifest: Any, parent_run_id: str) -> SweepContext:
+def _context(spec: SweepSpec, dataset_dir: str, manifest: Any, parent_run_id: str) -> SweepContext:
     base = spec.experiment.to_dict()
     # Trials keep their latest checkpoints: the objective is measured on the reported epoch, so
     # the model that goes to the registry is the one whose value Optuna recorded.

@@ -27,7 +27,6 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -243,7 +242,7 @@ def _fit(cfg: Any, context: SweepContext, trial_id: str, run_id: str) -> Any:
         split=context.val_split,
     )
     trainer = build_trainer(
-        cfg, name, Path(context.dataset_dir), manifest, run_id, context.tracking_uri,
+        cfg, name, context.dataset_dir, manifest, run_id, context.tracking_uri,
         callbacks=[TuneReportCallback()], objectives=objectives,
     )  # fmt: skip
     return trainer.fit()

@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 
 import yaml
 
+from mvtcae.config.locations import normalize
 from mvtcae.data import Manifest, load_manifest, validate_dataset
 from mvtcae.safety.redaction import redact_text
 
@@ -40,7 +41,7 @@ def source_uri(dataset_dir: str | Path) -> str:
     """The dataset's location as a URI (``file:///abs/dir`` for a local directory)."""
     text = str(dataset_dir)
     if "://" in text:
-        return text.rstrip("/")
+        return normalize(text)  # refuses a location with credentials written into it
     return Path(text).resolve().as_uri()
 
 
@@ -178,16 +179,12 @@ def _check_source(lineage: Lineage, verify_files: bool) -> None:
     if not lineage.dataset_source:
         lineage.problem = "the run recorded no dataset"
         return
-    parsed = urlparse(lineage.dataset_source)
-    if parsed.scheme not in ("", "file"):
-        lineage.problem = f"checking a {parsed.scheme}:// source is not supported yet"
-        return
-    directory = Path(parsed.path if parsed.scheme == "file" else lineage.dataset_source)
     try:
-        manifest = load_manifest(directory)
+        # A local path, file://, s3:// or gs:// URI: read where it is, through pyarrow.
+        manifest = load_manifest(lineage.dataset_source)
         lineage.current_digest = manifest.digest()
         if verify_files and lineage.current_digest == lineage.dataset_digest:
-            validate_dataset(directory)
+            validate_dataset(lineage.dataset_source)
     except Exception as err:  # noqa: BLE001 - reported, not raised: the chain is still useful
         lineage.problem = redact_text(f"{type(err).__name__}: {err}")
 

@@ -70,11 +70,11 @@ class TrainResult:
     trend_plot: str | None = None
 
 
-def prepare_dataset(cfg: ExperimentConfig) -> tuple[Path, Any]:
-    """Return the dataset directory and manifest, writing a built-in dataset there if missing."""
+def prepare_dataset(cfg: ExperimentConfig) -> tuple[str, Any]:
+    """Return the dataset location and manifest, writing a built-in dataset there if missing."""
     data = cfg.data
     directory = data.resolved_dir()
-    if (directory / "manifest.json").is_file():
+    if data_layer.DatasetFiles(directory).is_file(data_layer.MANIFEST_FILE):
         return directory, data_layer.load_manifest(directory)
     if data.dataset == "custom" or not data.prepare_if_missing:
         raise FileNotFoundError(
@@ -110,12 +110,12 @@ def ensure_ray(cfg: TrainSection, concurrent_runs: int = 1) -> None:
     ray_session.ensure_ray(cfg.ray_address, cpus)
 
 
-def ensure_cluster(cfg: ExperimentConfig, dataset_dir: Path, concurrent_runs: int = 1) -> None:
+def ensure_cluster(cfg: ExperimentConfig, dataset_dir: str, concurrent_runs: int = 1) -> None:
     """`ensure_ray`, then refuse local dataset and storage paths that are node-local on a
     multi-node cluster (before any run is opened or any worker started)."""
     ensure_ray(cfg.train, concurrent_runs)
     ray_session.check_shared_paths(
-        {"data.dir": str(Path(dataset_dir) / "manifest.json")},
+        {"data.dir": storage.join(dataset_dir, data_layer.MANIFEST_FILE)},
         {"train.storage_path": cfg.train.storage_path},
     )
 
@@ -143,10 +143,11 @@ def val_split_name(cfg: ExperimentConfig, manifest: Any) -> str:
     return cfg.data.val_split or ("val" if "val" in manifest.splits else "test")
 
 
-def _open_splits(cfg: ExperimentConfig, dataset_dir: Path, manifest: Any) -> dict[str, Any]:
+def _open_splits(cfg: ExperimentConfig, dataset_dir: str, manifest: Any) -> dict[str, Any]:
     splits = open_splits(
         dataset_dir, materialize=cfg.data.materialize, seed=cfg.train.seed,
         reshuffle_each_epoch=cfg.data.reshuffle_shards_each_epoch,
+        revalidate=cfg.data.revalidate,
     )  # fmt: skip
     val_name = val_split_name(cfg, manifest)
     if "train" not in splits or val_name not in splits:
@@ -165,7 +166,7 @@ def _data_config() -> DataConfig:
     return DataConfig(datasets_to_split=["train", "val"], execution_options=options)
 
 
-def build_trainer(cfg: ExperimentConfig, run_name: str, dataset_dir: Path, manifest: Any,
+def build_trainer(cfg: ExperimentConfig, run_name: str, dataset_dir: str, manifest: Any,
                   run_id: str | None, tracking_uri: str | None,
                   callbacks: list[Any] | None = None,
                   objectives: EpochObjectives | None = None) -> ray.train.torch.TorchTrainer:  # fmt: skip
@@ -265,7 +266,7 @@ def _run_to_resume(cfg: ExperimentConfig) -> runs.RunRecord:
 
 
 def _open_mlflow_run(cfg: ExperimentConfig, found: runs.RunRecord | None, run_name: str,
-                     dataset_dir: Path, manifest: Any) -> str:  # fmt: skip
+                     dataset_dir: str, manifest: Any) -> str:  # fmt: skip
     """Reopen the resumed run's MLflow run, or start one (config and dataset logged); return
     its id."""
     grace = cfg.tracking.outage_grace_s
@@ -288,7 +289,7 @@ def _open_mlflow_run(cfg: ExperimentConfig, found: runs.RunRecord | None, run_na
     return run.info.run_id
 
 
-def _fit(cfg: ExperimentConfig, record: runs.RunRecord, dataset_dir: Path, manifest: Any,
+def _fit(cfg: ExperimentConfig, record: runs.RunRecord, dataset_dir: str, manifest: Any,
          tracking_uri: str) -> TrainResult:  # fmt: skip
     """Run the trainer; raise NonFiniteError if the workers stopped on one."""
     trainer = build_trainer(cfg, record.name, dataset_dir, manifest, record.mlflow_run_id,
@@ -324,7 +325,7 @@ def evaluation_task(use_gpu: bool) -> Any:
     )
 
 
-def _evaluate_and_register(cfg: ExperimentConfig, out: TrainResult, dataset_dir: Path) -> None:
+def _evaluate_and_register(cfg: ExperimentConfig, out: TrainResult, dataset_dir: str) -> None:
     """Evaluate the best intact checkpoint in a Ray task (on a GPU if training had one), log,
     register.
 
