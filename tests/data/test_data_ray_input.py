@@ -89,7 +89,8 @@ def test_round_trip_materialized(written, materialized) -> None:
     assert first.data["vec"].dtype == torch.float32 and first.masks["img"].dtype == torch.bool
     assert first.labels.dtype == torch.int64 and float(first.data["img"].max()) <= 1.0
     read, sizes = collect(batches)
-    assert sum(sizes) == 96 and sizes[-1] == 16
+    # One short batch; with a local shuffle buffer Ray may hand it out before the last one.
+    assert sorted(sizes) == [16, 20, 20, 20, 20]
     assert_matches_arrays(read, arrays["train"])
     test_read, _ = collect(iter_model_batches(materialized["test"], manifest, 1000))
     assert_matches_arrays(test_read, arrays["test"])

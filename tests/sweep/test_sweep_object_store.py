@@ -82,8 +82,12 @@ def test_a_sweep_keeps_its_state_on_s3_and_registers_from_there(s3_and_ray, tmp_
     assert champion.run_id == result.best["mlflow_run_id"]
     assert champion.tags["mvtcae.dataset.source"] == dataset
     for trial in result.trials:  # each trial's run names the dataset in the bucket
-        (used,) = client.get_run(trial["mlflow_run_id"]).inputs.dataset_inputs
+        run = client.get_run(trial["mlflow_run_id"])
+        (used,) = run.inputs.dataset_inputs
         assert json.loads(used.dataset.source)["uri"] == dataset
+        times = run.data.metrics  # and where the trial's time went
+        assert 0 < times["time/trainer_fit_s"] < times["time/trial_total_s"]
+        assert {"time/run_setup_s", "time/validation_s", "time/dataset_open_s"} <= set(times)
     assert {a.path for a in client.list_artifacts(result.parent_run_id, "study")} >= {
         "study/trials.json", "study/pareto_front.json",
     }  # fmt: skip

@@ -84,6 +84,14 @@ def test_a_run_checkpoints_evaluates_registers_and_resumes_on_s3(
     plots = client.list_artifacts(result.run_id, "evaluation/plots")
     assert plots and all(a.path.endswith(".png") for a in plots)
     assert result.registered.version == 1 and result.registered.alias == "champion"
+    # Where the job's time went: the driver's phases, on the result and on the run.
+    assert set(result.phases) == {"dataset", "ray_start", "run_setup", "validation",
+                                  "dataset_open", "trainer_fit", "evaluation",
+                                  "mlflow_evaluation", "registration"}  # fmt: skip
+    assert 0 < sum(result.phases.values()) <= result.wall_time_s
+    logged = client.get_run(result.run_id).data.metrics
+    assert logged["time/trainer_fit_s"] == pytest.approx(result.phases["trainer_fit"])
+    assert logged["time/driver_total_s"] == pytest.approx(result.wall_time_s)
     assert "eval/coherence_2" in result.eval_metrics  # labels and classifiers from S3
     lineage = trace("models:/s3-mvtcae@champion", client)
     assert (lineage.dataset_source, lineage.dataset_matches) == (dataset, True)

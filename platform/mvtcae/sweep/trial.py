@@ -50,6 +50,7 @@ from mvtcae.training import (
     scaling_config,
 )
 from mvtcae.training.nonfinite import NonFiniteError
+from mvtcae.training.phases import PhaseTimes, timed
 
 logger = logging.getLogger(__name__)
 
@@ -147,21 +148,28 @@ def run_trial(params: dict[str, Any], context: SweepContext) -> None:
     """Tune function: train one configuration with Ray Train inside an MLflow child run."""
     trial_id = ray.tune.get_context().get_trial_id()
     trial_name = f"{context.sweep_name}-{trial_id}"
+    phases = PhaseTimes()
+    started = time.perf_counter()
     try:
-        run_id = retry_until(lambda: start_child_run(context, trial_id, params),
-                             f"trial {trial_id}: creating its MLflow run",
-                             context.tracking_grace_s)  # fmt: skip
+        with phases.phase("run_setup"):
+            run_id = retry_until(lambda: start_child_run(context, trial_id, params),
+                                 f"trial {trial_id}: creating its MLflow run",
+                                 context.tracking_grace_s)  # fmt: skip
     except Exception as err:
         _give_up_on_infrastructure(context, trial_id, err)
     tracker = RunLogger(context.tracking_uri, run_id,
                         spool=_spool_location(context, trial_name))  # fmt: skip
     try:
         cfg = trial_config(context.base_config, params, source=f"trial {trial_id} {params}")
-        _log_config(cfg, context, run_id)
-        result = _fit_with_retries(cfg, context, trial_id, run_id, trial_name)
+        with phases.phase("run_setup"):
+            _log_config(cfg, context, run_id)
+        result = _fit_with_retries(cfg, context, trial_id, run_id, trial_name, phases)
         check_finite(result.metrics or {}, ("train/loss", "val/loss"), f"trial {trial_id}")
         if context.final_eval and result.checkpoint is not None:
-            _final_evaluation(cfg, context, result.checkpoint, tracker)
+            with phases.phase("evaluation"):
+                _final_evaluation(cfg, context, result.checkpoint, tracker)
+        timings = phases.as_metrics() | {"time/trial_total_s": time.perf_counter() - started}
+        tracker.log_metrics(timings, int((result.metrics or {}).get("epoch", 0)))
     except BaseException as err:
         _end(tracker, "FAILED", err)
         if is_infrastructure_error(err):
@@ -180,13 +188,13 @@ def _log_config(cfg: Any, context: SweepContext, run_id: str) -> None:
 
 
 def _fit_with_retries(cfg: Any, context: SweepContext, trial_id: str, run_id: str,
-                      trial_name: str) -> Any:  # fmt: skip
+                      trial_name: str, phases: PhaseTimes | None = None) -> Any:  # fmt: skip
     """Fit, retrying infrastructure failures; a retry resumes the inner run's last checkpoint.
     A run whose workers stopped on non-finite values raises TrialDiverged."""
     run_dir = storage.join(context.base_config["train"]["storage_path"], trial_name)
     for attempt in range(context.infra_retries + 1):
         try:
-            result = _fit(cfg, context, trial_id, run_id)
+            result = _fit(cfg, context, trial_id, run_id, phases)
             try:
                 raise_for_stop(read_stop_record(run_dir))
             except NonFiniteError as failure:
@@ -233,7 +241,8 @@ def tracker_grace(tracker: RunLogger) -> float:
     return 30.0 if tracker.pending else 0.0
 
 
-def _fit(cfg: Any, context: SweepContext, trial_id: str, run_id: str) -> Any:
+def _fit(cfg: Any, context: SweepContext, trial_id: str, run_id: str,
+         phases: PhaseTimes | None = None) -> Any:  # fmt: skip
     manifest = load_manifest(context.dataset_dir)
     name = f"{context.sweep_name}-{trial_id}"
     objectives = EpochObjectives(
@@ -243,9 +252,10 @@ def _fit(cfg: Any, context: SweepContext, trial_id: str, run_id: str) -> Any:
     )
     trainer = build_trainer(
         cfg, name, context.dataset_dir, manifest, run_id, context.tracking_uri,
-        callbacks=[TuneReportCallback()], objectives=objectives,
+        callbacks=[TuneReportCallback()], objectives=objectives, phases=phases,
     )  # fmt: skip
-    return trainer.fit()
+    with timed(phases, "trainer_fit"):
+        return trainer.fit()
 
 
 def _final_evaluation(cfg: Any, context: SweepContext, checkpoint: Any, tracker: RunLogger) -> None:

@@ -36,6 +36,7 @@ from mvtcae.training.loop import (
     read_stop_record,
     train_loop_per_worker,
 )
+from mvtcae.training.phases import PhaseTimes, timed
 from mvtcae.training.step import model_config_for
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,8 @@ class TrainResult:
     registered: Any = None
     tracking_uri: str | None = None
     wall_time_s: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)
+    """Wall seconds of the driver's phases (also logged to the run as ``time/<phase>_s``)."""
     candidates: list[str] = field(default_factory=list)
     trend_plot: str | None = None
 
@@ -143,12 +146,15 @@ def val_split_name(cfg: ExperimentConfig, manifest: Any) -> str:
     return cfg.data.val_split or ("val" if "val" in manifest.splits else "test")
 
 
-def _open_splits(cfg: ExperimentConfig, dataset_dir: str, manifest: Any) -> dict[str, Any]:
-    splits = open_splits(
-        dataset_dir, materialize=cfg.data.materialize, seed=cfg.train.seed,
-        reshuffle_each_epoch=cfg.data.reshuffle_shards_each_epoch,
-        revalidate=cfg.data.revalidate,
-    )  # fmt: skip
+def _open_splits(cfg: ExperimentConfig, dataset_dir: str, manifest: Any,
+                 phases: PhaseTimes | None = None) -> dict[str, Any]:  # fmt: skip
+    with timed(phases, "validation"):
+        data_layer.ensure_valid(dataset_dir, full=cfg.data.revalidate)
+    with timed(phases, "dataset_open"):
+        splits = open_splits(
+            dataset_dir, materialize=cfg.data.materialize, seed=cfg.train.seed,
+            reshuffle_each_epoch=cfg.data.reshuffle_shards_each_epoch, validate=False,
+        )  # fmt: skip
     val_name = val_split_name(cfg, manifest)
     if "train" not in splits or val_name not in splits:
         raise ValueError(
@@ -169,7 +175,8 @@ def _data_config() -> DataConfig:
 def build_trainer(cfg: ExperimentConfig, run_name: str, dataset_dir: str, manifest: Any,
                   run_id: str | None, tracking_uri: str | None,
                   callbacks: list[Any] | None = None,
-                  objectives: EpochObjectives | None = None) -> ray.train.torch.TorchTrainer:  # fmt: skip
+                  objectives: EpochObjectives | None = None,
+                  phases: PhaseTimes | None = None) -> ray.train.torch.TorchTrainer:  # fmt: skip
     """The TorchTrainer for this config (same name + storage path restores a run's state).
 
     ``callbacks`` are Ray Train callbacks for the run (e.g. Tune's reporting callback);
@@ -215,7 +222,7 @@ def build_trainer(cfg: ExperimentConfig, run_name: str, dataset_dir: str, manife
         train_loop_config=loop_cfg,
         scaling_config=scaling_config(tc),
         run_config=run_config,
-        datasets=_open_splits(cfg, dataset_dir, manifest),
+        datasets=_open_splits(cfg, dataset_dir, manifest, phases),
         dataset_config=_data_config(),
     )
 
@@ -235,23 +242,31 @@ def train(cfg: ExperimentConfig, *, resume: bool = False) -> TrainResult:
     registration, an interrupt) ends it as FAILED (KILLED for an interrupt) with the error
     recorded in its ``mvtcae.error`` tag, and is raised again.
     """
-    started = time.perf_counter()
-    dataset_dir, manifest = prepare_dataset(cfg)
-    ensure_cluster(cfg, dataset_dir)
-    tracking_uri = tracking.resolve_tracking_uri(cfg.tracking)
-    found = _run_to_resume(cfg) if resume else None
-    run_name = found.name if found else runs.new_run_name(runs.run_prefix(cfg))
-    run_id = _open_mlflow_run(cfg, found, run_name, dataset_dir, manifest)
+    started, phases = time.perf_counter(), PhaseTimes()
+    with phases.phase("dataset"):
+        dataset_dir, manifest = prepare_dataset(cfg)
+    with phases.phase("ray_start"):
+        ensure_cluster(cfg, dataset_dir)
+    with phases.phase("run_setup"):
+        tracking_uri = tracking.resolve_tracking_uri(cfg.tracking)
+        found = _run_to_resume(cfg) if resume else None
+        run_name = found.name if found else runs.new_run_name(runs.run_prefix(cfg))
+        run_id = _open_mlflow_run(cfg, found, run_name, dataset_dir, manifest)
     try:
-        record = found or runs.create_run(cfg, run_name, run_id)
-        out = _fit(cfg, record, dataset_dir, manifest, tracking_uri)
+        with phases.phase("run_setup"):
+            record = found or runs.create_run(cfg, run_name, run_id)
+        out = _fit(cfg, record, dataset_dir, manifest, tracking_uri, phases)
         if out.best_checkpoint is not None:
-            _evaluate_and_register(cfg, out, dataset_dir)
+            _evaluate_and_register(cfg, out, dataset_dir, phases)
+        out.wall_time_s = time.perf_counter() - started
+        out.phases = dict(phases.seconds)
+        timings = phases.as_metrics() | {"time/driver_total_s": out.wall_time_s}
+        retry_until(lambda: tracking.log_metrics(timings, run_id=run_id, tracking=cfg.tracking),
+                    "logging the phase times", cfg.tracking.outage_grace_s)  # fmt: skip
     except BaseException as err:
         tracking.end_run_after_error(err)
         raise
     tracking.end_run()
-    out.wall_time_s = time.perf_counter() - started
     return out
 
 
@@ -290,12 +305,13 @@ def _open_mlflow_run(cfg: ExperimentConfig, found: runs.RunRecord | None, run_na
 
 
 def _fit(cfg: ExperimentConfig, record: runs.RunRecord, dataset_dir: str, manifest: Any,
-         tracking_uri: str) -> TrainResult:  # fmt: skip
+         tracking_uri: str, phases: PhaseTimes | None = None) -> TrainResult:  # fmt: skip
     """Run the trainer; raise NonFiniteError if the workers stopped on one."""
     trainer = build_trainer(cfg, record.name, dataset_dir, manifest, record.mlflow_run_id,
-                            tracking_uri)  # fmt: skip
+                            tracking_uri, phases=phases)  # fmt: skip
     clear_stop_record(record.location)
-    result = trainer.fit()
+    with timed(phases, "trainer_fit"):
+        result = trainer.fit()
     unsent = flush_spools(storage.join(record.location, SPOOL_DIR), tracking_uri,
                           cfg.tracking.outage_grace_s)  # fmt: skip
     if unsent:
@@ -325,7 +341,8 @@ def evaluation_task(use_gpu: bool) -> Any:
     )
 
 
-def _evaluate_and_register(cfg: ExperimentConfig, out: TrainResult, dataset_dir: str) -> None:
+def _evaluate_and_register(cfg: ExperimentConfig, out: TrainResult, dataset_dir: str,
+                           phases: PhaseTimes | None = None) -> None:  # fmt: skip
     """Evaluate the best intact checkpoint in a Ray task (on a GPU if training had one), log,
     register.
 
@@ -335,15 +352,16 @@ def _evaluate_and_register(cfg: ExperimentConfig, out: TrainResult, dataset_dir:
     eval_dir = storage.join(out.run_dir, "evaluation")
     use_gpu = bool(scaling_config(cfg.train).use_gpu)
     task = evaluation_task(use_gpu)
-    report, task_out_dir, chosen, skipped = ray.get(
-        task.remote(
-            out.candidates or [out.best_checkpoint],
-            str(dataset_dir),
-            cfg.eval.model_dump(mode="json"),
-            out_location=eval_dir,
-            threads=_threads_per_worker(cfg.train),
-        )  # fmt: skip
-    )
+    with timed(phases, "evaluation"):
+        report, task_out_dir, chosen, skipped = ray.get(
+            task.remote(
+                out.candidates or [out.best_checkpoint],
+                str(dataset_dir),
+                cfg.eval.model_dump(mode="json"),
+                out_location=eval_dir,
+                threads=_threads_per_worker(cfg.train),
+            )  # fmt: skip
+        )
     for note in skipped:
         logger.warning("skipped corrupt checkpoint %s", note)
     out.best_checkpoint = chosen
@@ -353,7 +371,7 @@ def _evaluate_and_register(cfg: ExperimentConfig, out: TrainResult, dataset_dir:
     if "trend" in report.plots:
         relative = Path(report.plots["trend"]).relative_to(task_out_dir).as_posix()
         out.trend_plot = storage.join(eval_dir, relative)
-    with storage.local_directory(eval_dir) as local_eval:
+    with timed(phases, "mlflow_evaluation"), storage.local_directory(eval_dir) as local_eval:
         report.plots = {
             k: local_eval / Path(p).relative_to(task_out_dir) for k, p in report.plots.items()
         }
@@ -361,7 +379,10 @@ def _evaluate_and_register(cfg: ExperimentConfig, out: TrainResult, dataset_dir:
                                                     tracking=cfg.tracking, step=step),
                     "logging the evaluation", grace)  # fmt: skip
     if cfg.tracking.log_model:
-        with storage.local_directory(chosen, files=(*MODEL_FILES, CHECKSUMS)) as checkpoint_dir:
+        with (
+            timed(phases, "registration"),
+            storage.local_directory(chosen, files=(*MODEL_FILES, CHECKSUMS)) as checkpoint_dir,
+        ):
             verify_checkpoint(checkpoint_dir, files=MODEL_FILES)
             out.registered = retry_until(
                 lambda: tracking.log_model_and_register(

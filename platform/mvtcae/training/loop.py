@@ -245,7 +245,10 @@ def _train(loop_cfg: dict[str, Any], cfg: TrainSection, rank: int, world: int,
             val_sums = run_validation(model, val_batches)
             metrics = _group_metrics(epoch, train_sums, val_sums, epoch_start, lr, device)
             metrics["train/skipped_steps_total"] = float(guard.skipped)
+            objectives_start = time.perf_counter()
             metrics.update(_epoch_objectives(model, loop_cfg, rank, device))
+            if loop_cfg.get("epoch_eval"):
+                metrics["perf/objectives_time_s"] = time.perf_counter() - objectives_start
             bad = nonfinite_values(metrics)
             # Losses are all-reduced, the objectives rank 0's: agree before stopping together.
             if _all_reduce({"bad": float(bool(bad))}, device, op="max")["bad"] > 0:
