@@ -123,8 +123,11 @@ def child_train(config: str, overrides: list[str], out: Path) -> None:
     out.write_text(json.dumps(row))
 
 
-def run_train_repeat(args: argparse.Namespace, index: int) -> dict[str, float]:
-    root = OUT_DIR / f"train-{index}"
+def run_train_repeat(args: argparse.Namespace, index: int, source: Path | None = None
+                     ) -> dict[str, float]:  # fmt: skip
+    """One training job in a fresh process; ``source`` runs another checkout's ``platform/``
+    (its modules first on PYTHONPATH, which Ray's workers inherit)."""
+    root = OUT_DIR / f"train-{'baseline-' if source else ''}{index}"
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     out = root / "phases.json"
@@ -132,8 +135,11 @@ def run_train_repeat(args: argparse.Namespace, index: int) -> dict[str, float]:
     command = [sys.executable, __file__, "--child-train", args.train_config, "--out", str(out)]
     command += [arg for o in overrides for arg in ("--set", o)]
     spawned = time.time()
-    _run_logged(command, root / "job.log", args.verbose,
-                env=os.environ | {SPAWNED_ENV: str(spawned)})  # fmt: skip
+    env = os.environ | {SPAWNED_ENV: str(spawned)}
+    if source is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source / "platform"),
+                                                          os.environ.get("PYTHONPATH")]))  # fmt: skip
+    _run_logged(command, root / "job.log", args.verbose, env=env)
     ended = time.time()
     row = json.loads(out.read_text())
     row["exit"] = ended - row.pop("finished_at")
@@ -208,6 +214,22 @@ def table(rows: list[dict[str, float]], names: list[str]) -> str:
     return "\n".join(lines)
 
 
+def compare(before: list[dict[str, float]], after: list[dict[str, float]], names: list[str]) -> str:
+    """One line per phase: the baseline's and this checkout's median [min, max], and the ratio."""
+    lines = [f"  {'phase':22s} {'baseline s':>22s}  {'this checkout s':>22s}  after/before"]
+    for name in names:
+        a, b = (
+            spread([r[name] for r in before if name in r]),
+            spread([r[name] for r in after if name in r]),
+        )
+        if not a["n"]:
+            continue
+        ratio = b["median"] / a["median"] if a["median"] > 0.005 else math.nan
+        lines.append(f"  {name:22s} {a['median']:7.2f} [{a['min']:6.2f},{a['max']:6.2f}]  "
+                     f"{b['median']:7.2f} [{b['min']:6.2f},{b['max']:6.2f}]  {ratio:8.2f}")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=["train", "sweep", "both"], default="both")
@@ -219,6 +241,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tune-set", dest="tune_overrides", action="append", default=[])
     parser.add_argument("--trials", type=int, default=4)
     parser.add_argument("--verbose", action="store_true", help="show the jobs' own output")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another checkout (e.g. a git worktree of an older commit) whose "
+        "training jobs alternate with this one's, for a side-by-side table",
+    )
     parser.add_argument("--child-train", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -229,11 +257,19 @@ def main(argv: list[str] | None = None) -> None:
     (OUT_DIR / "store").mkdir(parents=True)
     report: dict[str, Any] = {"machine": f"{os.cpu_count()} CPUs", "argv": sys.argv[1:]}
     if args.part in ("train", "both"):
-        rows = [run_train_repeat(args, i) for i in range(args.repeats)]
+        rows, baseline = [], []
+        for i in range(args.repeats):  # alternated, so that drifts in load hit both alike
+            if args.baseline:
+                baseline.append(run_train_repeat(args, i, args.baseline.resolve()))
+            rows.append(run_train_repeat(args, i))
         report["train"] = {"rows": rows, "phases": {p: spread([r[p] for r in rows if p in r])
                                                     for p in PHASES}}  # fmt: skip
         print(f"training job ({args.train_config}, {args.repeats} runs, one process each):")
         print(table(rows, PHASES))
+        if baseline:
+            report["train"]["baseline"] = {"source": str(args.baseline), "rows": baseline}
+            print(f"\nbaseline {args.baseline} against this checkout:")
+            print(compare(baseline, rows, PHASES))
     if args.part in ("sweep", "both"):
         sweep = run_sweep_once(args)
         report["sweep"] = sweep

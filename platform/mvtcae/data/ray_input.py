@@ -17,6 +17,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import ray
 import torch
 from ray.data import DataIterator, Dataset, FileShuffleConfig, RandomSeedConfig
@@ -57,7 +58,9 @@ def open_splits(
     they are, through the location's file system.
 
     ``materialize=None`` materialises when the dataset is small (see
-    ``MATERIALIZE_MAX_BYTES``): small datasets then skip the per-epoch re-read. The train
+    ``MATERIALIZE_MAX_BYTES``): small datasets are then read once, here, with pyarrow and held
+    in the object store, and skip the per-epoch re-read; larger ones stream through Ray Data's
+    read tasks. The train
     split's shard order is shuffled (a file shuffle when streaming, a block-order shuffle when
     materialised), seeded by ``seed``: anew at every execution (every epoch) with
     ``reshuffle_each_epoch``, else the same order every time, which makes an epoch's order
@@ -106,12 +109,21 @@ def _open_split(
     read_concurrency: int | None,
 ) -> Dataset:
     paths = manifest.shard_paths(files, split)
+    if materialize:
+        # Small enough to hold: read here and hand the tables to the object store (one block per
+        # shard). Ray Data's read tasks would start worker processes first, seconds of fixed
+        # cost per run and trial for a few MB (jobs/bench_overhead.py measures it).
+        tables = [pq.read_table(path, filesystem=files.fs) for path in paths]
+        dataset = ray.data.from_arrow(tables or [manifest.arrow_schema().empty_table()])
+        if shuffle_files:
+            return dataset.randomize_block_order(
+                seed=RandomSeedConfig(seed=seed, reseed_after_execution=reshuffle)
+            )
+        return dataset
     file_shuffle = (
-        FileShuffleConfig(seed=seed, reseed_after_execution=reshuffle)
-        if shuffle_files and not materialize
-        else None
+        FileShuffleConfig(seed=seed, reseed_after_execution=reshuffle) if shuffle_files else None
     )
-    dataset = ray.data.read_parquet(
+    return ray.data.read_parquet(
         paths,
         filesystem=files.fs,
         num_cpus=read_num_cpus,
@@ -119,14 +131,6 @@ def _open_split(
         shuffle=file_shuffle,
         partitioning=None,
     )
-    if not materialize:
-        return dataset
-    dataset = dataset.materialize()
-    if shuffle_files:
-        return dataset.randomize_block_order(
-            seed=RandomSeedConfig(seed=seed, reseed_after_execution=reshuffle)
-        )
-    return dataset
 
 
 def to_model_batch(
