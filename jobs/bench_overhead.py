@@ -10,11 +10,13 @@ storage and MLflow store (under ``outputs/bench_overhead/``), and times:
     run_setup          the MLflow run, its config and dataset input, the run-state index
     validation         dataset validation (a full re-hash, or the record of an earlier one)
     dataset_open       Ray Data datasets (materialised ones are read here)
-    fit: outside epochs  worker-group start, checkpoint reports, shutdown (trainer.fit - epochs)
+    fit: outside epochs  worker-group start and shutdown (trainer.fit - what the epochs measure)
     epochs: data start the wait for each epoch's first batch (Ray Data start-up)
     epochs: training   the training steps
     epochs: validation per-epoch validation loss
     epochs: objectives a trial's per-epoch objective measures (sweeps only)
+    epochs: checkpoint saving the checkpoint and ray.train.report (rank 0)
+    epochs: images     the per-epoch reconstruction grids (rank 0, image modalities)
     evaluation         the final evaluation task
     mlflow_evaluation  logging the evaluation and its plots
     registration       logging the model and registering it
@@ -50,10 +52,10 @@ REPO = Path(__file__).resolve().parents[1]
 OUT_DIR = REPO / "outputs" / "bench_overhead"
 PHASES = ["process_start", "imports", "dataset", "ray_start", "run_setup", "validation",
           "dataset_open", "fit_outside_epochs", "epochs_data_start", "epochs_training",
-          "epochs_validation", "epochs_objectives", "evaluation", "mlflow_evaluation",
+          "epochs_validation", "epochs_objectives", "epochs_checkpoint_report", "epochs_images", "evaluation", "mlflow_evaluation",
           "registration", "exit", "total"]  # fmt: skip
 EPOCH_METRICS = ("perf/epoch_time_s", "perf/train_time_s", "perf/first_batch_s",
-                 "perf/objectives_time_s")  # fmt: skip
+                 "perf/objectives_time_s", "perf/report_s", "perf/images_s")  # fmt: skip
 
 
 def _isolated(root: Path, name: str, store: Path | None = None) -> list[str]:
@@ -96,7 +98,12 @@ def _breakdown(phases: dict[str, float], sums: dict[str, float]) -> dict[str, fl
     out = {k: phases.get(k, 0.0) for k in ("dataset", "ray_start", "run_setup", "validation",
                                             "dataset_open", "evaluation", "mlflow_evaluation",
                                             "registration")}  # fmt: skip
-    out["fit_outside_epochs"] = phases.get("trainer_fit", 0.0) - epoch - objectives
+    reports, images = sums["perf/report_s"], sums["perf/images_s"]
+    out["fit_outside_epochs"] = (
+        phases.get("trainer_fit", 0.0) - epoch - objectives - reports - images
+    )
+    out["epochs_checkpoint_report"] = reports
+    out["epochs_images"] = images
     out["epochs_data_start"] = first
     out["epochs_training"] = train - first
     out["epochs_validation"] = epoch - train

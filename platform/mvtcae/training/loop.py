@@ -253,10 +253,16 @@ def _train(loop_cfg: dict[str, Any], cfg: TrainSection, rank: int, world: int,
             # Losses are all-reduced, the objectives rank 0's: agree before stopping together.
             if _all_reduce({"bad": float(bool(bad))}, device, op="max")["bad"] > 0:
                 raise NonFiniteError(epoch, None, bad or {"(rank 0's objectives)": float("nan")})
+            report_start = time.perf_counter()
             _report(metrics, epoch, rank, world, model, optimizer, scheduler, cfg, tracker,
                     checkpoint_dir_name(epoch, dir_suffix), loop_cfg.get("run_id"))  # fmt: skip
             if tracker is not None:
+                images_start = time.perf_counter()
                 _log_epoch_images(model, loop_cfg, tracker, epoch, device)
+                # After the report, so logged beside it: what checkpointing and images cost.
+                tracker.log_metrics({"perf/report_s": images_start - report_start,
+                                     "perf/images_s": time.perf_counter() - images_start},
+                                    epoch)  # fmt: skip
     except NonFiniteError as err:
         if tracker is not None:
             logger.error("%s", err)
