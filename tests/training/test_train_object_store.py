@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -92,6 +93,10 @@ def test_a_run_checkpoints_evaluates_registers_and_resumes_on_s3(
     logged = client.get_run(result.run_id).data.metrics
     assert logged["time/trainer_fit_s"] == pytest.approx(result.phases["trainer_fit"])
     assert logged["time/driver_total_s"] == pytest.approx(result.wall_time_s)
+    reports = client.get_metric_history(result.run_id, "perf/report_s")  # checkpoint + report
+    assert sorted(m.step for m in reports) == [1, 2]
+    # Ray Train's controller polls at train.controller_poll_s (Ray's own default is 2 s).
+    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == str(cfg.train.controller_poll_s)
     assert "eval/coherence_2" in result.eval_metrics  # labels and classifiers from S3
     lineage = trace("models:/s3-mvtcae@champion", client)
     assert (lineage.dataset_source, lineage.dataset_matches) == (dataset, True)

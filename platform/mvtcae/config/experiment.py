@@ -192,6 +192,13 @@ class TrainSection(Section):
     max_batches_per_epoch: int | None = Field(default=None, ge=1, description="cap, for smoke runs")
     checkpoint: CheckpointSection = CheckpointSection()
     max_failures: int = Field(default=2, ge=0, description="worker-group restarts before failing")
+    controller_poll_s: float = Field(
+        default=0.25, gt=0.0,
+        description="how often Ray Train's controller polls the workers (Ray's "
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default; that variable wins when set): a "
+        "worker's report waits for the poll that takes its previous one, so with short epochs "
+        "a slow poll idles every worker for most of it at each checkpoint",
+    )  # fmt: skip
     storage_path: str = Field(
         default_factory=lambda: os.environ.get(STORAGE_PATH_ENV) or "outputs/ray_results",
         validate_default=True,

@@ -9,6 +9,7 @@ to the registry's promotion gate. Any failure after the MLflow run is opened end
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,9 @@ from mvtcae.training.phases import PhaseTimes, timed
 from mvtcae.training.step import model_config_for
 
 logger = logging.getLogger(__name__)
+CONTROLLER_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+"""Ray Train's environment setting of its controller's poll interval (seconds)."""
+_POLL_FROM_ENVIRONMENT = os.environ.get(CONTROLLER_POLL_ENV)  # a user's own, read at import
 
 RUN_STATE_FILE = runs.RUN_STATE_FILE
 
@@ -172,6 +176,13 @@ def _data_config() -> DataConfig:
     return DataConfig(datasets_to_split=["train", "val"], execution_options=options)
 
 
+def _set_controller_poll(seconds: float) -> None:
+    """Ray Train's controller poll interval, unless the user's environment sets it: Ray reads it
+    from the driver's environment and passes it to the controller it starts in ``fit``."""
+    if _POLL_FROM_ENVIRONMENT is None:
+        os.environ[CONTROLLER_POLL_ENV] = str(seconds)
+
+
 def build_trainer(cfg: ExperimentConfig, run_name: str, dataset_dir: str, manifest: Any,
                   run_id: str | None, tracking_uri: str | None,
                   callbacks: list[Any] | None = None,
@@ -206,6 +217,7 @@ def build_trainer(cfg: ExperimentConfig, run_name: str, dataset_dir: str, manife
             val_split=objectives.split,
             objectives=list(objectives.names),
         )
+    _set_controller_poll(tc.controller_poll_s)
     run_config = RunConfig(
         name=run_name,
         storage_path=str(tc.storage_path),
