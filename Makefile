@@ -74,6 +74,9 @@ ray-dashboard: install ## A local Ray head with its dashboard (Train tab on) on 
 bench-tune: install ## Tune overhead of a small sweep, and TPE against random search over seeds
 	$(BIN)/python jobs/bench_tune.py $(ARGS)
 
+bench-overhead: install ## Where a whole training job's and a sweep trial's wall time goes, phase by phase
+	$(BIN)/python jobs/bench_overhead.py --repeats 3 $(ARGS)
+
 bench-learning: install ## Coherence and probe against training time for candidate demo settings
 	$(BIN)/python jobs/bench_learning.py $(ARGS)
 
@@ -85,7 +88,7 @@ reproduce: install ## The paper's PolyMNIST and mfeat settings, then a results t
 clean: ## Remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache
 
-.PHONY: help install test lint bench-model bench-data demo bench-train bench-tune bench-learning reproduce clean mlflow-ui ray-dashboard optuna-dashboard tune serve
+.PHONY: help install test lint bench-model bench-data demo bench-train bench-tune bench-overhead bench-learning reproduce clean mlflow-ui ray-dashboard optuna-dashboard tune serve
 
 # --- Ray cluster: a local head + second node + MLflow server, and job submission -------------
 # (docs/cluster.md). Everything binds to 127.0.0.1; processes are stopped by their PIDs.

@@ -182,10 +182,17 @@ def run_sweep_once(args: argparse.Namespace) -> dict[str, Any]:
         phases = {k.removeprefix("time/").removesuffix("_s"): v
                   for k, v in run.data.metrics.items() if k.startswith("time/")}  # fmt: skip
         row = _breakdown(phases, _epoch_sums(client, run.info.run_id))
-        row["trial_wall"] = trial["time_s"]
-        row["overhead"] = trial["time_s"] - trial["epoch_s"] - row["epochs_objectives"]
-        row["overhead_with_objectives"] = trial["time_s"] - trial["epoch_s"]
+        # The trial's own clock: Tune's time_total_s stops at the last report, before the
+        # trial's final evaluation.
+        wall = phases.get("trial_total", trial["time_s"])
+        row["tune_time_total"] = trial["time_s"]
+        row["trial_wall"] = wall
+        row["overhead"] = wall - trial["epoch_s"] - row["epochs_objectives"]
+        row["overhead_with_objectives"] = wall - trial["epoch_s"]
         rows.append(row)
+    summed = sum(r["trial_wall"] for r in rows)
+    ideal = summed / spec.tune.max_concurrent
+    report["wall_over_ideal_trial_clock"] = report["sweep_wall_s"] / ideal if ideal else math.nan
     return {"process_wall_s": process_wall, "overhead": report, "trials": rows}
 
 
@@ -284,10 +291,12 @@ def main(argv: list[str] | None = None) -> None:
                                                        "total")]  # fmt: skip
         print(f"\nsweep trials ({args.tune_config}, {len(sweep['trials'])} trials):")
         print(table(sweep["trials"], [*trial_phases, "overhead", "overhead_with_objectives",
-                                      "trial_wall"]))  # fmt: skip
+                                      "tune_time_total", "trial_wall"]))  # fmt: skip
         o = sweep["overhead"]
-        print(f"  sweep wall {o['sweep_wall_s']:.1f} s; summed trials {o['summed_trial_s']:.1f} s; "
-              f"wall / (summed / {o['max_concurrent']}) = {o['wall_over_ideal']:.2f}")  # fmt: skip
+        summed = sum(r["trial_wall"] for r in sweep["trials"])
+        print(f"  sweep wall {o['sweep_wall_s']:.1f} s; summed trial walls {summed:.1f} s; "
+              f"wall / (summed / {o['max_concurrent']}) = {o['wall_over_ideal_trial_clock']:.2f} "
+              f"({o['wall_over_ideal']:.2f} by Tune's time_total_s)")  # fmt: skip
     path = OUT_DIR / "bench_overhead.json"
     path.write_text(json.dumps(report, indent=2, default=float))
     print(f"wrote {path}")
