@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mvtcae.data.files import MANIFEST_FILE, DatasetError, DatasetFiles, is_remote
+from mvtcae.data.files import MANIFEST_FILE, DatasetError, DatasetFiles
 from mvtcae.data.format import (
     FORMAT_VERSION,
     Manifest,
@@ -50,7 +50,6 @@ __all__ = [
     "SplitArrays",
     "SplitSpec",
     "ensure_valid",
-    "is_remote",
     "iter_model_batches",
     "load_manifest",
     "load_split_arrays",

@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from mvtcae.config.locations import CredentialsInLocationError, is_uri, local_path, normalize
+from mvtcae.config.locations import CredentialsInLocationError, local_path, normalize
 from mvtcae.config.locations import resolve as resolve_location
 from mvtcae.safety.names import UnsafeNameError, check_relative_path, path_inside
 
@@ -146,9 +146,3 @@ class DatasetFiles:
 def dataset_files(location: str | os.PathLike[str] | DatasetFiles) -> DatasetFiles:
     """``location`` as DatasetFiles (returned as is when it already is one)."""
     return location if isinstance(location, DatasetFiles) else DatasetFiles(location)
-
-
-def is_remote(location: str | os.PathLike[str]) -> bool:
-    """Whether a dataset location is an object store or other non-local file system."""
-    text = os.fspath(location)
-    return is_uri(text) and local_path(text) is None
