@@ -100,6 +100,17 @@ def test_writes_to_s3_are_atomic_and_refuse_to_clobber(s3, arrays):
     assert all("tmp-" not in f for f in _bucket_files("atomic"))
 
 
+def test_an_upload_that_fails_says_why_and_leaves_nothing_behind(s3, arrays):
+    """A bucket that does not exist: the store's own error comes through (not one from the
+    clean-up after it), and the local staging directory is gone."""
+    import tempfile
+
+    staging = set(Path(tempfile.gettempdir()).glob("mvtcae-dataset-*"))
+    with pytest.raises(OSError, match="nobucket"):
+        write_arrays("s3://nobucket/tiny", arrays, name="tiny", num_classes=4)
+    assert set(Path(tempfile.gettempdir()).glob("mvtcae-dataset-*")) == staging
+
+
 def test_validation_of_s3_names_the_shard_at_fault(s3, arrays):
     uri = f"s3://{BUCKET}/faults"
     manifest = write_arrays(uri, arrays, name="tiny", num_classes=4, rows_per_shard=32)

@@ -90,6 +90,13 @@ def basename(location: str) -> str:
     return Path(location).name
 
 
+def cache_root() -> Path:
+    """Where the platform keeps its caches (validation records, coherence classifiers):
+    ``$MVTCAE_CACHE_DIR``, else ``~/.cache/mvtcae``."""
+    base = os.environ.get("MVTCAE_CACHE_DIR")
+    return Path(base) if base else Path.home() / ".cache" / "mvtcae"
+
+
 def local_path(location: str | os.PathLike[str]) -> str | None:
     """The local path of a plain path or ``file://`` URI; None for every other URI."""
     text = os.fspath(location)

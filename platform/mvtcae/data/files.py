@@ -26,6 +26,16 @@ HASH_CHUNK_BYTES = 4 * 2**20
 MANIFEST_FILE = "manifest.json"
 
 
+def sha256_file(path: str | os.PathLike, fs: pafs.FileSystem | None = None) -> str:
+    """Hex SHA-256 of a file's bytes (on ``fs``, the local file system by default), streamed in
+    chunks: constant memory, whatever the store."""
+    digest = hashlib.sha256()
+    with (fs or pafs.LocalFileSystem()).open_input_stream(os.fspath(path)) as stream:
+        while chunk := stream.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 class DatasetError(ValueError):
     """A dataset directory does not match its manifest or holds bad values."""
 
@@ -85,16 +95,9 @@ class DatasetFiles:
             raise DatasetError(f"{self.show(MANIFEST_FILE)}: {err}") from err
         return posixpath.join(self.root, relative)
 
-    def stamp(self, relative: str) -> FileStamp | None:
-        """Size and modification time of a file; None when there is no such file."""
-        info = self.fs.get_file_info(self.path(relative))
-        if info.type != pafs.FileType.File:
-            return None
-        return FileStamp(size=int(info.size), mtime_ns=int(info.mtime_ns or 0))
-
     def is_file(self, relative: str) -> bool:
         """Whether the file exists (and, locally, stays inside the dataset)."""
-        return self.stamp(relative) is not None
+        return self.fs.get_file_info(self.path(relative)).type == pafs.FileType.File
 
     def read_bytes(self, relative: str) -> bytes:
         """The bytes of a file; FileNotFoundError when it is absent."""
@@ -109,19 +112,12 @@ class DatasetFiles:
         return self.read_bytes(relative).decode("utf-8")
 
     def sha256(self, relative: str) -> str:
-        """SHA-256 of a file, streamed in chunks (constant memory, whatever the store)."""
-        digest = hashlib.sha256()
-        with self.fs.open_input_stream(self.path(relative)) as stream:
-            while chunk := stream.read(HASH_CHUNK_BYTES):
-                digest.update(chunk)
-        return digest.hexdigest()
+        """SHA-256 of a file of the dataset, streamed through its file system."""
+        return sha256_file(self.path(relative), self.fs)
 
     def parquet(self, relative: str) -> pq.ParquetFile:
         """A Parquet file opened for reading (only the footer is read until asked for rows)."""
-        path = self.path(relative)
-        if self.is_local:
-            return pq.ParquetFile(path)
-        return pq.ParquetFile(self.fs.open_input_file(path))
+        return pq.ParquetFile(self.fs.open_input_file(self.path(relative)))
 
     def list_files(self, suffix: str) -> dict[str, FileStamp]:
         """Every file under the root whose name ends in ``suffix``: relative POSIX name ->

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from mvtcae.config.locations import cache_root
 from mvtcae.data.files import MANIFEST_FILE, DatasetError, DatasetFiles, dataset_files
 from mvtcae.data.format import (
     ID_COLUMN,
@@ -124,8 +125,7 @@ def validate_and_record(
 def record_dir() -> Path:
     """Where validation records are kept: ``$MVTCAE_CACHE_DIR/validated``, else
     ``~/.cache/mvtcae/validated``."""
-    base = os.environ.get("MVTCAE_CACHE_DIR")
-    return (Path(base) if base else Path.home() / ".cache" / "mvtcae") / "validated"
+    return cache_root() / "validated"
 
 
 def record_file(files: DatasetFiles, digest: str) -> Path:

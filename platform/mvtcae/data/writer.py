@@ -10,7 +10,6 @@ last (see ``DatasetWriter._upload``).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import posixpath
 import shutil
@@ -29,7 +28,7 @@ import pyarrow.parquet as pq
 from pydantic import ValidationError
 
 from mvtcae.config.locations import basename
-from mvtcae.data.files import MANIFEST_FILE, DatasetFiles
+from mvtcae.data.files import MANIFEST_FILE, DatasetFiles, sha256_file
 from mvtcae.data.format import (
     ID_COLUMN,
     LABEL_COLUMN,
@@ -85,15 +84,6 @@ def as_split_arrays(value: SplitArrays | Mapping) -> SplitArrays:
             ids=value.get("ids"),
         )
     return SplitArrays(data={k: np.asarray(v) for k, v in value.items()})
-
-
-def sha256_file(path: str | os.PathLike, chunk_bytes: int = 4 * 2**20) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk_bytes):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def random_presence(
@@ -316,7 +306,9 @@ class DatasetWriter:
             _put(fs, self.staging / MANIFEST_FILE, posixpath.join(root, MANIFEST_FILE))
         except BaseException:
             # Never leave shards that look like a dataset being written; the manifest is absent.
-            fs.delete_dir_contents(upload_root, missing_dir_ok=True)
+            # A failing clean-up must not hide why the upload failed.
+            with contextlib.suppress(OSError):
+                fs.delete_dir_contents(upload_root, missing_dir_ok=True)
             raise
         finally:
             if replacing:
@@ -503,8 +495,7 @@ def write_arrays(
     if has_labels and num_classes is None:
         num_classes = int(max(np.max(p.labels) for p in parts.values() if len(p.labels))) + 1
     if name is None:
-        name = basename(os.fspath(out_dir)) if "://" in os.fspath(out_dir) else None
-        name = name or Path(out_dir).resolve().name
+        name = basename(DatasetFiles(out_dir).location)
         where = f"{out_dir} (no name given, so the directory's name is the dataset name)"
         checked_name(name, "dataset name", where)
     with DatasetWriter(

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from mvtcae.config.locations import cache_root
 from mvtcae.data import MANIFEST_FILE, DatasetFiles
 from mvtcae.evaluation.progress import progress
 from mvtcae.safety.names import check_name, path_inside
@@ -185,9 +186,7 @@ def dataset_digest(dataset_dir: str | os.PathLike) -> str:
 
 def default_cache_root() -> Path:
     """``$MVTCAE_CACHE_DIR/classifiers``, else ``~/.cache/mvtcae/classifiers``."""
-    base = os.environ.get("MVTCAE_CACHE_DIR")
-    root = Path(base) if base else Path.home() / ".cache" / "mvtcae"
-    return root / "classifiers"
+    return cache_root() / "classifiers"
 
 
 def cache_path(
