@@ -84,6 +84,13 @@ def test_custom_dataset_needs_a_directory() -> None:
         config_from_dict({"data": {"dataset": "custom"}})
 
 
+def test_holding_rows_that_change_every_epoch_is_refused() -> None:
+    data = {"hold_in_workers": True, "reshuffle_shards_each_epoch": True}
+    with pytest.raises(ConfigError, match="hold_in_workers.*reshuffle_shards_each_epoch"):
+        config_from_dict({"data": data})
+    assert config_from_dict({"data": data | {"hold_in_workers": None}}).data.hold_in_workers is None
+
+
 def test_malformed_override_and_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="expected section.field=value"):
         load_config(None, ["train.epochs"])

@@ -20,6 +20,7 @@ from mvtcae.data import (
     ray_input,
     to_model_batch,
 )
+from mvtcae.data.held import HeldShard
 from mvtcae.data.ray_input import should_materialize
 from mvtcae.model.batch import MultimodalBatch
 
@@ -122,6 +123,40 @@ def test_epochs_are_shuffled_differently_and_drop_last(written, materialized) ->
     for read, sizes in epochs:
         assert sizes == [20, 20, 20, 20] and len(set(read["ids"])) == 80
     assert not np.array_equal(epochs[0][0]["ids"], epochs[1][0]["ids"])
+
+
+def test_a_held_shard_is_read_once_and_reshuffled_per_epoch(written) -> None:
+    root, arrays = written
+    manifest = load_manifest(root)
+    # A fixed block order (seeded, not reseeded), as training opens its splits.
+    train = open_splits(
+        root, materialize=True, splits=["train"], seed=3, reshuffle_each_epoch=False
+    )["train"]
+    held = HeldShard.collect(train.iterator(), manifest)
+    assert len(held) == 96
+    # Read in the shard's order: the same rows as a plain pass over it, in the same order.
+    plain, _ = collect(iter_model_batches(train, manifest, 1000))
+    np.testing.assert_array_equal(held.rows.meta["sample_id"].numpy(), plain["ids"])
+    epochs = {}
+    for epoch in (1, 2):
+        read, sizes = collect(held.batches(20, shuffle=True, seed=5, epoch=epoch))
+        assert sizes == [20, 20, 20, 20, 16]
+        assert_matches_arrays(read, arrays["train"])  # every row once, values and masks intact
+        epochs[epoch] = read["ids"]
+    assert not np.array_equal(epochs[1], epochs[2])
+    # An epoch's order depends only on (seed, epoch): what a resumed run relies on.
+    again, _ = collect(held.batches(20, shuffle=True, seed=5, epoch=2))
+    np.testing.assert_array_equal(again["ids"], epochs[2])
+    ordered, sizes = collect(held.batches(20, shuffle=False, drop_last=True))
+    assert sizes == [20, 20, 20, 20]
+    np.testing.assert_array_equal(ordered["ids"], plain["ids"][:80])
+
+
+def test_an_empty_shard_cannot_be_held(written) -> None:
+    manifest = load_manifest(written[0])
+    empty = open_splits(written[0], materialize=True, splits=["test"])["test"].limit(0)
+    with pytest.raises(ValueError, match="shard is empty"):
+        HeldShard.collect(empty, manifest)
 
 
 def test_auto_mode_materialises_only_small_datasets(written, monkeypatch) -> None:

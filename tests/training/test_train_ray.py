@@ -89,6 +89,8 @@ def test_train_tracks_registers_and_resumes(
     assert run.info.status == "FINISHED"
     assert run.data.params["train.epochs"] == "3"
     assert run.data.params["model.latent_dim"] == "8"
+    # A small materialised dataset is read once and held by the workers (data.hold_in_workers).
+    assert run.data.tags["mvtcae.data.input"] == "held"
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"config.yaml", "evaluation"} <= artifacts
     assert "evaluation/evaluation.json" in {

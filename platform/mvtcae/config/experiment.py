@@ -84,10 +84,27 @@ class DataSection(Section):
             raise ValueError(f"expected a path or URI, got {type(v).__name__}")
         return locations.normalize(v)
 
+    hold_in_workers: bool | None = Field(
+        default=None,
+        description="after the first epoch's read, each worker keeps its share of train and "
+        "val in memory (on its device) and permutes it each epoch instead of re-reading it; "
+        "None holds when the splits are materialised and the shard order is fixed",
+    )
+
     @model_validator(mode="after")
     def _custom_needs_dir(self) -> DataSection:
         if self.dataset == "custom" and self.dir is None:
             raise ValueError("data.dir is required when data.dataset is 'custom'")
+        return self
+
+    @model_validator(mode="after")
+    def _hold_needs_fixed_shards(self) -> DataSection:
+        if self.hold_in_workers and self.reshuffle_shards_each_epoch:
+            raise ValueError(
+                "data.hold_in_workers: true keeps each worker's rows from the first epoch, but "
+                "data.reshuffle_shards_each_epoch: true deals new rows to each worker every "
+                "epoch; set one of them to false"
+            )
         return self
 
     def resolved_dir(self) -> str:

@@ -25,6 +25,7 @@ import mvtcae.data as data_layer
 from mvtcae import storage, tracking
 from mvtcae.config import EvaluationSection, ExperimentConfig, TrainSection
 from mvtcae.data import open_splits
+from mvtcae.data.ray_input import should_materialize
 from mvtcae.evaluation import evaluate_checkpoint
 from mvtcae.safety.values import is_number
 from mvtcae.storage import ray_session, runs
@@ -150,13 +151,35 @@ def val_split_name(cfg: ExperimentConfig, manifest: Any) -> str:
     return cfg.data.val_split or ("val" if "val" in manifest.splits else "test")
 
 
-def _open_splits(cfg: ExperimentConfig, dataset_dir: str, manifest: Any,
+@dataclass(frozen=True)
+class InputPlan:
+    """How the workers get their data: from the object store or streamed, read every epoch or
+    read once and held (``data.materialize``, ``data.hold_in_workers``; None decided here)."""
+
+    materialize: bool
+    hold_in_workers: bool
+
+
+def input_plan(cfg: ExperimentConfig, manifest: Any) -> InputPlan:
+    """The config's input choices, with the automatic ones decided for this dataset and cluster
+    (a connected Ray session is needed to size the object store)."""
+    data = cfg.data
+    materialize = should_materialize(manifest) if data.materialize is None else data.materialize
+    hold = data.hold_in_workers
+    if hold is None:
+        # Held only when every epoch deals each worker the same rows: what it holds is then
+        # exactly what it would have read.
+        hold = materialize and not data.reshuffle_shards_each_epoch
+    return InputPlan(materialize=materialize, hold_in_workers=hold)
+
+
+def _open_splits(cfg: ExperimentConfig, dataset_dir: str, manifest: Any, plan: InputPlan,
                  phases: PhaseTimes | None = None) -> dict[str, Any]:  # fmt: skip
     with timed(phases, "validation"):
         data_layer.ensure_valid(dataset_dir, full=cfg.data.revalidate)
     with timed(phases, "dataset_open"):
         splits = open_splits(
-            dataset_dir, materialize=cfg.data.materialize, seed=cfg.train.seed,
+            dataset_dir, materialize=plan.materialize, seed=cfg.train.seed,
             reshuffle_each_epoch=cfg.data.reshuffle_shards_each_epoch, validate=False,
         )  # fmt: skip
     val_name = val_split_name(cfg, manifest)
@@ -194,11 +217,13 @@ def build_trainer(cfg: ExperimentConfig, run_name: str, dataset_dir: str, manife
     ``objectives`` makes rank 0 measure a sweep's objectives after every epoch and report them.
     """
     tc = cfg.train
+    plan = input_plan(cfg, manifest)
     loop_cfg = {
         "train": tc.model_dump(mode="json"),
         "model_config": model_config_for(cfg.model, manifest).to_dict(),
         "dataset_dir": str(dataset_dir),
         "shuffle_buffer": cfg.data.shuffle_buffer,
+        "hold_in_workers": plan.hold_in_workers,
         "threads_per_worker": _threads_per_worker(tc),
         "run_id": run_id,
         "tracking_uri": tracking_uri,
@@ -234,7 +259,7 @@ def build_trainer(cfg: ExperimentConfig, run_name: str, dataset_dir: str, manife
         train_loop_config=loop_cfg,
         scaling_config=scaling_config(tc),
         run_config=run_config,
-        datasets=_open_splits(cfg, dataset_dir, manifest, phases),
+        datasets=_open_splits(cfg, dataset_dir, manifest, plan, phases),
         dataset_config=_data_config(),
     )
 

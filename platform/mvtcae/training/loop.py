@@ -34,6 +34,7 @@ import torch.distributed as dist
 from mvtcae import MVTCAE, MultimodalBatch, MVTCAEConfig, storage
 from mvtcae.config import EvaluationSection, TrainSection
 from mvtcae.data import iter_model_batches, load_manifest
+from mvtcae.data.held import HeldShard
 from mvtcae.evaluation import evaluate
 from mvtcae.evaluation.plots import image_grids, image_modalities
 from mvtcae.evaluation.split import load_eval_split
@@ -83,17 +84,43 @@ def _all_reduce(
     return dict(zip(keys, tensor.tolist(), strict=True))
 
 
-def _batches(shard: Any, manifest: Any, batch_size: int, device: torch.device, *,
-             shuffle_buffer: int = 0, seed: int = 0, epoch: int = 0,
-             limit: int | None = None) -> Iterator[MultimodalBatch]:  # fmt: skip
-    batches = iter_model_batches(
-        shard, manifest, batch_size, device=device, shuffle=shuffle_buffer > 0,
-        local_shuffle_buffer_size=shuffle_buffer or None, seed=seed, epoch=epoch,
-    )  # fmt: skip
-    for i, batch in enumerate(batches):
-        if limit is not None and i >= limit:
-            break
-        yield batch
+class _EpochInput:
+    """A worker's batches of one split each epoch: read from its Ray Data shard every epoch, or
+    read once and held (`HeldShard`, when the run's input plan says so). The hold is filled
+    inside the first epoch's iteration, so its cost shows in that epoch's first-batch wait."""
+
+    def __init__(self, split: str, manifest: Any, batch_size: int, device: torch.device, *,
+                 hold: bool, shuffle_buffer: int = 0, seed: int = 0) -> None:  # fmt: skip
+        self.split, self.manifest, self.batch_size, self.device = (
+            split,
+            manifest,
+            batch_size,
+            device,
+        )
+        self.hold, self.shuffle_buffer, self.seed = hold, shuffle_buffer, seed
+        self._held: HeldShard | None = None
+
+    def batches(self, epoch: int, limit: int | None = None) -> Iterator[MultimodalBatch]:
+        """This epoch's batches (at most ``limit``)."""
+        shuffle = self.shuffle_buffer > 0
+        if self.hold:
+            if self._held is None:
+                shard = ray.train.get_dataset_shard(self.split)
+                self._held = HeldShard.collect(shard, self.manifest, self.device)
+            batches = self._held.batches(
+                self.batch_size, shuffle=shuffle, seed=self.seed, epoch=epoch
+            )
+        else:
+            batches = iter_model_batches(
+                ray.train.get_dataset_shard(self.split), self.manifest, self.batch_size,
+                device=self.device, shuffle=shuffle,
+                local_shuffle_buffer_size=self.shuffle_buffer or None, seed=self.seed,
+                epoch=epoch,
+            )  # fmt: skip
+        for i, batch in enumerate(batches):
+            if limit is not None and i >= limit:
+                break
+            yield batch
 
 
 def data_order_seed(seed: int, rank: int) -> int:
@@ -227,22 +254,22 @@ def _train(loop_cfg: dict[str, Any], cfg: TrainSection, rank: int, world: int,
     guard = StepGuard(cfg.on_nonfinite, cfg.max_nonfinite_steps, _min_over_workers, skipped_before)
 
     local_batch = max(1, cfg.batch_size // world)
-    shuffle_buffer = int(loop_cfg["shuffle_buffer"])
-    order_seed = data_order_seed(cfg.seed, rank)
+    hold = bool(loop_cfg.get("hold_in_workers"))
+    train_input = _EpochInput("train", manifest, local_batch, device, hold=hold,
+                              shuffle_buffer=int(loop_cfg["shuffle_buffer"]),
+                              seed=data_order_seed(cfg.seed, rank))  # fmt: skip
+    val_input = _EpochInput("val", manifest, local_batch, device, hold=hold)
+    if tracker is not None:
+        tracker.set_tags({"mvtcae.data.input": "held" if hold else "read each epoch"})
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
             epoch_start = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
-            train_batches = _batches(ray.train.get_dataset_shard("train"), manifest, local_batch,
-                                     device, shuffle_buffer=shuffle_buffer, seed=order_seed,
-                                     epoch=epoch, limit=cfg.max_batches_per_epoch)  # fmt: skip
+            train_batches = train_input.batches(epoch, limit=cfg.max_batches_per_epoch)
             train_sums = run_train_epoch(ddp_model, train_batches, optimizer, device, cfg,
                                          epoch=epoch, guard=guard)  # fmt: skip
             scheduler.step()
-            val_batches = _batches(
-                ray.train.get_dataset_shard("val"), manifest, local_batch, device
-            )
-            val_sums = run_validation(model, val_batches)
+            val_sums = run_validation(model, val_input.batches(epoch))
             metrics = _group_metrics(epoch, train_sums, val_sums, epoch_start, lr, device)
             metrics["train/skipped_steps_total"] = float(guard.skipped)
             objectives_start = time.perf_counter()
