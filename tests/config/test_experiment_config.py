@@ -84,9 +84,9 @@ def test_custom_dataset_needs_a_directory() -> None:
         config_from_dict({"data": {"dataset": "custom"}})
 
 
-def test_holding_rows_that_change_every_epoch_is_refused() -> None:
-    data = {"hold_in_workers": True, "reshuffle_shards_each_epoch": True}
-    with pytest.raises(ConfigError, match="hold_in_workers.*reshuffle_shards_each_epoch"):
+def test_holding_a_dataset_that_must_stream_is_refused() -> None:
+    data = {"hold_in_workers": True, "materialize": False}
+    with pytest.raises(ConfigError, match="hold_in_workers.*materialize"):
         config_from_dict({"data": data})
     assert config_from_dict({"data": data | {"hold_in_workers": None}}).data.hold_in_workers is None
 

@@ -20,7 +20,8 @@ from mvtcae.data import (
     ray_input,
     to_model_batch,
 )
-from mvtcae.data.held import HeldShard
+from mvtcae.data.files import dataset_files
+from mvtcae.data.held import HeldSplit, put_splits
 from mvtcae.data.ray_input import should_materialize
 from mvtcae.model.batch import MultimodalBatch
 
@@ -125,38 +126,43 @@ def test_epochs_are_shuffled_differently_and_drop_last(written, materialized) ->
     assert not np.array_equal(epochs[0][0]["ids"], epochs[1][0]["ids"])
 
 
-def test_a_held_shard_is_read_once_and_reshuffled_per_epoch(written) -> None:
+def test_held_splits_are_shared_and_sampled_like_a_distributed_sampler(written) -> None:
     root, arrays = written
     manifest = load_manifest(root)
-    # A fixed block order (seeded, not reseeded), as training opens its splits.
-    train = open_splits(
-        root, materialize=True, splits=["train"], seed=3, reshuffle_each_epoch=False
-    )["train"]
-    held = HeldShard.collect(train.iterator(), manifest)
+    refs = put_splits(dataset_files(root), ["train", "test"])
+    held = HeldSplit.fetch(refs["train"], manifest, "cpu")
     assert len(held) == 96
-    # Read in the shard's order: the same rows as a plain pass over it, in the same order.
-    plain, _ = collect(iter_model_batches(train, manifest, 1000))
-    np.testing.assert_array_equal(held.rows.meta["sample_id"].numpy(), plain["ids"])
+    world = 3
     epochs = {}
     for epoch in (1, 2):
-        read, sizes = collect(held.batches(20, shuffle=True, seed=5, epoch=epoch))
-        assert sizes == [20, 20, 20, 20, 16]
-        assert_matches_arrays(read, arrays["train"])  # every row once, values and masks intact
+        shares = [
+            held.rank_rows(rank, world, shuffle=True, seed=5, epoch=epoch) for rank in range(world)
+        ]
+        assert [len(s) for s in shares] == [32, 32, 32]  # equal: DDP steps in lockstep
+        read, sizes = collect(b for s in shares for b in held.batches(s, 10))
+        assert sizes == [10, 10, 10, 2] * world
+        assert_matches_arrays(read, arrays["train"])  # disjoint shares, every row, values intact
         epochs[epoch] = read["ids"]
-    assert not np.array_equal(epochs[1], epochs[2])
-    # An epoch's order depends only on (seed, epoch): what a resumed run relies on.
-    again, _ = collect(held.batches(20, shuffle=True, seed=5, epoch=2))
-    np.testing.assert_array_equal(again["ids"], epochs[2])
-    ordered, sizes = collect(held.batches(20, shuffle=False, drop_last=True))
-    assert sizes == [20, 20, 20, 20]
-    np.testing.assert_array_equal(ordered["ids"], plain["ids"][:80])
+    assert not np.array_equal(epochs[1], epochs[2])  # a new permutation every epoch
+    # An epoch's order depends only on (seed, epoch, rank, world): what a resumed run relies on.
+    again = HeldSplit.fetch(refs["train"], manifest, "cpu").rank_rows(0, world, shuffle=True,
+                                                                       seed=5, epoch=2)  # fmt: skip
+    np.testing.assert_array_equal(collect(held.batches(again, 10))[0]["ids"], epochs[2][:32])
+    # Without equal shares (validation), 24 test rows over 5 ranks: every row exactly once.
+    test = HeldSplit.fetch(refs["test"], manifest, "cpu")
+    shares = [test.rank_rows(r, 5, shuffle=False, equal=False) for r in range(5)]
+    assert [len(s) for s in shares] == [5, 5, 5, 5, 4]
+    read, _ = collect(b for s in shares for b in test.batches(s, 5))
+    assert_matches_arrays(read, arrays["test"])
 
 
-def test_an_empty_shard_cannot_be_held(written) -> None:
-    manifest = load_manifest(written[0])
-    empty = open_splits(written[0], materialize=True, splits=["test"])["test"].limit(0)
-    with pytest.raises(ValueError, match="shard is empty"):
-        HeldShard.collect(empty, manifest)
+def test_equal_shares_leave_out_at_most_world_minus_one_rows(written) -> None:
+    root, _ = written
+    held = HeldSplit.fetch(put_splits(dataset_files(root), ["test"])["test"],
+                           load_manifest(root), "cpu")  # fmt: skip
+    shares = [held.rank_rows(r, 5, shuffle=True, seed=1, epoch=0) for r in range(5)]
+    used = torch.cat(shares)
+    assert len(used) == 20 and len(set(used.tolist())) == 20  # 24 rows, 4 sit out
 
 
 def test_auto_mode_materialises_only_small_datasets(written, monkeypatch) -> None:

@@ -86,9 +86,9 @@ class DataSection(Section):
 
     hold_in_workers: bool | None = Field(
         default=None,
-        description="after the first epoch's read, each worker keeps its share of train and "
-        "val in memory (on its device) and permutes it each epoch instead of re-reading it; "
-        "None holds when the splits are materialised and the shard order is fixed",
+        description="the driver reads train and val once into Ray's object store and each "
+        "worker samples its share every epoch, without Ray Data; None holds when the dataset "
+        "is materialised (see materialize)",
     )
 
     @model_validator(mode="after")
@@ -98,12 +98,11 @@ class DataSection(Section):
         return self
 
     @model_validator(mode="after")
-    def _hold_needs_fixed_shards(self) -> DataSection:
-        if self.hold_in_workers and self.reshuffle_shards_each_epoch:
+    def _hold_needs_memory(self) -> DataSection:
+        if self.hold_in_workers and self.materialize is False:
             raise ValueError(
-                "data.hold_in_workers: true keeps each worker's rows from the first epoch, but "
-                "data.reshuffle_shards_each_epoch: true deals new rows to each worker every "
-                "epoch; set one of them to false"
+                "data.hold_in_workers: true reads the whole dataset into memory, but "
+                "data.materialize: false asks to stream it; set one of them differently"
             )
         return self
 

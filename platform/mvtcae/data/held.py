@@ -1,92 +1,99 @@
-"""A worker's share of a small split, read once through Ray Data and then held in its memory.
+"""Small splits held by every training worker: read once by the driver, shared through Ray's
+object store, sampled per epoch like ``torch.utils.data.DistributedSampler``.
 
-When a split's order over the workers is the same at every execution (a materialised dataset
-whose shard order is fixed, the default), every epoch hands each worker the same rows. Reading
-them again each epoch costs a Ray Data execution (a split coordinator round trip, Arrow to
-NumPy to torch per batch) for no new information. `HeldShard.collect` reads the worker's share
-once, in order, onto the training device; `HeldShard.batches` then permutes it each epoch with
-a generator seeded by ``seed + epoch``, so an epoch's order is a function of (seed, rank, epoch)
-and a resumed run sees the order an uninterrupted one would. The permutation covers the whole
-share (a full shuffle, where Ray Data's local buffer mixes only ``shuffle_buffer`` rows).
+For a dataset that fits in memory, a Ray Data pipeline per split and epoch (split coordinator
+actors, an execution per epoch, Arrow to NumPy to torch per batch) costs seconds of fixed time
+per run and trial for a few MB. Here the driver reads each split once with pyarrow
+(`load_split_arrays`) and puts it in the object store (`put_splits`); each worker gets it
+zero-copy on its node (`HeldSplit.fetch`) and, every epoch, takes its share of one permutation
+of the whole split that depends only on (seed, epoch), so that every rank draws a disjoint,
+equal share and the order is the same after a resume. Values stay in their stored dtype (uint8
+images stay 4x smaller) and become model input batch by batch (`to_model_batch`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import ray
 import torch
 
-from mvtcae.data.format import Manifest
-from mvtcae.data.ray_input import iter_model_batches
+from mvtcae.data.files import DatasetFiles
+from mvtcae.data.format import ID_COLUMN, LABEL_COLUMN, Manifest, presence_column
+from mvtcae.data.ray_input import to_model_batch
+from mvtcae.data.reader import load_split_arrays
 from mvtcae.model.batch import MultimodalBatch
 
-READ_BATCH_ROWS = 4096
-"""Rows per batch of the one pass that fills the hold (fewer, larger conversions)."""
+
+def put_splits(files: DatasetFiles, splits: Sequence[str]) -> dict[str, ray.ObjectRef]:
+    """Read each split once (pyarrow, in shard order) and put its arrays in the object store."""
+    return {split: ray.put(load_split_arrays(files, split)) for split in splits}
 
 
 @dataclass(frozen=True)
-class HeldShard:
-    """Every row a worker's dataset shard yields, as one batch on the worker's device."""
+class HeldSplit:
+    """A whole split's columns as tensors of their stored dtype, on one device."""
 
-    rows: MultimodalBatch
+    columns: dict[str, torch.Tensor]
+    manifest: Manifest
 
     @classmethod
-    def collect(
-        cls, shard: Any, manifest: Manifest, device: torch.device | str = "cpu"
-    ) -> HeldShard:
-        """Read a Ray Data shard (a `DataIterator` or `Dataset`) once, in its order."""
-        parts = list(iter_model_batches(shard, manifest, READ_BATCH_ROWS, device=device))
-        if not parts:
-            raise ValueError("the worker's dataset shard is empty: nothing to hold")
-        return cls(concat_batches(parts))
+    def fetch(
+        cls, ref: ray.ObjectRef | dict[str, Any], manifest: Manifest, device: torch.device | str
+    ) -> HeldSplit:
+        """The split put by `put_splits` (or its arrays themselves), on ``device``."""
+        arrays = ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
+        columns = {ID_COLUMN: arrays["ids"]}
+        if arrays["labels"] is not None:
+            columns[LABEL_COLUMN] = arrays["labels"]
+        for m in manifest.modalities:
+            columns[m] = arrays["data"][m]
+            columns[presence_column(m)] = arrays["masks"][m]
+        # The object store's arrays are read-only and only ever read; on a CPU they are shared.
+        return cls({k: _tensor(v, device) for k, v in columns.items()}, manifest)
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return int(self.columns[ID_COLUMN].shape[0])
 
-    def batches(
-        self,
-        batch_size: int,
-        *,
-        shuffle: bool,
-        seed: int = 0,
-        epoch: int = 0,
-        drop_last: bool = False,
-    ) -> Iterator[MultimodalBatch]:
-        """The held rows in batches: permuted by a generator seeded with ``seed + epoch`` when
-        ``shuffle``, else in the order they were read."""
-        n = len(self.rows)
+    def rank_rows(
+        self, rank: int, world: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
+        equal: bool = True,
+    ) -> torch.Tensor:  # fmt: skip
+        """This rank's row indices for an epoch: its share of one permutation of the split
+        (seeded by ``seed + epoch``, the same on every rank), or of the stored order.
+
+        ``equal`` gives every rank ``len // world`` rows (DDP needs the same number of steps on
+        every rank; at most ``world - 1`` rows sit out an epoch, different ones each epoch when
+        shuffled); otherwise ranks take every ``world``-th row and every row is used.
+        """
+        n = len(self)
         if shuffle:
             generator = torch.Generator().manual_seed(int(seed + epoch) % 2**63)
-            order = torch.randperm(n, generator=generator).to(self._device())
+            order = torch.randperm(n, generator=generator)
         else:
-            order = None
-        end = n - n % batch_size if drop_last else n
-        for start in range(0, end, batch_size):
-            rows = slice(start, min(start + batch_size, n))
-            yield self.rows.select(order[rows] if order is not None else rows)
+            order = torch.arange(n)
+        if equal:
+            share = n // world
+            return order[rank * share : (rank + 1) * share]
+        return order[rank::world]
 
-    def _device(self) -> torch.device:
-        return next(iter(self.rows.data.values())).device
+    def batches(self, rows: torch.Tensor, batch_size: int) -> Iterator[MultimodalBatch]:
+        """Model batches of the given rows, in that order."""
+        device = self.columns[ID_COLUMN].device
+        rows = rows.to(device)
+        for start in range(0, len(rows), batch_size):
+            take = rows[start : start + batch_size]
+            yield to_model_batch(
+                {k: v.index_select(0, take) for k, v in self.columns.items()},
+                self.manifest,
+                device,
+            )
 
 
-def concat_batches(parts: list[MultimodalBatch]) -> MultimodalBatch:
-    """One batch of the rows of ``parts``, in order (masks, labels and per-row tensors in
-    ``meta`` included)."""
-    first = parts[0]
-    masks = None
-    if first.masks is not None:
-        masks = {m: torch.cat([p.masks[m] for p in parts]) for m in first.masks}
-    labels = None if first.labels is None else torch.cat([p.labels for p in parts])
-    meta = {
-        key: torch.cat([p.meta[key] for p in parts])
-        for key, value in first.meta.items()
-        if isinstance(value, torch.Tensor)
-    }
-    return MultimodalBatch(
-        data={m: torch.cat([p.data[m] for p in parts]) for m in first.data},
-        masks=masks,
-        labels=labels,
-        meta=meta,
-    )
+def _tensor(values: Any, device: torch.device | str) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only NumPy memory, never written
+        return torch.as_tensor(values).to(device)

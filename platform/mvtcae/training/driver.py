@@ -25,6 +25,8 @@ import mvtcae.data as data_layer
 from mvtcae import storage, tracking
 from mvtcae.config import EvaluationSection, ExperimentConfig, TrainSection
 from mvtcae.data import open_splits
+from mvtcae.data.files import dataset_files
+from mvtcae.data.held import put_splits
 from mvtcae.data.ray_input import should_materialize
 from mvtcae.evaluation import evaluate_checkpoint
 from mvtcae.safety.values import is_number
@@ -153,41 +155,45 @@ def val_split_name(cfg: ExperimentConfig, manifest: Any) -> str:
 
 @dataclass(frozen=True)
 class InputPlan:
-    """How the workers get their data: from the object store or streamed, read every epoch or
-    read once and held (``data.materialize``, ``data.hold_in_workers``; None decided here)."""
+    """How the workers get their data (``data.hold_in_workers``, ``data.materialize``; the
+    automatic choices decided): held, every split read once by the driver into the object
+    store and sampled by each worker (`mvtcae.data.held`); else Ray Data datasets split across
+    the workers, materialised in the object store or streamed from the shards every epoch."""
 
+    held: bool
     materialize: bool
-    hold_in_workers: bool
 
 
 def input_plan(cfg: ExperimentConfig, manifest: Any) -> InputPlan:
-    """The config's input choices, with the automatic ones decided for this dataset and cluster
-    (a connected Ray session is needed to size the object store)."""
+    """The config's input choices for this dataset and cluster (a connected Ray session is
+    needed to size the object store)."""
     data = cfg.data
     materialize = should_materialize(manifest) if data.materialize is None else data.materialize
-    hold = data.hold_in_workers
-    if hold is None:
-        # Held only when every epoch deals each worker the same rows: what it holds is then
-        # exactly what it would have read.
-        hold = materialize and not data.reshuffle_shards_each_epoch
-    return InputPlan(materialize=materialize, hold_in_workers=hold)
+    held = materialize if data.hold_in_workers is None else data.hold_in_workers
+    return InputPlan(held=held, materialize=materialize)
 
 
-def _open_splits(cfg: ExperimentConfig, dataset_dir: str, manifest: Any, plan: InputPlan,
-                 phases: PhaseTimes | None = None) -> dict[str, Any]:  # fmt: skip
-    with timed(phases, "validation"):
-        data_layer.ensure_valid(dataset_dir, full=cfg.data.revalidate)
-    with timed(phases, "dataset_open"):
-        splits = open_splits(
-            dataset_dir, materialize=plan.materialize, seed=cfg.train.seed,
-            reshuffle_each_epoch=cfg.data.reshuffle_shards_each_epoch, validate=False,
-        )  # fmt: skip
+def _training_input(cfg: ExperimentConfig, dataset_dir: str, manifest: Any, plan: InputPlan,
+                    phases: PhaseTimes | None = None) -> dict[str, Any]:  # fmt: skip
+    """The train and validation splits, validated first: object-store references of their
+    arrays when held, else Ray Datasets."""
     val_name = val_split_name(cfg, manifest)
-    if "train" not in splits or val_name not in splits:
+    if "train" not in manifest.splits or val_name not in manifest.splits:
         raise ValueError(
-            f"dataset {dataset_dir} has splits {sorted(splits)}; training needs 'train' and "
-            f"'{val_name}' (data.val_split)"
+            f"dataset {dataset_dir} has splits {sorted(manifest.splits)}; training needs "
+            f"'train' and '{val_name}' (data.val_split)"
         )
+    with timed(phases, "validation"):
+        files = dataset_files(dataset_dir)
+        data_layer.ensure_valid(files, full=cfg.data.revalidate)
+    with timed(phases, "dataset_open"):
+        if plan.held:
+            refs = put_splits(files, ["train", val_name])
+            return {"train": refs["train"], "val": refs[val_name]}
+        splits = open_splits(
+            files, materialize=plan.materialize, seed=cfg.train.seed, validate=False,
+            reshuffle_each_epoch=cfg.data.reshuffle_shards_each_epoch, splits=["train", val_name],
+        )  # fmt: skip
     return {"train": splits["train"], "val": splits[val_name]}
 
 
@@ -218,12 +224,15 @@ def build_trainer(cfg: ExperimentConfig, run_name: str, dataset_dir: str, manife
     """
     tc = cfg.train
     plan = input_plan(cfg, manifest)
+    splits = _training_input(cfg, dataset_dir, manifest, plan, phases)
     loop_cfg = {
         "train": tc.model_dump(mode="json"),
         "model_config": model_config_for(cfg.model, manifest).to_dict(),
         "dataset_dir": str(dataset_dir),
         "shuffle_buffer": cfg.data.shuffle_buffer,
-        "hold_in_workers": plan.hold_in_workers,
+        # Object references travel with the loop config; the driver (or trial) that put them
+        # keeps them alive for the whole fit, worker restarts included.
+        "held_splits": splits if plan.held else None,
         "threads_per_worker": _threads_per_worker(tc),
         "run_id": run_id,
         "tracking_uri": tracking_uri,
@@ -259,8 +268,8 @@ def build_trainer(cfg: ExperimentConfig, run_name: str, dataset_dir: str, manife
         train_loop_config=loop_cfg,
         scaling_config=scaling_config(tc),
         run_config=run_config,
-        datasets=_open_splits(cfg, dataset_dir, manifest, plan, phases),
-        dataset_config=_data_config(),
+        datasets=None if plan.held else splits,
+        dataset_config=None if plan.held else _data_config(),
     )
 
 

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from mvtcae import MVTCAE, MultimodalBatch, MVTCAEConfig, storage
 from mvtcae.config import EvaluationSection, TrainSection
 from mvtcae.data import iter_model_batches, load_manifest
-from mvtcae.data.held import HeldShard
+from mvtcae.data.held import HeldSplit
 from mvtcae.evaluation import evaluate
 from mvtcae.evaluation.plots import image_grids, image_modalities
 from mvtcae.evaluation.split import load_eval_split
@@ -85,37 +85,40 @@ def _all_reduce(
 
 
 class _EpochInput:
-    """A worker's batches of one split each epoch: read from its Ray Data shard every epoch, or
-    read once and held (`HeldShard`, when the run's input plan says so). The hold is filled
-    inside the first epoch's iteration, so its cost shows in that epoch's first-batch wait."""
+    """A worker's batches of one split each epoch: its share of the split held in memory
+    (`HeldSplit`, when the driver put the split in the object store), else its Ray Data shard.
+    A held split is fetched inside the first epoch's iteration, so that its cost shows in that
+    epoch's first-batch wait."""
 
-    def __init__(self, split: str, manifest: Any, batch_size: int, device: torch.device, *,
-                 hold: bool, shuffle_buffer: int = 0, seed: int = 0) -> None:  # fmt: skip
+    def __init__(self, split: str, loop_cfg: dict[str, Any], manifest: Any, batch_size: int,
+                 device: torch.device, rank: int, world: int, *, shuffle_buffer: int = 0,
+                 seed: int = 0) -> None:  # fmt: skip
         self.split, self.manifest, self.batch_size, self.device = (
             split,
             manifest,
             batch_size,
             device,
         )
-        self.hold, self.shuffle_buffer, self.seed = hold, shuffle_buffer, seed
-        self._held: HeldShard | None = None
+        self.rank, self.world, self.shuffle_buffer, self.seed = rank, world, shuffle_buffer, seed
+        self.held_ref = (loop_cfg.get("held_splits") or {}).get(split)
+        self._held: HeldSplit | None = None
 
     def batches(self, epoch: int, limit: int | None = None) -> Iterator[MultimodalBatch]:
         """This epoch's batches (at most ``limit``)."""
         shuffle = self.shuffle_buffer > 0
-        if self.hold:
+        if self.held_ref is not None:
             if self._held is None:
-                shard = ray.train.get_dataset_shard(self.split)
-                self._held = HeldShard.collect(shard, self.manifest, self.device)
-            batches = self._held.batches(
-                self.batch_size, shuffle=shuffle, seed=self.seed, epoch=epoch
-            )
+                self._held = HeldSplit.fetch(self.held_ref, self.manifest, self.device)
+            # Training shares must be equal (DDP steps in lockstep); validation uses every row.
+            rows = self._held.rank_rows(self.rank, self.world, shuffle=shuffle, seed=self.seed,
+                                        epoch=epoch, equal=self.split == "train")  # fmt: skip
+            batches = self._held.batches(rows, self.batch_size)
         else:
             batches = iter_model_batches(
                 ray.train.get_dataset_shard(self.split), self.manifest, self.batch_size,
                 device=self.device, shuffle=shuffle,
-                local_shuffle_buffer_size=self.shuffle_buffer or None, seed=self.seed,
-                epoch=epoch,
+                local_shuffle_buffer_size=self.shuffle_buffer or None,
+                seed=data_order_seed(self.seed, self.rank), epoch=epoch,
             )  # fmt: skip
         for i, batch in enumerate(batches):
             if limit is not None and i >= limit:
@@ -254,13 +257,12 @@ def _train(loop_cfg: dict[str, Any], cfg: TrainSection, rank: int, world: int,
     guard = StepGuard(cfg.on_nonfinite, cfg.max_nonfinite_steps, _min_over_workers, skipped_before)
 
     local_batch = max(1, cfg.batch_size // world)
-    hold = bool(loop_cfg.get("hold_in_workers"))
-    train_input = _EpochInput("train", manifest, local_batch, device, hold=hold,
-                              shuffle_buffer=int(loop_cfg["shuffle_buffer"]),
-                              seed=data_order_seed(cfg.seed, rank))  # fmt: skip
-    val_input = _EpochInput("val", manifest, local_batch, device, hold=hold)
+    train_input = _EpochInput("train", loop_cfg, manifest, local_batch, device, rank, world,
+                              shuffle_buffer=int(loop_cfg["shuffle_buffer"]), seed=cfg.seed)  # fmt: skip
+    val_input = _EpochInput("val", loop_cfg, manifest, local_batch, device, rank, world)
     if tracker is not None:
-        tracker.set_tags({"mvtcae.data.input": "held" if hold else "read each epoch"})
+        held = train_input.held_ref is not None
+        tracker.set_tags({"mvtcae.data.input": "held" if held else "ray data"})
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
             epoch_start = time.perf_counter()
