@@ -14,6 +14,7 @@ import uuid
 from mvtcae.config.locations import local_path
 
 logger = logging.getLogger(__name__)
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
 def ensure_ray(address: str | None, local_cpus: int) -> None:
@@ -59,6 +60,9 @@ def start_local_ray(num_cpus: int) -> str:
                 "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}",
                 # The dashboard's Train tab shows runs only when Train records its state.
                 "RAY_TRAIN_ENABLE_STATE_TRACKING": "1",
+                # Train's preemption watcher (one more actor process per run, seconds of start-up
+                # on a small machine) follows node drains, which a one-machine Ray never has.
+                PREEMPTION_WATCHER_ENV: os.environ.get(PREEMPTION_WATCHER_ENV, "0"),
             }
         },
     )
