@@ -77,6 +77,9 @@ bench-tune: install ## Tune overhead of a small sweep, and TPE against random se
 bench-overhead: install ## Where a whole training job's and a sweep trial's wall time goes, phase by phase
 	$(BIN)/python jobs/bench_overhead.py --repeats 3 $(ARGS)
 
+bench-scaling: install ## Scaling: all-reduce volume per config, a 1-64 GPU model, 1 vs 2 local Ray nodes (~3 min)
+	$(BIN)/python jobs/bench_scaling.py --part all $(ARGS)
+
 bench-learning: install ## Coherence and probe against training time for candidate demo settings
 	$(BIN)/python jobs/bench_learning.py $(ARGS)
 
@@ -88,7 +91,7 @@ reproduce: install ## The paper's PolyMNIST and mfeat settings, then a results t
 clean: ## Remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache
 
-.PHONY: help install test lint bench-model bench-data demo bench-train bench-tune bench-overhead bench-learning reproduce clean mlflow-ui ray-dashboard optuna-dashboard tune serve
+.PHONY: help install test lint bench-model bench-data demo bench-train bench-tune bench-overhead bench-scaling bench-learning reproduce clean mlflow-ui ray-dashboard optuna-dashboard tune serve
 
 # --- Ray cluster: a local head + second node + MLflow server, and job submission -------------
 # (docs/cluster.md). Everything binds to 127.0.0.1; processes are stopped by their PIDs.

@@ -91,6 +91,19 @@ def test_holding_a_dataset_that_must_stream_is_refused() -> None:
     assert config_from_dict({"data": data | {"hold_in_workers": None}}).data.hold_in_workers is None
 
 
+def test_placement_strategy_reaches_the_scaling_config() -> None:
+    from mvtcae.training import scaling_config
+
+    cfg = load_config(None, ["train.use_gpu=false", "train.placement_strategy=STRICT_SPREAD"])
+    assert scaling_config(cfg.train).placement_strategy == "STRICT_SPREAD"
+    assert (
+        scaling_config(load_config(None, ["train.use_gpu=false"]).train).placement_strategy
+        == "PACK"
+    )
+    with pytest.raises(ConfigError, match="train.placement_strategy"):
+        load_config(None, ["train.placement_strategy=EVERYWHERE"])
+
+
 def test_malformed_override_and_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="expected section.field=value"):
         load_config(None, ["train.epochs"])

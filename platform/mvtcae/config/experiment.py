@@ -192,6 +192,11 @@ class TrainSection(Section):
     threads_per_worker: int | None = Field(
         default=None, ge=1, description="torch intra-op threads; default: the worker's CPUs"
     )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        default="PACK",
+        description="Ray placement of the workers (ScalingConfig.placement_strategy): PACK "
+        "fills a node first; SPREAD spreads over nodes; STRICT_* insist",
+    )
     optimizer: OptimizerSection = OptimizerSection()
     schedule: ScheduleSection = ScheduleSection(name="cosine", warmup_epochs=2, min_lr_ratio=0.1)
     grad_clip_norm: float | None = Field(default=1000.0, gt=0.0, description="None: no clipping")

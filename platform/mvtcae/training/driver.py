@@ -139,6 +139,7 @@ def scaling_config(cfg: TrainSection) -> ScalingConfig:
         num_workers=cfg.num_workers,
         use_gpu=use_gpu,
         resources_per_worker=_worker_resources(cfg, use_gpu),
+        placement_strategy=cfg.placement_strategy,
     )
 
 
