@@ -104,6 +104,16 @@ def test_placement_strategy_reaches_the_scaling_config() -> None:
         load_config(None, ["train.placement_strategy=EVERYWHERE"])
 
 
+def test_the_final_evaluation_takes_the_cpus_training_freed() -> None:
+    from mvtcae.training import evaluation_cpus
+
+    assert evaluation_cpus(load_config(None, []).train) == 2  # the demo: 2 workers x 1 CPU
+    half = load_config(None, ["train.resources_per_worker={CPU: 0.5}"]).train
+    assert evaluation_cpus(half) == 1
+    one = load_config(None, ["train.num_workers=1", "train.resources_per_worker={CPU: 4}"])
+    assert evaluation_cpus(one.train) == 4
+
+
 def test_malformed_override_and_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="expected section.field=value"):
         load_config(None, ["train.epochs"])

@@ -44,6 +44,7 @@ from mvtcae.tracking.run_logger import SPOOL_DIR, RunLogger, mlflow_client, retr
 from mvtcae.training import (
     EpochObjectives,
     build_trainer,
+    evaluation_cpus,
     evaluation_task,
     raise_for_stop,
     read_stop_record,
@@ -263,7 +264,8 @@ def _final_evaluation(cfg: Any, context: SweepContext, checkpoint: Any, tracker:
     (and a GPU when training had one); log the measures to the trial's run."""
     root = context.base_config["train"]["storage_path"]
     location = storage.location_of(root, checkpoint.path)
-    task = evaluation_task(bool(scaling_config(cfg.train).use_gpu))
+    cpus = evaluation_cpus(cfg.train)
+    task = evaluation_task(bool(scaling_config(cfg.train).use_gpu), cpus)
     eval_cfg = cfg.eval.model_copy(update={"plots": False}).model_dump(mode="json")
-    report, _, _, _ = ray.get(task.remote([location], context.dataset_dir, eval_cfg, threads=1))
+    report, _, _, _ = ray.get(task.remote([location], context.dataset_dir, eval_cfg, threads=cpus))
     tracker.log_metrics(report.metrics, checkpoint_epoch(location) or 0)

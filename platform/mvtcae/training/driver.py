@@ -375,17 +375,25 @@ def _fit(cfg: ExperimentConfig, record: runs.RunRecord, dataset_dir: str, manife
     )  # fmt: skip
 
 
-def evaluation_task(use_gpu: bool) -> Any:
-    """``evaluate_checkpoint`` as a Ray task with one CPU (and a GPU when training had one).
+def evaluation_task(use_gpu: bool, cpus: int = 1) -> Any:
+    """``evaluate_checkpoint`` as a Ray task with ``cpus`` CPUs (and a GPU when training had
+    one).
 
     The task is scheduled outside any enclosing placement group: inside a Tune trial, whose
     group holds only the trial's token CPU, it would otherwise never fit.
     """
     return ray.remote(evaluate_checkpoint).options(
-        num_cpus=1,
+        num_cpus=cpus,
         num_gpus=1 if use_gpu else 0,
         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
     )
+
+
+def evaluation_cpus(cfg: TrainSection) -> int:
+    """CPUs for the final evaluation: those the training workers held, free once ``fit``
+    returned (the likelihood estimate runs about twice as fast on 2 threads as on 1)."""
+    per_worker = _worker_resources(cfg, False).get("CPU", 1.0)
+    return max(1, int(cfg.num_workers * per_worker))
 
 
 def _evaluate_and_register(cfg: ExperimentConfig, out: TrainResult, dataset_dir: str,
@@ -398,7 +406,8 @@ def _evaluate_and_register(cfg: ExperimentConfig, out: TrainResult, dataset_dir:
     """
     eval_dir = storage.join(out.run_dir, "evaluation")
     use_gpu = bool(scaling_config(cfg.train).use_gpu)
-    task = evaluation_task(use_gpu)
+    cpus = evaluation_cpus(cfg.train)
+    task = evaluation_task(use_gpu, cpus)
     with timed(phases, "evaluation"):
         report, task_out_dir, chosen, skipped = ray.get(
             task.remote(
@@ -406,7 +415,7 @@ def _evaluate_and_register(cfg: ExperimentConfig, out: TrainResult, dataset_dir:
                 str(dataset_dir),
                 cfg.eval.model_dump(mode="json"),
                 out_location=eval_dir,
-                threads=_threads_per_worker(cfg.train),
+                threads=cpus,
             )  # fmt: skip
         )
     for note in skipped:
