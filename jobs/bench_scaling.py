@@ -206,19 +206,11 @@ def shipped_runs(directory: Path = CONFIGS) -> list[ShippedRun]:
 def builtin_manifest(dataset: str) -> Manifest:
     """The manifest a built-in dataset would have, without writing it (no splits)."""
     if dataset == "polymnist":
-        from mvtcae.data.polymnist import BACKGROUNDS, SIDE
+        from mvtcae.data.polymnist import modality_specs
 
-        spec = ModalitySpec(
-            shape=(3, SIDE, SIDE),
-            dtype="uint8",
-            distribution="laplace",
-            transform="divide_255",
-            kind="image",
-        )
-        modalities = {f"m{i}": spec for i in range(len(BACKGROUNDS))}
         return Manifest(
             name="polymnist-recreation",
-            modalities=modalities,
+            modalities=modality_specs(),
             num_classes=10,
             has_labels=True,
             splits={},

@@ -75,6 +75,18 @@ def generate_tuples(
         yield data, labels.astype(np.int64)
 
 
+def modality_specs() -> dict[str, ModalitySpec]:
+    """The re-creation's modalities: one 3x28x28 uint8 image per background, m0..m4."""
+    spec = ModalitySpec(
+        shape=(3, SIDE, SIDE),
+        dtype="uint8",
+        distribution="laplace",
+        transform="divide_255",
+        kind="image",
+    )
+    return {f"m{m}": spec for m in range(len(BACKGROUNDS))}
+
+
 def prepare_polymnist(
     out_dir: str | os.PathLike,
     n_train: int = 20_000,
@@ -100,14 +112,7 @@ def prepare_polymnist(
     digits, digit_labels = mnist_digits()
     pools = split_digit_pools(digit_labels, test_digit_fraction, rng)
     backgrounds = [background_photo(name) for name in BACKGROUNDS]
-    spec = ModalitySpec(
-        shape=(3, SIDE, SIDE),
-        dtype="uint8",
-        distribution="laplace",
-        transform="divide_255",
-        kind="image",
-    )
-    modalities = {f"m{m}": spec for m in range(len(BACKGROUNDS))}
+    modalities = modality_specs()
     source = _source_record(pools, missing_ratio, seed, test_digit_fraction)
     bar = tqdm(total=n_train + n_val + n_test, unit="tuple", disable=not progress, desc="polymnist")
     with (
