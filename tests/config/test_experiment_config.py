@@ -107,11 +107,13 @@ def test_placement_strategy_reaches_the_scaling_config() -> None:
 def test_the_final_evaluation_takes_the_cpus_training_freed() -> None:
     from mvtcae.training import evaluation_cpus
 
-    assert evaluation_cpus(load_config(None, []).train) == 2  # the demo: 2 workers x 1 CPU
+    demo = load_config(None, []).train  # 2 workers x 1 CPU
+    assert evaluation_cpus(demo, largest_node=16) == 2
     half = load_config(None, ["train.resources_per_worker={CPU: 0.5}"]).train
-    assert evaluation_cpus(half) == 1
-    one = load_config(None, ["train.num_workers=1", "train.resources_per_worker={CPU: 4}"])
-    assert evaluation_cpus(one.train) == 4
+    assert evaluation_cpus(half, largest_node=16) == 1
+    big = load_config(None, ["train.num_workers=4", "train.resources_per_worker={CPU: 4}"])
+    assert evaluation_cpus(big.train, largest_node=32) == 16
+    assert evaluation_cpus(big.train, largest_node=8) == 8  # workers spread over nodes
 
 
 def test_malformed_override_and_missing_file(tmp_path: Path) -> None:

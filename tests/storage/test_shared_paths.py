@@ -86,7 +86,7 @@ def two_nodes(tmp_path: Path) -> Iterator[tuple[cluster.ClusterSpec, Path]]:
 DRIVER = """
 import json, sys, time
 import ray
-from mvtcae.storage.ray_session import NodeLocalPathError, check_shared_paths
+from mvtcae.storage.ray_session import NodeLocalPathError, check_shared_paths, largest_node_cpus
 
 ray.init(address=sys.argv[1])
 deadline = time.monotonic() + 90
@@ -100,7 +100,7 @@ for case in json.loads(sys.argv[2]):
         answers.append("ok")
     except NodeLocalPathError as err:
         answers.append(str(err))
-print(json.dumps(answers))
+print(json.dumps(answers + [largest_node_cpus(), largest_node_cpus(with_gpu=True)]))
 """
 
 
@@ -122,7 +122,9 @@ def test_node_local_dataset_and_storage_are_refused_shared_ones_pass(two_nodes, 
         env=cluster.client_env(spec), capture_output=True, text=True, timeout=180,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
-    refused, shared, bucket = json.loads(out.stdout.strip().splitlines()[-1])
+    refused, shared, bucket, largest, largest_gpu = json.loads(out.stdout.strip().splitlines()[-1])
+    # Two CPUs in the cluster, one per node: one task can have at most one (no GPU node: 1).
+    assert (largest, largest_gpu) == (1, 1)
     assert f"data.dir: {node_local_data / 'manifest.json'} does not read the same" in refused
     assert f"train.storage_path: {hidden / 'runs'}" in refused
     assert "s3://" in refused  # says what to use instead

@@ -119,6 +119,17 @@ def nodes_missing_files(files: list[tuple[str, str]]) -> dict[str, list[str]]:
     return missing
 
 
+def largest_node_cpus(with_gpu: bool = False) -> int:
+    """The most CPUs one alive node has (among nodes with a GPU when ``with_gpu``): the most a
+    single task can ask for and still be scheduled; 1 when no node qualifies."""
+    counts = [
+        int(n.get("Resources", {}).get("CPU", 0))
+        for n in _alive_nodes()
+        if not with_gpu or n.get("Resources", {}).get("GPU", 0) >= 1
+    ]
+    return max([1, *counts])
+
+
 def _alive_nodes() -> list[dict]:
     import ray
 

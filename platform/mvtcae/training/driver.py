@@ -389,11 +389,12 @@ def evaluation_task(use_gpu: bool, cpus: int = 1) -> Any:
     )
 
 
-def evaluation_cpus(cfg: TrainSection) -> int:
+def evaluation_cpus(cfg: TrainSection, largest_node: int) -> int:
     """CPUs for the final evaluation: those the training workers held, free once ``fit``
-    returned (the likelihood estimate runs about twice as fast on 2 threads as on 1)."""
+    returned (the likelihood estimate runs about twice as fast on 2 threads as on 1), but no
+    more than the ``largest_node`` has (the workers may have been on several nodes)."""
     per_worker = _worker_resources(cfg, False).get("CPU", 1.0)
-    return max(1, int(cfg.num_workers * per_worker))
+    return max(1, min(int(cfg.num_workers * per_worker), largest_node))
 
 
 def _evaluate_and_register(cfg: ExperimentConfig, out: TrainResult, dataset_dir: str,
@@ -406,7 +407,7 @@ def _evaluate_and_register(cfg: ExperimentConfig, out: TrainResult, dataset_dir:
     """
     eval_dir = storage.join(out.run_dir, "evaluation")
     use_gpu = bool(scaling_config(cfg.train).use_gpu)
-    cpus = evaluation_cpus(cfg.train)
+    cpus = evaluation_cpus(cfg.train, ray_session.largest_node_cpus(use_gpu))
     task = evaluation_task(use_gpu, cpus)
     with timed(phases, "evaluation"):
         report, task_out_dir, chosen, skipped = ray.get(

@@ -16,7 +16,6 @@ import logging
 import random
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -214,31 +213,24 @@ def _system_metrics(loop_cfg: dict[str, Any], rank: int) -> Iterator[None]:
     if interval <= 0 or not loop_cfg.get("run_id") or not loop_cfg.get("tracking_uri"):
         yield
         return
-    started: list[Any] = []
+    try:  # imported here: it needs psutil, and training goes on without it
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    def start() -> None:
-        try:  # imported here: it needs psutil, and training goes on without it
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-            monitor = SystemMetricsMonitor(
-                loop_cfg["run_id"], sampling_interval=interval, node_id=f"rank{rank}",
-                tracking_uri=client_uri(loop_cfg["tracking_uri"]), resume_logging=True,
-            )  # fmt: skip
-            monitor.start()
-            started.append(monitor)
-        except Exception as err:  # noqa: BLE001 - e.g. psutil missing: train without them
-            logger.warning("system metrics are off: %s: %s", type(err).__name__, err)
-
-    # Starting the monitor takes seconds (MLflow's imports, a GPU probe); every rank would wait
-    # for rank 0 at its first collective, so training does not wait for it.
-    starter = threading.Thread(target=start, name="mvtcae-system-metrics", daemon=True)
-    starter.start()
+        monitor = SystemMetricsMonitor(
+            loop_cfg["run_id"], sampling_interval=interval, node_id=f"rank{rank}",
+            tracking_uri=client_uri(loop_cfg["tracking_uri"]), resume_logging=True,
+        )  # fmt: skip
+        # Started before training, not beside it: a monitor started in the background missed
+        # every sample of a run shorter than its start-up (a 2-epoch test run lost them all).
+        monitor.start()
+    except Exception as err:  # noqa: BLE001 - e.g. psutil missing: train without them
+        logger.warning("system metrics are off: %s: %s", type(err).__name__, err)
+        yield
+        return
     try:
         yield
     finally:
-        starter.join()
-        for monitor in started:
-            monitor.finish()
+        monitor.finish()
 
 
 def _train(loop_cfg: dict[str, Any], cfg: TrainSection, rank: int, world: int,
