@@ -41,11 +41,9 @@ class HeldSplit:
     manifest: Manifest
 
     @classmethod
-    def fetch(
-        cls, ref: ray.ObjectRef | dict[str, Any], manifest: Manifest, device: torch.device | str
-    ) -> HeldSplit:
-        """The split put by `put_splits` (or its arrays themselves), on ``device``."""
-        arrays = ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
+    def fetch(cls, ref: ray.ObjectRef, manifest: Manifest, device: torch.device | str) -> HeldSplit:
+        """The split put by `put_splits`, on ``device``."""
+        arrays = ray.get(ref)
         columns = {ID_COLUMN: arrays["ids"]}
         if arrays["labels"] is not None:
             columns[LABEL_COLUMN] = arrays["labels"]

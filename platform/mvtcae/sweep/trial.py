@@ -38,18 +38,15 @@ from mvtcae import storage, tracking
 from mvtcae.config import EvaluationSection, trial_config
 from mvtcae.data import load_manifest
 from mvtcae.safety.redaction import redact_text
-from mvtcae.storage import ray_session
 from mvtcae.storage.checkpoints import checkpoint_epoch
 from mvtcae.tracking import lineage
 from mvtcae.tracking.run_logger import SPOOL_DIR, RunLogger, mlflow_client, retry_until
 from mvtcae.training import (
     EpochObjectives,
     build_trainer,
-    evaluation_cpus,
     evaluation_task,
     raise_for_stop,
     read_stop_record,
-    scaling_config,
 )
 from mvtcae.training.nonfinite import NonFiniteError
 from mvtcae.training.phases import PhaseTimes, timed
@@ -265,9 +262,7 @@ def _final_evaluation(cfg: Any, context: SweepContext, checkpoint: Any, tracker:
     (and a GPU when training had one); log the measures to the trial's run."""
     root = context.base_config["train"]["storage_path"]
     location = storage.location_of(root, checkpoint.path)
-    use_gpu = bool(scaling_config(cfg.train).use_gpu)
-    cpus = evaluation_cpus(cfg.train, ray_session.largest_node_cpus(use_gpu))
-    task = evaluation_task(use_gpu, cpus)
+    task, cpus = evaluation_task(cfg.train)
     eval_cfg = cfg.eval.model_copy(update={"plots": False}).model_dump(mode="json")
     report, _, _, _ = ray.get(task.remote([location], context.dataset_dir, eval_cfg, threads=cpus))
     tracker.log_metrics(report.metrics, checkpoint_epoch(location) or 0)

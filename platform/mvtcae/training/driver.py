@@ -375,18 +375,21 @@ def _fit(cfg: ExperimentConfig, record: runs.RunRecord, dataset_dir: str, manife
     )  # fmt: skip
 
 
-def evaluation_task(use_gpu: bool, cpus: int = 1) -> Any:
-    """``evaluate_checkpoint`` as a Ray task with ``cpus`` CPUs (and a GPU when training had
-    one).
+def evaluation_task(cfg: TrainSection) -> tuple[Any, int]:
+    """``evaluate_checkpoint`` as a Ray task for a run trained with ``cfg``, and its CPU count:
+    the CPUs training freed (`evaluation_cpus`), and a GPU when training had one.
 
     The task is scheduled outside any enclosing placement group: inside a Tune trial, whose
     group holds only the trial's token CPU, it would otherwise never fit.
     """
-    return ray.remote(evaluate_checkpoint).options(
+    use_gpu = bool(scaling_config(cfg).use_gpu)
+    cpus = evaluation_cpus(cfg, ray_session.largest_node_cpus(use_gpu))
+    task = ray.remote(evaluate_checkpoint).options(
         num_cpus=cpus,
         num_gpus=1 if use_gpu else 0,
         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
     )
+    return task, cpus
 
 
 def evaluation_cpus(cfg: TrainSection, largest_node: int) -> int:
@@ -406,9 +409,7 @@ def _evaluate_and_register(cfg: ExperimentConfig, out: TrainResult, dataset_dir:
     reads them back from there, so the task may run on any node.
     """
     eval_dir = storage.join(out.run_dir, "evaluation")
-    use_gpu = bool(scaling_config(cfg.train).use_gpu)
-    cpus = evaluation_cpus(cfg.train, ray_session.largest_node_cpus(use_gpu))
-    task = evaluation_task(use_gpu, cpus)
+    task, cpus = evaluation_task(cfg.train)
     with timed(phases, "evaluation"):
         report, task_out_dir, chosen, skipped = ray.get(
             task.remote(

@@ -93,13 +93,9 @@ class _EpochInput:
     def __init__(self, split: str, loop_cfg: dict[str, Any], manifest: Any, batch_size: int,
                  device: torch.device, rank: int, world: int, *, shuffle_buffer: int = 0,
                  seed: int = 0) -> None:  # fmt: skip
-        self.split, self.manifest, self.batch_size, self.device = (
-            split,
-            manifest,
-            batch_size,
-            device,
-        )
-        self.rank, self.world, self.shuffle_buffer, self.seed = rank, world, shuffle_buffer, seed
+        self.split, self.manifest, self.batch_size = split, manifest, batch_size
+        self.device, self.rank, self.world = device, rank, world
+        self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.held_ref = (loop_cfg.get("held_splits") or {}).get(split)
         self._held: HeldSplit | None = None
 
