@@ -28,6 +28,7 @@ the sweep's wall / (summed trial time / concurrency).
 
     python jobs/bench_overhead.py --repeats 3                       # both parts
     python jobs/bench_overhead.py --repeats 3 --part train --set train.epochs=30
+    python jobs/bench_overhead.py --part sweep --sweep-baseline-set tune.trials_in_process=false
 """
 
 from __future__ import annotations
@@ -155,14 +156,16 @@ def run_train_repeat(args: argparse.Namespace, index: int, source: Path | None =
 
 
 # ------------------------------------------------------------------- the sweep
-def run_sweep_once(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the shrunk sweep in a child process, then read its trials' phases from MLflow."""
-    root = OUT_DIR / "sweep"
+def run_sweep_once(args: argparse.Namespace, extra: list[str] | None = None,
+                   name: str = "sweep") -> dict[str, Any]:  # fmt: skip
+    """Run the shrunk sweep (with ``extra`` overrides) in a child process, then read its
+    trials' phases from MLflow."""
+    root = OUT_DIR / name
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     overrides = [f"tune.num_samples={args.trials}", f"tune.storage=sqlite:///{root / 'optuna.db'}",
-                 "tune.asha.enabled=false", *args.tune_overrides,
-                 *_isolated(root, "bench-overhead-sweep")]  # fmt: skip
+                 "tune.asha.enabled=false", *args.tune_overrides, *(extra or []),
+                 *_isolated(root, f"bench-overhead-{name}")]  # fmt: skip
     command = [sys.executable, "-m", "mvtcae.cli", "tune", "--config", args.tune_config]
     command += [arg for o in overrides for arg in ("--set", o)]
     spawned = time.time()
@@ -254,6 +257,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tune-config", default="jobs/configs/tune_mfeat.yaml")
     parser.add_argument("--tune-set", dest="tune_overrides", action="append", default=[])
     parser.add_argument("--trials", type=int, default=4)
+    parser.add_argument("--sweep-baseline-set", dest="sweep_baseline", action="append",
+                        default=[], help="run the sweep first with these overrides as well "
+                        "(repeatable), for a side-by-side table of the trials' phases")  # fmt: skip
     parser.add_argument("--verbose", action="store_true", help="show the jobs' own output")
     parser.add_argument(
         "--baseline",
@@ -285,18 +291,29 @@ def main(argv: list[str] | None = None) -> None:
             print(f"\nbaseline {args.baseline} against this checkout:")
             print(compare(baseline, rows, PHASES))
     if args.part in ("sweep", "both"):
-        sweep = run_sweep_once(args)
-        report["sweep"] = sweep
         trial_phases = [p for p in PHASES if p not in ("process_start", "imports", "exit",
                                                        "total")]  # fmt: skip
+        trial_phases += ["overhead", "overhead_with_objectives", "tune_time_total", "trial_wall"]
+        before = None
+        if args.sweep_baseline:
+            before = run_sweep_once(args, args.sweep_baseline, name="sweep-baseline")
+            report["sweep_baseline"] = before | {"overrides": args.sweep_baseline}
+        sweep = run_sweep_once(args)
+        report["sweep"] = sweep
         print(f"\nsweep trials ({args.tune_config}, {len(sweep['trials'])} trials):")
-        print(table(sweep["trials"], [*trial_phases, "overhead", "overhead_with_objectives",
-                                      "tune_time_total", "trial_wall"]))  # fmt: skip
-        o = sweep["overhead"]
-        summed = sum(r["trial_wall"] for r in sweep["trials"])
-        print(f"  sweep wall {o['sweep_wall_s']:.1f} s; summed trial walls {summed:.1f} s; "
-              f"wall / (summed / {o['max_concurrent']}) = {o['wall_over_ideal_trial_clock']:.2f} "
-              f"({o['wall_over_ideal']:.2f} by Tune's time_total_s)")  # fmt: skip
+        print(table(sweep["trials"], trial_phases))
+        for label, run in (("baseline", before), ("this run", sweep)):
+            if run is None:
+                continue
+            o = run["overhead"]
+            summed = sum(r["trial_wall"] for r in run["trials"])
+            print(f"  {label}: sweep wall {o['sweep_wall_s']:.1f} s; summed trial walls "
+                  f"{summed:.1f} s; wall / (summed / {o['max_concurrent']}) = "
+                  f"{o['wall_over_ideal_trial_clock']:.2f} ({o['wall_over_ideal']:.2f} by "
+                  f"Tune's time_total_s)")  # fmt: skip
+        if before is not None:
+            print(f"\nsweep trials with {args.sweep_baseline} against without:")
+            print(compare(before["trials"], sweep["trials"], trial_phases))
     path = OUT_DIR / "bench_overhead.json"
     path.write_text(json.dumps(report, indent=2, default=float))
     print(f"wrote {path}")

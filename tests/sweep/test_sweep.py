@@ -165,6 +165,8 @@ def test_mlflow_parent_and_child_runs(sweep):
         assert used.dataset.digest == load_manifest(spec.experiment.data.dir).digest()
         assert len(client.get_metric_history(child.info.run_id, "train/loss")) == 2
         assert "eval/joint_nll" in child.data.metrics
+        # One worker: the trial trained in its own process (tune.trials_in_process auto).
+        assert child.data.tags["mvtcae.train.host"] == "in process"
     artifacts = {a.path for a in client.list_artifacts(final.parent_run_id, "study")}
     assert {"study/optimization_history.png", "study/trials.json"} <= artifacts
     assert "study/contour_alpha_beta.png" in artifacts

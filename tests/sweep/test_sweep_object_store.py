@@ -48,6 +48,9 @@ def test_a_sweep_keeps_its_state_on_s3_and_registers_from_there(s3_and_ray, tmp_
         "max_concurrent": 1,
         "seed": 3,
         "asha": {"enabled": False},
+        # Worker groups, not the default in-process trials: Ray Train's path through object
+        # storage (its checkpoint upload, Tune's Train callback, the dashboard's Train tab).
+        "trials_in_process": False,
     }
     dataset = "s3://sweeps/datasets/tiny"
     write_tiny_dataset(dataset)

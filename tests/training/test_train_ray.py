@@ -91,6 +91,7 @@ def test_train_tracks_registers_and_resumes(
     assert run.data.params["model.latent_dim"] == "8"
     # A small materialised dataset is read once and held by the workers (data.hold_in_workers).
     assert run.data.tags["mvtcae.data.input"] == "held"
+    assert run.data.tags["mvtcae.train.host"] == "ray train worker group"
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"config.yaml", "evaluation"} <= artifacts
     assert "evaluation/evaluation.json" in {

@@ -151,6 +151,12 @@ class SweepSection(Section):
     )
     register_best: bool = Field(default=True, description="best trial through the promotion gate")
     trial_cpus: float = Field(default=0.01, gt=0.0, description="CPUs of the Tune driver function")
+    trials_in_process: bool | None = Field(
+        default=None,
+        description="train each trial in the trial's own process (Ray Train's local mode), which "
+        "then holds the worker's CPUs and GPU, instead of starting a worker group per trial; "
+        "None: when train.num_workers is 1 and not searched",
+    )
     resume: bool = False
     infra_retries: int = Field(
         default=2, ge=0, description="retries of a trial's fit after an infrastructure failure"
@@ -265,6 +271,7 @@ def load_sweep_config(
     spec = SweepSpec(experiment=experiment, tune=tune_file.tune, source=source)
     check_space_against_base(spec)
     check_budget(spec)
+    check_in_process(spec)
     return spec
 
 
@@ -301,6 +308,26 @@ def check_budget(spec: SweepSpec) -> None:
     if asha.enabled and asha.grace_period > epochs:
         raise ConfigError(
             f"tune.asha.grace_period ({asha.grace_period}) exceeds train.epochs ({epochs})"
+        )
+
+
+def in_process_possible(spec: SweepSpec) -> bool:
+    """Whether every trial trains one worker (what training in the trial's process needs)."""
+    return spec.experiment.train.num_workers == 1 and "train.num_workers" not in spec.tune.space
+
+
+def trials_in_process(spec: SweepSpec) -> bool:
+    """``tune.trials_in_process``, the automatic choice decided."""
+    chosen = spec.tune.trials_in_process
+    return in_process_possible(spec) if chosen is None else chosen
+
+
+def check_in_process(spec: SweepSpec) -> None:
+    """Raise ConfigError when trials are to train in process but do not all train one worker."""
+    if spec.tune.trials_in_process and not in_process_possible(spec):
+        raise ConfigError(
+            "tune.trials_in_process: true needs train.num_workers 1 (it is "
+            f"{spec.experiment.train.num_workers}) and no train.num_workers in tune.space"
         )
 
 

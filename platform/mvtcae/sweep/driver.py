@@ -24,14 +24,14 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from mvtcae import storage, tracking
 from mvtcae.config import ConfigError, SweepSpec, trial_eval_config
-from mvtcae.config.sweep import SWEEP_STATE_FILE
+from mvtcae.config.sweep import SWEEP_STATE_FILE, trials_in_process
 from mvtcae.safety.redaction import redact, redact_text
 from mvtcae.safety.values import is_number
 from mvtcae.storage.checkpoints import MODEL_FILES
 from mvtcae.sweep import study as sweep_study
 from mvtcae.sweep.trial import SWEEP_TAG, SweepContext, run_trial
 from mvtcae.tracking.run_logger import SPOOL_DIR, flush_spools, retry_until
-from mvtcae.training import ensure_cluster, prepare_dataset, val_split_name
+from mvtcae.training import ensure_cluster, prepare_dataset, scaling_config, val_split_name
 from mvtcae.training.loop import RUN_ID_KEY
 
 logger = logging.getLogger(__name__)
@@ -203,13 +203,14 @@ def _context(spec: SweepSpec, dataset_dir: str, manifest: Any, parent_run_id: st
         final_eval=spec.tune.final_eval,
         tracking_grace_s=spec.experiment.tracking.outage_grace_s,
         infra_retries=spec.tune.infra_retries,
+        in_process=trials_in_process(spec),
     )
 
 
 def _tuner(spec: SweepSpec, context: SweepContext, study_storage: Any, resume: bool) -> Any:
 
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, context=context), {"CPU": spec.tune.trial_cpus}
+        tune.with_parameters(run_trial, context=context), trial_resources(spec, context)
     )
     if resume:
         logger.info("resuming sweep %s from %s", spec.study_name, spec.experiment_dir)
@@ -232,6 +233,16 @@ def _tuner(spec: SweepSpec, context: SweepContext, study_storage: Any, resume: b
         verbose=1,
     )
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
+
+
+def trial_resources(spec: SweepSpec, context: SweepContext) -> dict[str, float]:
+    """What each trial's process holds: a token CPU when its training runs in a worker group
+    of its own, else what the one training worker needs (its CPUs, and its GPU when used)."""
+    if not context.in_process:
+        return {"CPU": spec.tune.trial_cpus}
+    worker = dict(scaling_config(spec.experiment.train).resources_per_worker or {})
+    worker["CPU"] = max(float(worker.get("CPU", 1.0)), spec.tune.trial_cpus)
+    return worker
 
 
 def _trial_dirname(trial: Any) -> str:

@@ -1,10 +1,12 @@
 """One Tune trial: an MLflow child run around the platform's Ray Train training.
 
-The trial function builds the training's ``TorchTrainer`` (`mvtcae.training.build_trainer`)
-with the sweep's objectives: after every epoch rank 0 measures them on the validation split (a
-measure that α and β do not change) and reports them with the epoch's metrics; Ray Tune's own
-reporting callback forwards them to Tune, which hands them to ASHA and the searcher. Each
-finished trial's last checkpoint is evaluated on the test split in a Ray task of its own.
+The trial plans the training's worker loop (`mvtcae.training.plan_loop`) with the sweep's
+objectives: after every epoch rank 0 measures them on the validation split (a measure that α and
+β do not change) and reports them with the epoch's metrics, and Tune hands them to ASHA and the
+searcher. A single-worker trial trains in its own process (``tune.trials_in_process``;
+`mvtcae.training.hosts.InProcessHost`, which reports each epoch to Tune itself) and evaluates its
+last checkpoint on the test split there; otherwise a ``TorchTrainer`` trains with a worker group
+of its own, Tune's Ray Train callback forwards the reports, and the evaluation runs in a Ray task.
 
 How a trial can end besides completing:
 
@@ -37,16 +39,19 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from mvtcae import storage, tracking
 from mvtcae.config import EvaluationSection, trial_config
 from mvtcae.data import load_manifest
+from mvtcae.evaluation import evaluate_checkpoint
 from mvtcae.safety.redaction import redact_text
 from mvtcae.storage.checkpoints import checkpoint_epoch
 from mvtcae.tracking import lineage
 from mvtcae.tracking.run_logger import SPOOL_DIR, RunLogger, mlflow_client, retry_until
 from mvtcae.training import (
     EpochObjectives,
-    build_trainer,
     evaluation_task,
+    plan_loop,
     raise_for_stop,
     read_stop_record,
+    train_in_process,
+    trainer_for,
 )
 from mvtcae.training.nonfinite import NonFiniteError
 from mvtcae.training.phases import PhaseTimes, timed
@@ -85,6 +90,9 @@ class SweepContext:
     final_eval: bool
     tracking_grace_s: float = 120.0
     infra_retries: int = 2
+    in_process: bool = False
+    """Train in the trial's own process (`mvtcae.training.in_process`), which then holds the
+    worker's resources, instead of in a worker group of its own."""
 
 
 def _spool_location(context: SweepContext, trial_name: str) -> str:
@@ -249,20 +257,29 @@ def _fit(cfg: Any, context: SweepContext, trial_id: str, run_id: str,
         measures=EvaluationSection.model_validate(context.epoch_eval),
         split=context.val_split,
     )
-    trainer = build_trainer(
-        cfg, name, context.dataset_dir, manifest, run_id, context.tracking_uri,
-        callbacks=[TuneReportCallback()], objectives=objectives, phases=phases,
-    )  # fmt: skip
+    plan = plan_loop(cfg, name, context.dataset_dir, manifest, run_id, context.tracking_uri,
+                     objectives, phases)  # fmt: skip
+    if context.in_process:
+        with timed(phases, "trainer_fit"):
+            return train_in_process(plan.loop_cfg, plan.datasets, report_to_tune=True)
+    trainer = trainer_for(cfg, name, plan, callbacks=[TuneReportCallback()])
     with timed(phases, "trainer_fit"):
         return trainer.fit()
 
 
 def _final_evaluation(cfg: Any, context: SweepContext, checkpoint: Any, tracker: RunLogger) -> None:
-    """Evaluate the trial's last checkpoint on the test split in a Ray task with a CPU of its own
-    (and a GPU when training had one); log the measures to the trial's run."""
+    """Evaluate the trial's last checkpoint on the test split, with the CPUs (and the GPU) that
+    training had: in the trial's process when it trained there and holds them, else in a Ray
+    task of its own. Log the measures to the trial's run."""
     root = context.base_config["train"]["storage_path"]
     location = storage.location_of(root, checkpoint.path)
     task, cpus = evaluation_task(cfg.train)
     eval_cfg = cfg.eval.model_copy(update={"plots": False}).model_dump(mode="json")
-    report, _, _, _ = ray.get(task.remote([location], context.dataset_dir, eval_cfg, threads=cpus))
+    if context.in_process:
+        report, _, _, _ = evaluate_checkpoint([location], context.dataset_dir, eval_cfg,
+                                              threads=cpus)  # fmt: skip
+    else:
+        report, _, _, _ = ray.get(
+            task.remote([location], context.dataset_dir, eval_cfg, threads=cpus)
+        )
     tracker.log_metrics(report.metrics, checkpoint_epoch(location) or 0)

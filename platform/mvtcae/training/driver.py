@@ -213,14 +213,21 @@ def _set_controller_poll(seconds: float) -> None:
         os.environ[CONTROLLER_POLL_ENV] = str(seconds)
 
 
-def build_trainer(cfg: ExperimentConfig, run_name: str, dataset_dir: str, manifest: Any,
-                  run_id: str | None, tracking_uri: str | None,
-                  callbacks: list[Any] | None = None,
-                  objectives: EpochObjectives | None = None,
-                  phases: PhaseTimes | None = None) -> ray.train.torch.TorchTrainer:  # fmt: skip
-    """The TorchTrainer for this config (same name + storage path restores a run's state).
+@dataclass(frozen=True)
+class LoopPlan:
+    """What the worker loop of a run is given: its config, and the Ray Datasets it reads
+    (None when the splits are held, their references then in the config)."""
 
-    ``callbacks`` are Ray Train callbacks for the run (e.g. Tune's reporting callback);
+    loop_cfg: dict[str, Any]
+    datasets: dict[str, Any] | None
+
+
+def plan_loop(cfg: ExperimentConfig, run_name: str, dataset_dir: str, manifest: Any,
+              run_id: str | None, tracking_uri: str | None,
+              objectives: EpochObjectives | None = None,
+              phases: PhaseTimes | None = None) -> LoopPlan:  # fmt: skip
+    """The worker loop's config and input for this run (the input validated and opened).
+
     ``objectives`` makes rank 0 measure a sweep's objectives after every epoch and report them.
     """
     tc = cfg.train
@@ -252,6 +259,27 @@ def build_trainer(cfg: ExperimentConfig, run_name: str, dataset_dir: str, manife
             val_split=objectives.split,
             objectives=list(objectives.names),
         )
+    return LoopPlan(loop_cfg=loop_cfg, datasets=None if plan.held else splits)
+
+
+def build_trainer(cfg: ExperimentConfig, run_name: str, dataset_dir: str, manifest: Any,
+                  run_id: str | None, tracking_uri: str | None,
+                  callbacks: list[Any] | None = None,
+                  objectives: EpochObjectives | None = None,
+                  phases: PhaseTimes | None = None) -> ray.train.torch.TorchTrainer:  # fmt: skip
+    """The TorchTrainer for this config (same name + storage path restores a run's state).
+
+    ``callbacks`` are Ray Train callbacks for the run (e.g. Tune's reporting callback);
+    ``objectives``: see `plan_loop`.
+    """
+    plan = plan_loop(cfg, run_name, dataset_dir, manifest, run_id, tracking_uri, objectives, phases)
+    return trainer_for(cfg, run_name, plan, callbacks)
+
+
+def trainer_for(cfg: ExperimentConfig, run_name: str, plan: LoopPlan,
+                callbacks: list[Any] | None = None) -> ray.train.torch.TorchTrainer:  # fmt: skip
+    """The TorchTrainer of a planned run (see `build_trainer`)."""
+    tc = cfg.train
     _set_controller_poll(tc.controller_poll_s)
     run_config = RunConfig(
         name=run_name,
@@ -266,11 +294,11 @@ def build_trainer(cfg: ExperimentConfig, run_name: str, dataset_dir: str, manife
     )
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_cfg,
+        train_loop_config=plan.loop_cfg,
         scaling_config=scaling_config(tc),
         run_config=run_config,
-        datasets=None if plan.held else splits,
-        dataset_config=None if plan.held else _data_config(),
+        datasets=plan.datasets,
+        dataset_config=None if plan.datasets is None else _data_config(),
     )
 
 

@@ -1,4 +1,7 @@
-"""The Ray Train worker loop: restore, train with DDP, validate, checkpoint and report each epoch.
+"""The worker loop: restore, train with DDP, validate, checkpoint and report each epoch.
+
+It runs as a Ray Train worker (`train_loop_per_worker`) or, for a single-worker sweep trial, in
+the caller's process (`train_in_process`); `mvtcae.training.hosts` is the difference.
 
 Rank 0 logs to MLflow (through a `RunLogger`, so a tracking outage never stops training),
 writes each epoch's checkpoint (model, optimizer, scheduler, every rank's RNG states, checksums)
@@ -51,6 +54,7 @@ from mvtcae.storage.checkpoints import (
     save_checkpoint,
 )
 from mvtcae.tracking.run_logger import SPOOL_DIR, RunLogger, client_uri
+from mvtcae.training.hosts import InProcessHost, LoopHost, RayTrainHost
 from mvtcae.training.nonfinite import NonFiniteError, StepGuard, nonfinite_values
 from mvtcae.training.step import (
     bf16_supported,
@@ -91,10 +95,10 @@ class _EpochInput:
     epoch's first-batch wait."""
 
     def __init__(self, split: str, loop_cfg: dict[str, Any], manifest: Any, batch_size: int,
-                 device: torch.device, rank: int, world: int, *, shuffle_buffer: int = 0,
+                 device: torch.device, host: LoopHost, *, shuffle_buffer: int = 0,
                  seed: int = 0) -> None:  # fmt: skip
         self.split, self.manifest, self.batch_size = split, manifest, batch_size
-        self.device, self.rank, self.world = device, rank, world
+        self.device, self.host, self.rank, self.world = device, host, host.rank, host.world
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.held_ref = (loop_cfg.get("held_splits") or {}).get(split)
         self._held: HeldSplit | None = None
@@ -111,7 +115,7 @@ class _EpochInput:
             batches = self._held.batches(rows, self.batch_size)
         else:
             batches = iter_model_batches(
-                ray.train.get_dataset_shard(self.split), self.manifest, self.batch_size,
+                self.host.shard(self.split), self.manifest, self.batch_size,
                 device=self.device, shuffle=shuffle,
                 local_shuffle_buffer_size=self.shuffle_buffer or None,
                 seed=data_order_seed(self.seed, self.rank), epoch=epoch,
@@ -186,19 +190,50 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     Non-finite values stop every rank at the same step; the workers then report the reason
     (`NonFiniteError.to_report`) and return, so that Ray does not restart them for it.
     """
+    run_loop(loop_cfg, RayTrainHost())
+
+
+@dataclass
+class InProcessResult:
+    """What an in-process fit ends with: the last report's metrics and checkpoint (as the
+    ``metrics`` and ``checkpoint`` of Ray Train's ``Result``)."""
+
+    metrics: dict[str, Any]
+    checkpoint: ray.train.Checkpoint | None
+
+
+def train_in_process(loop_cfg: dict[str, Any], datasets: dict[str, Any] | None = None,
+                     *, report_to_tune: bool = False) -> InProcessResult:  # fmt: skip
+    """The worker loop as the only worker, in this process (`InProcessHost`): checkpoints go
+    to ``loop_cfg["run_dir"]``, the run resumes from its newest one, and with
+    ``report_to_tune`` every epoch is reported to the Tune trial this runs in."""
+    train = TrainSection.model_validate(loop_cfg["train"])
+    if train.num_workers != 1:
+        raise ValueError(f"training in process needs train.num_workers 1, not {train.num_workers}")
+    host = InProcessHost(run_dir=loop_cfg["run_dir"], keep=train.checkpoint.num_to_keep,
+                         datasets=datasets, to_tune=report_to_tune)  # fmt: skip
+    threads = torch.get_num_threads()
+    try:
+        run_loop(loop_cfg, host)
+    finally:
+        torch.set_num_threads(threads)  # the caller's process goes on with its own setting
+    return InProcessResult(metrics=host.last_metrics, checkpoint=host.last_checkpoint)
+
+
+def run_loop(loop_cfg: dict[str, Any], host: LoopHost) -> None:
+    """Restore, train, validate, report and checkpoint every epoch, as one worker of ``host``."""
     _worker_logging()
     cfg = TrainSection.model_validate(loop_cfg["train"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank = host.rank
     torch.set_num_threads(int(loop_cfg["threads_per_worker"]))
     _seed_everything(cfg.seed + rank)
-    device = ray.train.torch.get_device()
+    device = host.device()
     if cfg.precision == "bf16" and rank == 0 and not bf16_supported(device):
         logger.warning("%s has no native bf16; bf16 autocast will be slow", device)
     manifest = load_manifest(loop_cfg["dataset_dir"])
     tracker = _rank0_logger(loop_cfg) if rank == 0 else None
     with _system_metrics(loop_cfg, rank):
-        _train(loop_cfg, cfg, rank, world, device, manifest, tracker)
+        _train(loop_cfg, cfg, host, device, manifest, tracker)
 
 
 @contextmanager
@@ -229,16 +264,17 @@ def _system_metrics(loop_cfg: dict[str, Any], rank: int) -> Iterator[None]:
         monitor.finish()
 
 
-def _train(loop_cfg: dict[str, Any], cfg: TrainSection, rank: int, world: int,
+def _train(loop_cfg: dict[str, Any], cfg: TrainSection, host: LoopHost,
            device: torch.device, manifest: Any, tracker: RunLogger | None) -> None:  # fmt: skip
     """The worker's epochs, from a restored checkpoint or from scratch."""
-    checkpoint = ray.train.get_checkpoint()
+    rank, world = host.rank, host.world
+    checkpoint = host.restore_point()
     start_epoch, skipped_before, dir_suffix = 1, 0, ""
     if checkpoint is not None:
         try:
             restored = _restore(checkpoint, cfg, device, rank, world, cfg.seed + rank)
         except CorruptCheckpointError as err:  # a restart would meet the same files: stop
-            _stop(loop_cfg, rank, {CORRUPT_REPORT_KEY: str(err)})
+            _stop(loop_cfg, host, {CORRUPT_REPORT_KEY: str(err)})
             return
         model, optimizer, scheduler = restored.model, restored.optimizer, restored.scheduler
         start_epoch = restored.state.epoch + 1
@@ -251,16 +287,18 @@ def _train(loop_cfg: dict[str, Any], cfg: TrainSection, rank: int, world: int,
         model = MVTCAE(MVTCAEConfig.from_dict(loop_cfg["model_config"])).to(device)
         optimizer = build_optimizer(model.parameters(), cfg)
         scheduler = build_scheduler(optimizer, cfg)
-    ddp_model = ray.train.torch.prepare_model(model)
+    ddp_model = host.wrap_model(model)
     guard = StepGuard(cfg.on_nonfinite, cfg.max_nonfinite_steps, _min_over_workers, skipped_before)
 
     local_batch = max(1, cfg.batch_size // world)
-    train_input = _EpochInput("train", loop_cfg, manifest, local_batch, device, rank, world,
+    train_input = _EpochInput("train", loop_cfg, manifest, local_batch, device, host,
                               shuffle_buffer=int(loop_cfg["shuffle_buffer"]), seed=cfg.seed)  # fmt: skip
-    val_input = _EpochInput("val", loop_cfg, manifest, local_batch, device, rank, world)
+    val_input = _EpochInput("val", loop_cfg, manifest, local_batch, device, host)
     if tracker is not None:
         held = train_input.held_ref is not None
-        tracker.set_tags({"mvtcae.data.input": "held" if held else "ray data"})
+        tracker.set_tags(
+            {"mvtcae.data.input": "held" if held else "ray data", "mvtcae.train.host": host.kind}
+        )
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
             epoch_start = time.perf_counter()
@@ -281,7 +319,7 @@ def _train(loop_cfg: dict[str, Any], cfg: TrainSection, rank: int, world: int,
             if _all_reduce({"bad": float(bool(bad))}, device, op="max")["bad"] > 0:
                 raise NonFiniteError(epoch, None, bad or {"(rank 0's objectives)": float("nan")})
             report_start = time.perf_counter()
-            _report(metrics, epoch, rank, world, model, optimizer, scheduler, cfg, tracker,
+            _report(metrics, epoch, host, model, optimizer, scheduler, cfg, tracker,
                     checkpoint_dir_name(epoch, dir_suffix), loop_cfg.get("run_id"))  # fmt: skip
             if tracker is not None:
                 images_start = time.perf_counter()
@@ -296,7 +334,7 @@ def _train(loop_cfg: dict[str, Any], cfg: TrainSection, rank: int, world: int,
             tracker.set_tags({"mvtcae.nonfinite": str(err)})
         # The objectives are undefined for this epoch; a sweep records the trial as failed here.
         nan_objectives = dict.fromkeys(loop_cfg.get("objectives") or [], float("nan"))
-        _stop(loop_cfg, rank, err.to_report() | nan_objectives)
+        _stop(loop_cfg, host, err.to_report() | nan_objectives)
     finally:
         if tracker is not None:
             tracker.close(float(loop_cfg["tracking_grace_s"]))
@@ -350,13 +388,13 @@ def _log_epoch_images(model: MVTCAE, loop_cfg: dict[str, Any], tracker: RunLogge
         model.train()
 
 
-def _stop(loop_cfg: dict[str, Any], rank: int, record: dict[str, Any]) -> None:
+def _stop(loop_cfg: dict[str, Any], host: LoopHost, record: dict[str, Any]) -> None:
     """End training on every rank: rank 0 records why for the driver; all ranks report it (so
     that a Tune callback sees it at this epoch) and return instead of raising, which Ray would
     answer by restarting the workers."""
-    if rank == 0 and loop_cfg.get("run_dir"):
+    if host.rank == 0 and loop_cfg.get("run_dir"):
         storage.write_text(storage.join(loop_cfg["run_dir"], STOP_FILE), json.dumps(record))
-    ray.train.report(record, checkpoint=None)
+    host.report(record)
 
 
 def read_stop_record(run_dir: str) -> dict[str, Any] | None:
@@ -433,14 +471,15 @@ def _worker_logging() -> None:
         package.propagate = False
 
 
-def _report(metrics: dict[str, float], epoch: int, rank: int, world: int, model: MVTCAE,
+def _report(metrics: dict[str, float], epoch: int, host: LoopHost, model: MVTCAE,
             optimizer: Any, scheduler: Any, cfg: TrainSection, tracker: RunLogger | None,
             dir_name: str, run_id: str | None) -> None:  # fmt: skip
     """Every rank reports; rank 0 alone logs to MLflow and passes a checkpoint (and names its
     MLflow run, so that a sweep can link the trial to it)."""
+    rank, world = host.rank, host.world
     rng_states = _gather_rng_states(world)
     if rank != 0:
-        ray.train.report(metrics, checkpoint=None)
+        host.report(metrics)
         return
     line = "  ".join(
         f"{k}={v:.4g}"
@@ -456,8 +495,4 @@ def _report(metrics: dict[str, float], epoch: int, rank: int, world: int, model:
             epoch=epoch, metrics=metrics, precision=cfg.precision, world_size=world
         )
         save_checkpoint(tmp, model, optimizer, scheduler, state, rng_states)
-        ray.train.report(
-            reported,
-            checkpoint=ray.train.Checkpoint.from_directory(tmp),
-            checkpoint_dir_name=dir_name,
-        )
+        host.report(reported, checkpoint_dir=tmp, dir_name=dir_name)
