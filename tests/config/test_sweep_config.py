@@ -81,3 +81,19 @@ def test_epoch_evaluation_computes_only_what_the_objectives_need():
     cfg = trial_eval_config(spec)
     assert cfg.joint_nll and cfg.coherence and not cfg.latent_accuracy and not cfg.plots
     assert cfg.max_samples == spec.tune.val_max_samples and cfg.nll_subsets_per_size == 0
+
+
+def test_single_worker_trials_train_in_process_unless_told_otherwise(tmp_path):
+    from mvtcae.config.sweep import trials_in_process
+
+    mfeat = REPO / "jobs" / "configs" / "tune_mfeat.yaml"
+    assert trials_in_process(load_sweep_config(mfeat))  # one worker: automatic
+    assert not trials_in_process(load_sweep_config(mfeat, ["tune.trials_in_process=false"]))
+    assert not trials_in_process(load_sweep_config(mfeat, ["train.num_workers=2"]))
+    searched = {"train.num_workers": {"type": "categorical", "choices": [1, 2]}}
+    one = ["train.num_workers=1"]
+    assert not trials_in_process(load_sweep_config(_write(tmp_path, {"space": searched}), one))
+    with pytest.raises(ConfigError, match=r"trials_in_process: true needs train\.num_workers 1"):
+        load_sweep_config(mfeat, ["tune.trials_in_process=true", "train.num_workers=2"])
+    with pytest.raises(ConfigError, match=r"no train\.num_workers in tune\.space"):
+        load_sweep_config(_write(tmp_path, {"space": searched, "trials_in_process": True}), one)
