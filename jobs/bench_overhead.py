@@ -143,10 +143,7 @@ def run_train_repeat(args: argparse.Namespace, index: int, source: Path | None =
     command = [sys.executable, __file__, "--child-train", args.train_config, "--out", str(out)]
     command += [arg for o in overrides for arg in ("--set", o)]
     spawned = time.time()
-    env = os.environ | {SPAWNED_ENV: str(spawned)}
-    if source is not None:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source / "platform"),
-                                                          os.environ.get("PYTHONPATH")]))  # fmt: skip
+    env = _checkout_env(source) | {SPAWNED_ENV: str(spawned)}
     _run_logged(command, root / "job.log", args.verbose, env=env)
     ended = time.time()
     row = json.loads(out.read_text())
@@ -156,10 +153,20 @@ def run_train_repeat(args: argparse.Namespace, index: int, source: Path | None =
 
 
 # ------------------------------------------------------------------- the sweep
+def _checkout_env(source: Path | None) -> dict[str, str]:
+    """The environment of a child job; ``source`` runs another checkout's ``platform/`` (its
+    modules first on PYTHONPATH, which Ray's workers inherit)."""
+    env = dict(os.environ)
+    if source is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source / "platform"),
+                                                          os.environ.get("PYTHONPATH")]))  # fmt: skip
+    return env
+
+
 def run_sweep_once(args: argparse.Namespace, extra: list[str] | None = None,
-                   name: str = "sweep") -> dict[str, Any]:  # fmt: skip
-    """Run the shrunk sweep (with ``extra`` overrides) in a child process, then read its
-    trials' phases from MLflow."""
+                   name: str = "sweep", source: Path | None = None) -> dict[str, Any]:  # fmt: skip
+    """Run the shrunk sweep (with ``extra`` overrides, from checkout ``source``) in a child
+    process, then read its trials' phases from MLflow."""
     root = OUT_DIR / name
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
@@ -169,7 +176,7 @@ def run_sweep_once(args: argparse.Namespace, extra: list[str] | None = None,
     command = [sys.executable, "-m", "mvtcae.cli", "tune", "--config", args.tune_config]
     command += [arg for o in overrides for arg in ("--set", o)]
     spawned = time.time()
-    _run_logged(command, root / "job.log", args.verbose)
+    _run_logged(command, root / "job.log", args.verbose, env=_checkout_env(source))
     process_wall = time.time() - spawned
 
     from bench_tune import sweep_overhead
@@ -265,7 +272,8 @@ def main(argv: list[str] | None = None) -> None:
         "--baseline",
         type=Path,
         help="another checkout (e.g. a git worktree of an older commit) whose "
-        "training jobs alternate with this one's, for a side-by-side table",
+        "training jobs alternate with this one's (and whose sweep runs before this one's), "
+        "for a side-by-side table",
     )
     parser.add_argument("--child-train", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -295,9 +303,11 @@ def main(argv: list[str] | None = None) -> None:
                                                        "total")]  # fmt: skip
         trial_phases += ["overhead", "overhead_with_objectives", "tune_time_total", "trial_wall"]
         before = None
-        if args.sweep_baseline:
-            before = run_sweep_once(args, args.sweep_baseline, name="sweep-baseline")
-            report["sweep_baseline"] = before | {"overrides": args.sweep_baseline}
+        if args.sweep_baseline or args.baseline:
+            source = args.baseline.resolve() if args.baseline else None
+            before = run_sweep_once(args, args.sweep_baseline, "sweep-baseline", source)
+            report["sweep_baseline"] = before | {"overrides": args.sweep_baseline,
+                                                 "source": str(source or REPO)}  # fmt: skip
         sweep = run_sweep_once(args)
         report["sweep"] = sweep
         print(f"\nsweep trials ({args.tune_config}, {len(sweep['trials'])} trials):")
@@ -312,7 +322,10 @@ def main(argv: list[str] | None = None) -> None:
                   f"{o['wall_over_ideal_trial_clock']:.2f} ({o['wall_over_ideal']:.2f} by "
                   f"Tune's time_total_s)")  # fmt: skip
         if before is not None:
-            print(f"\nsweep trials with {args.sweep_baseline} against without:")
+            print(
+                f"\nsweep trials: baseline ({args.baseline or 'this checkout'}, "
+                f"{args.sweep_baseline or 'no overrides'}) against this checkout:"
+            )
             print(compare(before["trials"], sweep["trials"], trial_phases))
     path = OUT_DIR / "bench_overhead.json"
     path.write_text(json.dumps(report, indent=2, default=float))
