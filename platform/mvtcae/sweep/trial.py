@@ -91,7 +91,7 @@ class SweepContext:
     tracking_grace_s: float = 120.0
     infra_retries: int = 2
     in_process: bool = False
-    """Train in the trial's own process (`mvtcae.training.in_process`), which then holds the
+    """Train in the trial's own process (`mvtcae.training.hosts.InProcessHost`), which holds the
     worker's resources, instead of in a worker group of its own."""
 
 
