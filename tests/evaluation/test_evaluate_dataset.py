@@ -258,3 +258,27 @@ def test_evaluation_cost_counts_the_work_of_each_measure():
     assert cost["subset NLL decoder passes"] == 20 * 10 * 3 * 3
     off = EvaluationSection(coherence=False, latent_accuracy=False, nll_subsets_per_size=0)
     assert set(evaluation_cost(off, 3, 50)) == {"joint NLL decoder passes"}
+
+
+def test_evaluate_checkpoint_in_process_leaves_the_callers_thread_count(dataset, trained, tmp_path):
+    from mvtcae.evaluation import evaluate_checkpoint
+    from mvtcae.storage.checkpoints import write_checksums
+
+    checkpoint = tmp_path / "checkpoint_epoch_0001"
+    trained.save(str(checkpoint))
+    write_checksums(checkpoint)
+    cfg = small_config(tmp_path, latent_accuracy=False, coherence=False, plots=False)
+    before = torch.get_num_threads()
+    target = 1 if before > 1 else 2
+    try:
+        report, out_dir, chosen, skipped = evaluate_checkpoint(
+            [str(checkpoint)], str(dataset), cfg, threads=target
+        )
+        # A driver or trial that evaluates in its own process goes on with its own threads.
+        assert torch.get_num_threads() == before
+    finally:
+        torch.set_num_threads(before)
+    assert chosen == str(checkpoint) and skipped == [] and out_dir is None
+    assert report.metrics["eval/joint_nll"] == pytest.approx(
+        evaluate(trained, dataset, cfg).metrics["eval/joint_nll"]
+    )

@@ -139,5 +139,8 @@ def test_a_resumed_run_repeats_the_uninterrupted_losses(
     client = client_for(b.tracking)
     run = client.get_run(_only_run_id(b))
     assert run.info.status == "FINISHED"
+    # The driver started its own local Ray, so it evaluated the checkpoint itself.
+    assert run.data.tags["mvtcae.eval.host"] == "driver"
+    assert "eval/joint_nll" in run.data.metrics
     resumed_after = client.get_metric_history(run.info.run_id, "train/resumed_after_epoch")
     assert [(m.step, m.value) for m in resumed_after] == [(2, 2.0)]

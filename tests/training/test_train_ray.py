@@ -92,6 +92,8 @@ def test_train_tracks_registers_and_resumes(
     # A small materialised dataset is read once and held by the workers (data.hold_in_workers).
     assert run.data.tags["mvtcae.data.input"] == "held"
     assert run.data.tags["mvtcae.train.host"] == "ray train worker group"
+    # This test's Ray is not one the driver started: the evaluation ran in a Ray task.
+    assert run.data.tags["mvtcae.eval.host"] == "ray task"
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"config.yaml", "evaluation"} <= artifacts
     assert "evaluation/evaluation.json" in {

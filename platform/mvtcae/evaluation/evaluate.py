@@ -118,10 +118,25 @@ def evaluate_checkpoint(
     the local directory it was written in (None without ``out_location``), the checkpoint used
     and notes on skipped corrupt ones.
     """
+    config = EvaluationSection.model_validate(cfg) if isinstance(cfg, dict) else cfg
+    before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(max(1, threads))
+    try:
+        return _evaluate_first_intact(candidates, dataset_dir, config, split, out_location)
+    finally:
+        torch.set_num_threads(before)  # an in-process caller goes on with its own setting
+
+
+def _evaluate_first_intact(
+    candidates: Sequence[str],
+    dataset_dir: str,
+    config: EvaluationSection,
+    split: str,
+    out_location: str | None,
+) -> tuple[EvalReport, str | None, str, list[str]]:
+    """`evaluate_checkpoint` with the thread count set."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    config = EvaluationSection.model_validate(cfg) if isinstance(cfg, dict) else cfg
     skipped: list[str] = []
     for location in candidates:
         with storage.local_directory(location, files=(*MODEL_FILES, CHECKSUMS)) as checkpoint_dir:

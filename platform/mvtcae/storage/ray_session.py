@@ -15,6 +15,8 @@ from mvtcae.config.locations import local_path
 
 logger = logging.getLogger(__name__)
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+_started_here: str | None = None
+"""The GCS address of the local Ray this process started, if it started one."""
 
 
 def ensure_ray(address: str | None, local_cpus: int) -> None:
@@ -66,8 +68,22 @@ def start_local_ray(num_cpus: int) -> str:
             }
         },
     )
+    global _started_here
+    _started_here = ray.get_runtime_context().gcs_address
     logger.info("Ray dashboard: http://127.0.0.1:%d", port)
     return f"http://127.0.0.1:{port}"
+
+
+def started_here() -> bool:
+    """Whether the Ray this process is connected to is the local one it started
+    (`start_local_ray`): then the whole cluster is this machine, and no other job uses it."""
+    import ray
+
+    return (
+        _started_here is not None
+        and ray.is_initialized()
+        and ray.get_runtime_context().gcs_address == _started_here
+    )
 
 
 def _dashboard_port(preferred: int) -> int:
