@@ -29,7 +29,7 @@ from mvtcae.safety.redaction import redact, redact_text
 from mvtcae.safety.values import is_number
 from mvtcae.storage.checkpoints import MODEL_FILES
 from mvtcae.sweep import study as sweep_study
-from mvtcae.sweep.trial import SWEEP_TAG, SweepContext, run_trial
+from mvtcae.sweep.trial import INTERRUPTED_TAG, PARENT_TAG, SWEEP_TAG, SweepContext, run_trial
 from mvtcae.tracking.run_logger import SPOOL_DIR, flush_spools, retry_until
 from mvtcae.training import ensure_cluster, prepare_dataset, scaling_config, val_split_name
 from mvtcae.training.loop import RUN_ID_KEY
@@ -78,7 +78,8 @@ def run_sweep(spec: SweepSpec, *, resume: bool | None = None) -> SweepResult:
     if finished:
         sweep_study.fail_orphans(study)
     _flush_trial_spools(spec)
-    _with_tracking(spec, lambda: _close_child_runs(spec, grid, finished), "closing trial runs")
+    _with_tracking(spec, lambda: _close_child_runs(spec, grid, finished, parent_run_id),
+                   "closing trial runs")  # fmt: skip
     result = SweepResult(
         study_name=spec.study_name, storage=spec.tune.storage,
         experiment_dir=spec.experiment_dir, parent_run_id=parent_run_id,
@@ -225,6 +226,9 @@ def _tuner(spec: SweepSpec, context: SweepContext, study_storage: Any, resume: b
         num_samples=spec.tune.num_samples + spec.tune.max_infra_replacements,
         max_concurrent_trials=spec.tune.max_concurrent,
         trial_dirname_creator=_trial_dirname,
+        # An in-process trial's actor, with torch and the platform imported, trains the next
+        # trial too (Tune resets it between trials): a process start and imports less each.
+        reuse_actors=context.in_process,
     )
     run_config = tune.RunConfig(
         name=spec.study_name,
@@ -250,26 +254,32 @@ def _trial_dirname(trial: Any) -> str:
 
 
 def _scheduler(spec: SweepSpec) -> Any:
-    """ASHA on epochs, on the first objective (Tune's schedulers take one metric)."""
-    asha = spec.tune.asha
-    if not asha.enabled:
+    """ASHA on epochs, on the first objective (Tune's schedulers take one metric).
+
+    Its rungs lie strictly before the last epoch and it never stops a trial at ``max_t``: a
+    trial stopped at its last report would lose its NaN check and final evaluation, and
+    stopping it there saves nothing. With the grace period at the last epoch there is no rung
+    left, so trials run first in, first out.
+    """
+    asha, epochs = spec.tune.asha, spec.experiment.train.epochs
+    if not asha.enabled or asha.grace_period >= epochs:
         return FIFOScheduler()
     return ASHAScheduler(
         time_attr="training_iteration",
         metric=spec.tune.metrics[0],
         mode=spec.tune.modes[0],
-        # One past the last epoch: at max_t ASHA stops every trial, which would kill the trial
-        # function before its NaN check and final evaluation.
-        max_t=spec.experiment.train.epochs + 1,
+        max_t=epochs - 1,
+        stop_last_trials=False,
         grace_period=asha.grace_period,
         reduction_factor=asha.reduction_factor,
         brackets=asha.brackets,
     )
 
 
-def _close_child_runs(spec: SweepSpec, grid: Any, finished: bool) -> None:
+def _close_child_runs(spec: SweepSpec, grid: Any, finished: bool, parent_run_id: str) -> None:
     """Trials that Tune stopped (ASHA) or cut short never ended their MLflow run: end it here,
-    from each trial's result (its error, its last epoch) and whether the sweep finished."""
+    from each trial's result (its error, its last epoch) and whether the sweep finished. A run
+    still open after that belongs to a trial cut before its first report: KILLED."""
     client = tracking.client_for(spec.experiment.tracking)
     epochs = spec.experiment.train.epochs
     for result in grid:
@@ -281,12 +291,20 @@ def _close_child_runs(spec: SweepSpec, grid: Any, finished: bool) -> None:
         if result.error is not None:
             client.set_terminated(run_id, status="FAILED")
         elif not finished and epoch < epochs:
-            client.set_tag(run_id, "mvtcae.tune.interrupted", f"after epoch {epoch}")
+            client.set_tag(run_id, INTERRUPTED_TAG, f"after epoch {epoch}")
             client.set_terminated(run_id, status="KILLED")
         else:
             if epoch < epochs:
                 client.set_tag(run_id, "mvtcae.tune.early_stopped", f"after epoch {epoch} (ASHA)")
             client.set_terminated(run_id, status="FINISHED")
+    parent = client.get_run(parent_run_id)
+    still_open = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'",
+    )
+    for run in still_open:
+        client.set_tag(run.info.run_id, INTERRUPTED_TAG, "before its first epoch")
+        client.set_terminated(run.info.run_id, status="KILLED")
 
 
 def _summed_trial_time(grid: Any) -> float:

@@ -61,6 +61,7 @@ logger = logging.getLogger(__name__)
 TRIAL_TAG = "mvtcae.tune.trial_id"
 SWEEP_TAG = "mvtcae.tune.sweep"
 PARENT_TAG = "mlflow.parentRunId"
+INTERRUPTED_TAG = "mvtcae.tune.interrupted"
 FAILURE_KIND_KEY = "mvtcae/failure_kind"
 FAILURE_KEY = "mvtcae/failure"
 INFRASTRUCTURE = "infrastructure"
@@ -99,9 +100,23 @@ def _spool_location(context: SweepContext, trial_name: str) -> str:
     return storage.join(context.base_config["train"]["storage_path"], trial_name, SPOOL_DIR)
 
 
-def start_child_run(context: SweepContext, trial_id: str, params: dict[str, Any]) -> str:
-    """Create the trial's MLflow run nested under the sweep's parent run; log its sampled values."""
+def start_child_run(
+    context: SweepContext, trial_id: str, params: dict[str, Any]
+) -> tuple[str, bool]:
+    """The trial's MLflow run nested under the sweep's parent run, and whether it was reopened:
+    the run of this trial that an interruption cut (so a resumed trial keeps one run and one
+    history), else a new run with the trial's sampled values."""
     client = mlflow_client(context.tracking_uri)
+    cut = client.search_runs(
+        [context.experiment_id],
+        filter_string=f"tags.`{PARENT_TAG}` = '{context.parent_run_id}' and "
+        f"tags.`{TRIAL_TAG}` = '{trial_id}' and attributes.status = 'KILLED'",
+    )
+    if cut:
+        run_id = cut[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        client.delete_tag(run_id, INTERRUPTED_TAG)
+        return run_id, True
     run = client.create_run(
         context.experiment_id,
         run_name=f"{context.sweep_name}-{trial_id}",
@@ -112,7 +127,7 @@ def start_child_run(context: SweepContext, trial_id: str, params: dict[str, Any]
         },
     )
     client.log_dict(run.info.run_id, dict(params), "trial_params.json")
-    return run.info.run_id
+    return run.info.run_id, False
 
 
 def check_finite(metrics: dict[str, Any], names: tuple[str, ...], where: str) -> None:
@@ -159,17 +174,19 @@ def run_trial(params: dict[str, Any], context: SweepContext) -> None:
     started = time.perf_counter()
     try:
         with phases.phase("run_setup"):
-            run_id = retry_until(lambda: start_child_run(context, trial_id, params),
-                                 f"trial {trial_id}: creating its MLflow run",
-                                 context.tracking_grace_s)  # fmt: skip
+            run_id, reopened = retry_until(
+                lambda: start_child_run(context, trial_id, params),
+                f"trial {trial_id}: creating its MLflow run", context.tracking_grace_s,
+            )  # fmt: skip
     except Exception as err:
         _give_up_on_infrastructure(context, trial_id, err)
     tracker = RunLogger(context.tracking_uri, run_id,
                         spool=_spool_location(context, trial_name))  # fmt: skip
     try:
         cfg = trial_config(context.base_config, params, source=f"trial {trial_id} {params}")
-        with phases.phase("run_setup"):
-            _log_config(cfg, context, run_id)
+        if not reopened:  # a reopened run has them already (MLflow params are write-once)
+            with phases.phase("run_setup"):
+                _log_config(cfg, context, run_id)
         result = _fit_with_retries(cfg, context, trial_id, run_id, trial_name, phases)
         check_finite(result.metrics or {}, ("train/loss", "val/loss"), f"trial {trial_id}")
         if context.final_eval and result.checkpoint is not None:
@@ -177,6 +194,12 @@ def run_trial(params: dict[str, Any], context: SweepContext) -> None:
                 _final_evaluation(cfg, context, result.checkpoint, tracker)
         timings = phases.as_metrics() | {"time/trial_total_s": time.perf_counter() - started}
         tracker.log_metrics(timings, int((result.metrics or {}).get("epoch", 0)))
+    except SystemExit:
+        # Tune stopped the trial (ASHA, or the sweep ending or interrupted): its report call
+        # exits the trial's thread. Not a failure: the sweep ends the run from the trial's
+        # result (`sweep.driver._close_child_runs`: early-stopped, interrupted or finished).
+        tracker.close(tracker_grace(tracker))
+        raise
     except BaseException as err:
         _end(tracker, "FAILED", err)
         if is_infrastructure_error(err):
