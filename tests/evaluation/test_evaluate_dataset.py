@@ -282,3 +282,42 @@ def test_evaluate_checkpoint_in_process_leaves_the_callers_thread_count(dataset,
     assert report.metrics["eval/joint_nll"] == pytest.approx(
         evaluate(trained, dataset, cfg).metrics["eval/joint_nll"]
     )
+
+
+def test_latent_probe_from_experts_encoded_once_matches_encoding_each_subset(dataset, trained):
+    """The probe encodes each modality once and multiplies experts per subset; an independent
+    computation encodes every subset's rows with `MVTCAE.encode`, as a user would."""
+    from mvtcae.evaluation.probe import (
+        expert_table,
+        latent_accuracy,
+        linear_probe_accuracy,
+        subset_means,
+    )
+    from mvtcae.evaluation.split import subsets_of_size
+
+    cfg = EvaluationSection(max_samples=100, probe_train_samples=300, batch_size=32)
+    train = load_eval_split(dataset, "train", cfg.probe_train_samples, cfg.seed)
+    test = load_eval_split(dataset, "test", cfg.max_samples, cfg.seed)
+    mods = trained.modalities
+
+    def encoded(split, subset, rows):
+        with torch.no_grad():
+            z = trained.encode(split.batch(rows, subset), cond_mod=list(subset), return_mean=True).z
+        return z.numpy()
+
+    table = expert_table(trained, test, cfg.batch_size, "cpu")
+    expected = {}
+    for k in range(1, len(mods) + 1):
+        for subset in subsets_of_size(mods, k, None, np.random.default_rng(0)):
+            rows = test.rows_with(subset)
+            np.testing.assert_allclose(
+                subset_means(table, mods, subset, rows), encoded(test, subset, rows),
+                rtol=1e-5, atol=1e-6,
+            )  # fmt: skip
+            train_rows = train.rows_with(subset)
+            expected["+".join(subset)] = linear_probe_accuracy(
+                encoded(train, subset, train_rows), train.labels[train_rows],
+                encoded(test, subset, rows), test.labels[rows], cfg.probe_max_iter, cfg.seed,
+            )  # fmt: skip
+    _, details = latent_accuracy(trained, train, test, cfg, "cpu")
+    assert details == pytest.approx(expected)

@@ -9,32 +9,47 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from mvtcae.config.evaluation import EvaluationSection
 from mvtcae.evaluation.progress import progress
 from mvtcae.evaluation.split import EvalSplit, nanmean, subsets_of_size
+from mvtcae.model.gaussian import product_of_experts
 
 if TYPE_CHECKING:
     from mvtcae import MVTCAE
 
 
 @torch.no_grad()
-def posterior_means(
-    model: MVTCAE,
-    split: EvalSplit,
-    cond_mod: Sequence[str],
-    rows: np.ndarray,
-    batch_size: int,
-    device: str | torch.device,
+def expert_table(
+    model: MVTCAE, split: EvalSplit, batch_size: int, device: str | torch.device
+) -> tuple[Tensor, Tensor]:
+    """Every modality's expert (mean, log-variance) for every row of ``split``: (M, n, d) each,
+    float32 on the CPU, modalities in the model's order. Rows where a modality is absent hold
+    values no subset uses (`subset_means` reads only rows where the whole subset is present)."""
+    mods = model.modalities
+    mus, logvars = [], []
+    for start in range(0, len(split), batch_size):
+        rows = np.arange(start, min(start + batch_size, len(split)))
+        mu, logvar, _ = model.experts(split.batch(rows, mods, device), mods)
+        mus.append(mu.float().cpu())
+        logvars.append(logvar.float().cpu())
+    if not mus:
+        empty = torch.zeros((len(mods), 0, model.latent_dim))
+        return empty, empty.clone()
+    return torch.cat(mus, dim=1), torch.cat(logvars, dim=1)
+
+
+def subset_means(
+    table: tuple[Tensor, Tensor], modalities: Sequence[str], subset: Sequence[str], rows: np.ndarray
 ) -> np.ndarray:
-    """Posterior means given ``cond_mod`` for the given rows, (len(rows), latent_dim)."""
-    out = []
-    for start in range(0, len(rows), batch_size):
-        batch = split.batch(rows[start : start + batch_size], cond_mod, device)
-        out.append(model.encode(batch, cond_mod=list(cond_mod), return_mean=True).z.float().cpu())
-    if not out:
-        return np.zeros((0, model.latent_dim), dtype=np.float32)
-    return torch.cat(out).numpy()
+    """Posterior means given ``subset`` for ``rows`` (where all of it is present), (len(rows), d):
+    the product of the subset's experts from `expert_table`, as `MVTCAE.encode` computes it."""
+    index = torch.as_tensor([list(modalities).index(m) for m in subset])
+    rows_t = torch.as_tensor(rows, dtype=torch.long)
+    mus, logvars = table
+    mean, _ = product_of_experts(mus[index][:, rows_t], logvars[index][:, rows_t])
+    return mean.numpy()
 
 
 def linear_probe_accuracy(
@@ -83,12 +98,16 @@ def latent_accuracy(
         for s in subsets_of_size(mods, k, cfg.max_subsets_per_size, rng)
     ]
     per_k: dict[int, list[float]] = {}
+    # Each modality's expert is encoded once per split; a subset's posterior is then only the
+    # product of its experts (63 subsets of mfeat: 6 encoder passes per split, not 192).
+    train_table = expert_table(model, train, cfg.batch_size, device)
+    test_table = expert_table(model, test, cfg.batch_size, device)
     for k, subset in progress(jobs, "latent probe"):
         train_rows, test_rows = train.rows_with(subset), test.rows_with(subset)
         acc = linear_probe_accuracy(
-            posterior_means(model, train, subset, train_rows, cfg.batch_size, device),
+            subset_means(train_table, mods, subset, train_rows),
             train.labels[train_rows],
-            posterior_means(model, test, subset, test_rows, cfg.batch_size, device),
+            subset_means(test_table, mods, subset, test_rows),
             test.labels[test_rows],
             cfg.probe_max_iter,
             cfg.seed,

@@ -95,14 +95,20 @@ class MVTCAE(nn.Module):
             logvars.append(logvar.to(dtype))
         return torch.stack(mus), torch.stack(logvars), _presence(batch, mods)
 
+    def experts(
+        self, inputs: Any, cond_mod: str | Sequence[str] = "all"
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The unimodal posteriors that `joint_posterior` multiplies: (E, n, d) means and
+        log-variances of ``cond_mod`` in order, and their bool (E, n) presence (None: all
+        present). Combine any subset of them with `mvtcae.model.gaussian.product_of_experts`."""
+        batch = as_batch(inputs)
+        return self._experts(batch, self._cond_modalities(cond_mod, batch))
+
     def joint_posterior(
         self, inputs: Any, cond_mod: str | Sequence[str] = "all"
     ) -> tuple[Tensor, Tensor]:
         """(mu, logvar) of the product of experts over ``cond_mod``, each (n, d)."""
-        batch = as_batch(inputs)
-        mods = self._cond_modalities(cond_mod, batch)
-        mus, logvars, present = self._experts(batch, mods)
-        return product_of_experts(mus, logvars, present)
+        return product_of_experts(*self.experts(inputs, cond_mod))
 
     def _cond_modalities(self, cond_mod: Any, batch: MultimodalBatch) -> list[str]:
         if cond_mod == "all":
