@@ -11,9 +11,10 @@ Steady-state samples/s is the per-epoch training throughput after the first (war
 printed as median [min, max]; the fixed start-up overhead of a Ray run (cluster, workers,
 process group, data pipeline, first-epoch warm-up excluded) is reported separately as the
 `fit()` wall time minus the time spent in epochs. The short runs' final validation losses show
-whether bf16 stays within the fp32 run-to-run noise (fp32 with 1 vs 2 workers).
+whether bf16 stays within the fp32 run-to-run noise (fp32 with 1 vs 2 workers; with
+``--seeds N``, Ray Train 1 worker fp32 and bf16 over N seeds each).
 
-    .venv/bin/python jobs/bench_train.py [--rows 4096] [--epochs 5] [--networks mlp,conv]
+    .venv/bin/python jobs/bench_train.py [--rows 4096] [--epochs 5] [--networks mlp,conv] [--seeds 3]
 """
 
 from __future__ import annotations
@@ -56,6 +57,11 @@ def _args() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--data-dir", type=Path, default=REPO / "data" / "bench-polymnist")
     p.add_argument("--out", type=Path, default=REPO / "outputs" / "bench" / "bench_train.json")
+    p.add_argument(
+        "--seeds", type=int, default=1,
+        help="with N > 1, Ray Train 1 worker fp32 and bf16 also run with seeds 1..N-1, to set "
+        "bf16's validation loss against fp32's run-to-run spread over N seeds",
+    )  # fmt: skip
     return p.parse_args()
 
 
@@ -72,13 +78,47 @@ def _fmt(s: dict[str, float]) -> str:
     return f"{s['median']:8.0f} [{s['min']:.0f}, {s['max']:.0f}]"
 
 
+def matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """This machine's n x n x n matmul throughput in GFLOP/s at 2 threads (median of repeats):
+    the ceiling the training throughputs are set against."""
+    torch.set_num_threads(2)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def step_flops_per_sample(cfg: Any, manifest: Any) -> float:
+    """FLOPs of one training step (loss forward and backward, fp32) per sample, counted by
+    torch's FlopCounterMode on a batch of ``train.batch_size`` rows (matmuls and convolutions;
+    the optimizer's elementwise update is not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mvtcae import MVTCAE, MultimodalBatch
+    from mvtcae.training import model_config_for
+
+    model = MVTCAE(model_config_for(cfg.model, manifest))
+    n = cfg.train.batch_size
+    batch = MultimodalBatch(
+        data={m: torch.rand(n, *spec.shape) for m, spec in manifest.modalities.items()}
+    )
+    with FlopCounterMode(display=False) as counter:
+        model(batch).loss.backward()
+    return counter.get_total_flops() / n
+
+
 def _config(data_dir: Path, rows: int, networks: str, latent: int, batch: int, epochs: int,
-            storage: Path, workers: int, precision: str) -> Any:  # fmt: skip
+            storage: Path, workers: int, precision: str, seed: int = 0) -> Any:  # fmt: skip
     cpus = 2 // workers
     return load_config(
         DEMO_CONFIG,
         [
-            f"name=bench-{networks}-{workers}w-{precision}",
+            f"name=bench-{networks}-{workers}w-{precision}" + (f"-seed{seed}" if seed else ""),
+            f"train.seed={seed}",
             "data.dataset=polymnist", f"data.dir={data_dir}", f"data.n_train={rows}",
             "data.n_test=512",
             f"model.latent_dim={latent}", f"model.networks={networks}",
@@ -278,7 +318,7 @@ def bench_network(args: argparse.Namespace, networks: str, storage: Path) -> dic
         data_dir, rows, networks, args.latent, args.batch_size, args.epochs, storage, 1, "fp32"
     )
     dataset_dir, manifest = prepare_dataset(base)
-    out: dict[str, Any] = {"rows": rows}
+    out: dict[str, Any] = {"rows": rows, "flops_per_sample": step_flops_per_sample(base, manifest)}
     print(f"\n== {networks}: {rows} tuples, latent {args.latent}, batch {args.batch_size}, "
           f"{args.epochs} epochs (first = warm-up)", flush=True)  # fmt: skip
     for precision in ("fp32", "bf16"):
@@ -305,7 +345,28 @@ def bench_network(args: argparse.Namespace, networks: str, storage: Path) -> dic
                   f"({r['epoch_samples_per_s']['median']:.0f} over whole epochs, first-batch wait "
                   f"{r['first_batch_wait_s']['median']:.2f} s/epoch), start-up "
                   f"{r['startup_overhead_s']:.1f} s, val/loss {r['val_loss']:.2f}", flush=True)  # fmt: skip
+    if args.seeds > 1:
+        out["seeds"] = seed_spread(args, data_dir, rows, networks, storage, out)
     return out
+
+
+def seed_spread(args: argparse.Namespace, data_dir: Path, rows: int, networks: str,
+                storage: Path, out: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """Final validation losses of Ray Train 1 worker fp32 and bf16 over ``args.seeds`` seeds
+    (seed 0 is the main run): does bf16 stay within fp32's run-to-run spread?"""
+    losses: dict[str, list[float]] = {}
+    for precision in ("fp32", "bf16"):
+        losses[precision] = [out[f"ray_1w_{precision}"]["val_loss"]]
+        for seed in range(1, args.seeds):
+            cfg = _config(data_dir, rows, networks, args.latent, args.batch_size, args.epochs,
+                          storage, 1, precision, seed)  # fmt: skip
+            losses[precision].append(ray_run(cfg)["val_loss"])
+            print(f"  ray 1w {precision} seed {seed}: val/loss {losses[precision][-1]:.2f}",
+                  flush=True)  # fmt: skip
+    fp32, bf16 = _summary(losses["fp32"]), _summary(losses["bf16"])
+    gap = abs(bf16["median"] - fp32["median"])
+    return {"val_loss": losses, "fp32": fp32, "bf16": bf16, "median_gap": gap,
+            "fp32_spread": fp32["max"] - fp32["min"]}  # fmt: skip
 
 
 def _median(r: dict[str, Any], key: str) -> float:
@@ -331,10 +392,18 @@ def _targets(r: dict[str, Any]) -> str:
 def report(results: dict[str, Any]) -> str:
     """The summary table: throughput, ratios to the plain fp32 loop, start-up, validation."""
     lines = []
+    peaks = results.get("matmul_gflops", {})
+    if peaks:
+        lines.append(f"\nmatmul ceiling (2048^3, 2 threads): fp32 {peaks['fp32']:.0f} GFLOP/s, "
+                     f"bf16 {peaks['bf16']:.0f} GFLOP/s")  # fmt: skip
     for networks, r in results.items():
+        if networks == "matmul_gflops":
+            continue
         base = r["plain_fp32"]["samples_per_s"]["median"]
         lines.append(
-            f"\n{networks} ({r['rows']} tuples)   samples/s median [min, max]   x plain fp32   start-up s   val/loss"
+            f"\n{networks} ({r['rows']} tuples, {r['flops_per_sample'] / 1e6:.0f} MFLOP per "
+            "sample per step)   samples/s median [min, max]   x plain fp32   start-up s   val/loss"
+            "   GFLOP/s (of its precision's matmul)"
         )
         for key in ("plain_fp32", "plain_bf16", "multivae_fp32", *RAY_KEYS):
             s = r.get(key, {"skipped": "not run"})
@@ -343,13 +412,26 @@ def report(results: dict[str, Any]) -> str:
                 continue
             ratio = s["samples_per_s"]["median"] / base
             startup = f"{s['startup_overhead_s']:10.1f}" if "startup_overhead_s" in s else " " * 10
-            val = f"{s['val_loss']:10.2f}" if "val_loss" in s else ""
+            val = f"{s['val_loss']:10.2f}" if "val_loss" in s else " " * 10
+            gflops = s["samples_per_s"]["median"] * r["flops_per_sample"] / 1e9
+            peak = peaks.get("bf16" if key.endswith("bf16") else "fp32")
+            share = f" ({gflops / peak:.0%})" if peak else ""
             lines.append(
                 f"  {key:13s} {_fmt(s['samples_per_s'])}   {ratio:10.2f}   {startup}   {val}"
+                f"   {gflops:6.0f}{share}"
             )
         noise = abs(r["ray_1w_fp32"]["val_loss"] - r["ray_2w_fp32"]["val_loss"])
         gap = abs(r["ray_1w_bf16"]["val_loss"] - r["ray_1w_fp32"]["val_loss"])
         lines.append(f"  bf16 vs fp32 val/loss gap {gap:.3f}; fp32 run-to-run gap {noise:.3f}")
+        if "seeds" in r:
+            sd = r["seeds"]
+            within = "within" if sd["median_gap"] <= sd["fp32_spread"] else "OUTSIDE"
+            lines.append(
+                f"  val/loss over {sd['fp32']['n']} seeds, ray 1w: fp32 {sd['fp32']['median']:.2f} "
+                f"[{sd['fp32']['min']:.2f}, {sd['fp32']['max']:.2f}], bf16 {sd['bf16']['median']:.2f} "
+                f"[{sd['bf16']['min']:.2f}, {sd['bf16']['max']:.2f}]: median gap "
+                f"{sd['median_gap']:.2f}, {within} fp32's spread {sd['fp32_spread']:.2f}"
+            )
         lines.append(_targets(r))
     return "\n".join(lines)
 
@@ -362,11 +444,15 @@ def main() -> None:
     t0 = time.perf_counter()
     ray.init(num_cpus=4)
     print(f"ray.init: {time.perf_counter() - t0:.1f} s (fixed cost, once per process)")
-    results = {}
+    results: dict[str, Any] = {}
+    peaks = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}
+    print(f"matmul 2048^3 at 2 threads: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 "
+          f"{peaks['bf16']:.0f} GFLOP/s", flush=True)  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="mvtcae-bench-") as storage:
         for networks in args.networks.split(","):
             results[networks] = bench_network(args, networks, Path(storage) / networks)
     ray.shutdown()
+    results["matmul_gflops"] = peaks
     text = report(results)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
