@@ -57,7 +57,7 @@ def _runs(client, cfg) -> list:
 def test_train_tracks_registers_and_resumes(
     tmp_path: Path, tiny_dataset: Path, make_config
 ) -> None:
-    cfg = make_config(tmp_path, tiny_dataset)
+    cfg = make_config(tmp_path, tiny_dataset, "tracking.system_metrics_interval_s=1")
     result = train(cfg)
 
     # The loss goes down and every epoch reported its terms, throughput and time.
@@ -94,6 +94,9 @@ def test_train_tracks_registers_and_resumes(
     assert run.data.tags["mvtcae.train.host"] == "ray train worker group"
     # This test's Ray is not one the driver started: the evaluation ran in a Ray task.
     assert run.data.tags["mvtcae.eval.host"] == "ray task"
+    # Two workers on one node: the node's first worker samples the machine, once.
+    assert "system/rank0/cpu_utilization_percentage" in run.data.metrics
+    assert not [k for k in run.data.metrics if k.startswith("system/rank1/")]
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"config.yaml", "evaluation"} <= artifacts
     assert "evaluation/evaluation.json" in {

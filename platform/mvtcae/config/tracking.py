@@ -30,8 +30,9 @@ class TrackingSection(Section):
     system_metrics_interval_s: float = Field(
         default=10.0,
         ge=0.0,
-        description="every Ray Train worker samples CPU, memory, disk, network (and GPU) every "
-        "this many seconds into the run as system/rank<k>/... (MLflow's system metrics); 0: off",
+        description="the first training worker on every node samples its machine's CPU, memory, "
+        "disk, network (and GPU) every this many seconds into the run as system/rank<k>/... "
+        "(MLflow's system metrics; k: that worker's rank); 0: off",
     )
     outage_grace_s: float = Field(
         default=120.0,

@@ -46,6 +46,8 @@ class LoopHost(Protocol):
     """How the run's MLflow tag ``mvtcae.train.host`` names this host."""
     rank: int
     world: int
+    local_rank: int
+    """This worker's rank among the workers on its node (0: the node's first worker)."""
 
     def device(self) -> torch.device:
         """This worker's torch device."""
@@ -77,6 +79,7 @@ class RayTrainHost:
     def __init__(self) -> None:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.local_rank = ctx.get_local_rank()
 
     def device(self) -> torch.device:
         return ray.train.torch.get_device()
@@ -107,6 +110,7 @@ class InProcessHost:
     kind: str = "in process"
     rank: int = 0
     world: int = 1
+    local_rank: int = 0
     last_metrics: dict[str, Any] = field(default_factory=dict)
     last_checkpoint: ray.train.Checkpoint | None = None
 

@@ -232,16 +232,24 @@ def run_loop(loop_cfg: dict[str, Any], host: LoopHost) -> None:
         logger.warning("%s has no native bf16; bf16 autocast will be slow", device)
     manifest = load_manifest(loop_cfg["dataset_dir"])
     tracker = _rank0_logger(loop_cfg) if rank == 0 else None
-    with _system_metrics(loop_cfg, rank):
+    with _system_metrics(loop_cfg, rank, sampler=host.local_rank == 0):
         _train(loop_cfg, cfg, host, device, manifest, tracker)
 
 
 @contextmanager
-def _system_metrics(loop_cfg: dict[str, Any], rank: int) -> Iterator[None]:
+def _system_metrics(loop_cfg: dict[str, Any], rank: int, sampler: bool) -> Iterator[None]:
     """MLflow's system metrics of this worker's machine, into the run as ``system/rank<k>/...``
-    (one series per worker, so several nodes do not overwrite each other)."""
+    when this worker is its node's ``sampler`` (its first worker): one series per node, named
+    by that worker's rank, so that nodes do not overwrite each other and no machine is sampled
+    twice (each monitor also costs its worker an MLflow client: over a second at start with a
+    SQLite store)."""
     interval = float(loop_cfg.get("system_metrics_interval_s") or 0)
-    if interval <= 0 or not loop_cfg.get("run_id") or not loop_cfg.get("tracking_uri"):
+    if (
+        not sampler
+        or interval <= 0
+        or not loop_cfg.get("run_id")
+        or not loop_cfg.get("tracking_uri")
+    ):
         yield
         return
     try:  # imported here: it needs psutil, and training goes on without it
