@@ -109,6 +109,13 @@ def test_a_run_fitted_again_resumes_where_an_uninterrupted_one_would_be(
     for key in ("train/loss", "val/loss"):
         assert rest.metrics[key] == pytest.approx(whole.metrics[key], rel=1e-6), key
 
+    # Fitted again with no epoch left (a trial cut before its final evaluation): nothing is
+    # trained, and the fit ends with the last checkpoint, for the evaluation to use.
+    done = _fit(again, "resumed", tiny_dataset)
+    assert done.checkpoint is not None
+    assert Path(done.checkpoint.path).name == "checkpoint_epoch_0003"
+    assert run_checkpoints(run_dir) == ["checkpoint_epoch_0003"]
+
 
 def test_only_a_single_worker_trains_in_process(tmp_path: Path, tiny_dataset: Path, make_config):
     cfg = make_config(tmp_path, tiny_dataset)  # two workers

@@ -290,7 +290,7 @@ def _close_child_runs(spec: SweepSpec, grid: Any, finished: bool, parent_run_id:
         epoch = int(metrics.get("epoch", 0))
         if result.error is not None:
             client.set_terminated(run_id, status="FAILED")
-        elif not finished and epoch < epochs:
+        elif not finished:  # cut, at the latest between its last epoch and its evaluation
             client.set_tag(run_id, INTERRUPTED_TAG, f"after epoch {epoch}")
             client.set_terminated(run_id, status="KILLED")
         else:

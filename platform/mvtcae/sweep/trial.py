@@ -103,9 +103,9 @@ def _spool_location(context: SweepContext, trial_name: str) -> str:
 def start_child_run(
     context: SweepContext, trial_id: str, params: dict[str, Any]
 ) -> tuple[str, bool]:
-    """The trial's MLflow run nested under the sweep's parent run, and whether it was reopened:
-    the run of this trial that an interruption cut (so a resumed trial keeps one run and one
-    history), else a new run with the trial's sampled values."""
+    """The trial's MLflow run nested under the sweep's parent run, and whether it has its
+    config already: the run of this trial that an interruption cut, reopened (so a resumed
+    trial keeps one run and one history), else a new run with the trial's sampled values."""
     client = mlflow_client(context.tracking_uri)
     cut = client.search_runs(
         [context.experiment_id],
@@ -116,7 +116,7 @@ def start_child_run(
         run_id = cut[0].info.run_id
         client.update_run(run_id, status="RUNNING")
         client.delete_tag(run_id, INTERRUPTED_TAG)
-        return run_id, True
+        return run_id, bool(cut[0].data.params)  # cut before its config was logged: log it
     run = client.create_run(
         context.experiment_id,
         run_name=f"{context.sweep_name}-{trial_id}",
@@ -174,7 +174,7 @@ def run_trial(params: dict[str, Any], context: SweepContext) -> None:
     started = time.perf_counter()
     try:
         with phases.phase("run_setup"):
-            run_id, reopened = retry_until(
+            run_id, configured = retry_until(
                 lambda: start_child_run(context, trial_id, params),
                 f"trial {trial_id}: creating its MLflow run", context.tracking_grace_s,
             )  # fmt: skip
@@ -184,7 +184,7 @@ def run_trial(params: dict[str, Any], context: SweepContext) -> None:
                         spool=_spool_location(context, trial_name))  # fmt: skip
     try:
         cfg = trial_config(context.base_config, params, source=f"trial {trial_id} {params}")
-        if not reopened:  # a reopened run has them already (MLflow params are write-once)
+        if not configured:  # a reopened run has them already (MLflow params are write-once)
             with phases.phase("run_setup"):
                 _log_config(cfg, context, run_id)
         result = _fit_with_retries(cfg, context, trial_id, run_id, trial_name, phases)

@@ -123,7 +123,9 @@ class InProcessHost:
         if not names:
             return None
         fs, path = storage.resolve(storage.join(self.run_dir, names[-1]))
-        return ray.train.Checkpoint(path=path, filesystem=fs)
+        # A run fitted again after its last epoch reports nothing new: it ends with this one.
+        self.last_checkpoint = ray.train.Checkpoint(path=path, filesystem=fs)
+        return self.last_checkpoint
 
     def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
