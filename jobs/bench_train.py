@@ -5,8 +5,10 @@ the reference library's own trainer (multivae 1.0.3 `BaseTrainer`, fp32) on the 
 For each network family (default MLP and conv, PolyMNIST-sized, latent 512) it runs, in one
 process: the plain loop (fp32, and bf16 for reference), multivae's `BaseTrainer` (MLP only: its
 default networks are MLPs; skipped with a message when multivae is not installed) and four real
-`mvtcae.training` runs. The two targets printed per family are "Ray Train 1 worker fp32 / plain
-fp32 loop" (>= 0.97) and "best Ray Train configuration / multivae BaseTrainer fp32" (>= 2.5).
+`mvtcae.training` runs, then the plain fp32 loop again (its epochs before and after the Ray
+runs together are the fp32 baseline, so that drift of a shared machine shows and evens out).
+The two targets printed per family are "Ray Train 1 worker fp32 / plain fp32 loop" (>= 0.97)
+and "best Ray Train configuration / multivae BaseTrainer fp32" (>= 2.5).
 Steady-state samples/s is the per-epoch training throughput after the first (warm-up) epoch,
 printed as median [min, max]; the fixed start-up overhead of a Ray run (cluster, workers,
 process group, data pipeline, first-epoch warm-up excluded) is reported separately as the
@@ -345,9 +347,27 @@ def bench_network(args: argparse.Namespace, networks: str, storage: Path) -> dic
                   f"({r['epoch_samples_per_s']['median']:.0f} over whole epochs, first-batch wait "
                   f"{r['first_batch_wait_s']['median']:.2f} s/epoch), start-up "
                   f"{r['startup_overhead_s']:.1f} s, val/loss {r['val_loss']:.2f}", flush=True)  # fmt: skip
+    bracket_plain_fp32(out, base, dataset_dir, manifest)
     if args.seeds > 1:
         out["seeds"] = seed_spread(args, data_dir, rows, networks, storage, out)
     return out
+
+
+def bracket_plain_fp32(out: dict[str, Any], cfg: Any, dataset_dir: Path, manifest: Any) -> None:
+    """Run the plain fp32 loop again after the Ray runs, so that the ratios to it span the
+    same stretch of time as the Ray runs (a shared machine drifts): ``plain_fp32`` becomes the
+    steady epochs of both runs, and ``plain_fp32_drift`` the second's median over the first's."""
+    before = out["plain_fp32"]
+    after = plain_loop(cfg, dataset_dir, manifest, "fp32")
+    drift = after["samples_per_s"]["median"] / before["samples_per_s"]["median"]
+    out["plain_fp32"] = {
+        "samples_per_s": _summary(before["per_epoch"][1:] + after["per_epoch"][1:]),
+        "per_epoch": before["per_epoch"] + after["per_epoch"],
+        "before": before, "after": after,
+    }  # fmt: skip
+    out["plain_fp32_drift"] = drift
+    print(f"  plain loop fp32 again after the Ray runs: {_fmt(after['samples_per_s'])} samples/s "
+          f"(x{drift:.2f} the first run; the ratios use both)", flush=True)  # fmt: skip
 
 
 def seed_spread(args: argparse.Namespace, data_dir: Path, rows: int, networks: str,
@@ -423,6 +443,9 @@ def report(results: dict[str, Any]) -> str:
         noise = abs(r["ray_1w_fp32"]["val_loss"] - r["ray_2w_fp32"]["val_loss"])
         gap = abs(r["ray_1w_bf16"]["val_loss"] - r["ray_1w_fp32"]["val_loss"])
         lines.append(f"  bf16 vs fp32 val/loss gap {gap:.3f}; fp32 run-to-run gap {noise:.3f}")
+        if "plain_fp32_drift" in r:
+            lines.append(f"  plain fp32 after the Ray runs / before: {r['plain_fp32_drift']:.2f} "
+                         "(the machine's drift over the run)")  # fmt: skip
         if "seeds" in r:
             sd = r["seeds"]
             within = "within" if sd["median_gap"] <= sd["fp32_spread"] else "OUTSIDE"
