@@ -115,11 +115,15 @@ def test_train_tracks_registers_and_resumes(
     plots = client.list_artifacts(result.run_id, "evaluation/plots")
     assert any(a.path.endswith(".png") for a in plots)
 
-    # Resume with more epochs: the same Ray run and MLflow run continue from epoch 3.
+    # Resume with more epochs: the same Ray run and MLflow run continue from epoch 3. An
+    # attempt that died after logging epoch 4 but before its checkpoint left a value there:
+    # epoch 4 is trained again and not logged twice.
+    client.log_metric(result.run_id, "val/loss", 123.0, step=4)
     longer = make_config(tmp_path, tiny_dataset, "train.epochs=4")
     resumed = train(longer, resume=True)
     assert (resumed.run_id, resumed.run_dir) == (result.run_id, result.run_dir)
     assert [s for s, _ in _history(client, result.run_id, "val/loss")] == [1, 2, 3, 4]
+    assert [s for s, _ in _history(client, result.run_id, "train/loss")] == [1, 2, 3]
     assert _history(client, result.run_id, "train/resumed_after_epoch") == [(3, 3.0)]
     assert len(_runs(client, cfg)) == 1
     assert resumed.registered.version == 2

@@ -164,6 +164,16 @@ class RunLogger:
             except Exception as err:  # noqa: BLE001 - a picture must not stop training
                 logger.warning("image %s of step %d not logged: %s", name, step, err)
 
+    def logged_steps(self, key: str) -> set[int]:
+        """The steps at which ``key`` is in the run already (empty when the server cannot say:
+        then nothing is taken as logged)."""
+        try:
+            history = mlflow_client(self.tracking_uri).get_metric_history(self.run_id, key)
+        except Exception as err:  # noqa: BLE001 - an outage must not stop training
+            logger.warning("could not read %s of run %s: %s", key, self.run_id, err)
+            return set()
+        return {int(m.step) for m in history}
+
     def set_tags(self, tags: Mapping[str, str]) -> None:
         """Queue tags and try to send."""
         self.pending.tags.update({k: str(v)[:5000] for k, v in tags.items()})

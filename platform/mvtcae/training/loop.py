@@ -278,6 +278,7 @@ def _train(loop_cfg: dict[str, Any], cfg: TrainSection, host: LoopHost,
     rank, world = host.rank, host.world
     checkpoint = host.restore_point()
     start_epoch, skipped_before, dir_suffix = 1, 0, ""
+    logged: set[int] = set()
     if checkpoint is not None:
         try:
             restored = _restore(checkpoint, cfg, device, rank, world, cfg.seed + rank)
@@ -291,6 +292,9 @@ def _train(loop_cfg: dict[str, Any], cfg: TrainSection, host: LoopHost,
             dir_suffix = uuid.uuid4().hex[:6]
         if tracker is not None:
             _announce_restore(tracker, restored)
+            # Epochs the run logged after this checkpoint, before the process died: trained
+            # again from it (the same numbers), but not logged twice.
+            logged = {s for s in tracker.logged_steps("val/loss") if s >= start_epoch}
     else:
         model = MVTCAE(MVTCAEConfig.from_dict(loop_cfg["model_config"])).to(device)
         optimizer = build_optimizer(model.parameters(), cfg)
@@ -327,15 +331,16 @@ def _train(loop_cfg: dict[str, Any], cfg: TrainSection, host: LoopHost,
             if _all_reduce({"bad": float(bool(bad))}, device, op="max")["bad"] > 0:
                 raise NonFiniteError(epoch, None, bad or {"(rank 0's objectives)": float("nan")})
             report_start = time.perf_counter()
-            _report(metrics, epoch, host, model, optimizer, scheduler, cfg, tracker,
+            epoch_tracker = None if epoch in logged else tracker
+            _report(metrics, epoch, host, model, optimizer, scheduler, cfg, epoch_tracker,
                     checkpoint_dir_name(epoch, dir_suffix), loop_cfg.get("run_id"))  # fmt: skip
-            if tracker is not None:
+            if epoch_tracker is not None:
                 images_start = time.perf_counter()
-                _log_epoch_images(model, loop_cfg, tracker, epoch, device)
+                _log_epoch_images(model, loop_cfg, epoch_tracker, epoch, device)
                 # After the report, so logged beside it: what checkpointing and images cost.
-                tracker.log_metrics({"perf/report_s": images_start - report_start,
-                                     "perf/images_s": time.perf_counter() - images_start},
-                                    epoch)  # fmt: skip
+                epoch_tracker.log_metrics({"perf/report_s": images_start - report_start,
+                                           "perf/images_s": time.perf_counter() - images_start},
+                                          epoch)  # fmt: skip
     except NonFiniteError as err:
         if tracker is not None:
             logger.error("%s", err)
