@@ -58,6 +58,27 @@ def test_metrics_survive_an_outage_and_a_lost_process(tmp_path: Path):
         server.stop()
 
 
+def test_logged_steps_reads_the_run_and_says_nothing_when_down_without_the_password(
+    tmp_path: Path, caplog
+):
+    server = MlflowServer(tmp_path / "server").start()
+    try:
+        run_id = _new_run(server.uri)
+        secret = "s3cr3t-steps-pw"
+        uri = server.uri.replace("http://", f"http://reader:{secret}@")
+        logger = RunLogger(uri, run_id)
+        logger.log_metrics({"val/loss": 2.0}, step=1)
+        logger.log_metrics({"val/loss": 1.0}, step=3)
+        assert logger.logged_steps("val/loss") == {1, 3}
+        server.stop()
+        with caplog.at_level("WARNING"):
+            assert logger.logged_steps("val/loss") == set()  # down: nothing taken as logged
+        assert "could not read val/loss" in caplog.text
+        assert secret not in caplog.text
+    finally:
+        server.stop()
+
+
 def test_retry_until_gives_up_with_a_clear_error_after_its_grace():
     calls = []
 

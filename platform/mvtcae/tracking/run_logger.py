@@ -170,7 +170,9 @@ class RunLogger:
         try:
             history = mlflow_client(self.tracking_uri).get_metric_history(self.run_id, key)
         except Exception as err:  # noqa: BLE001 - an outage must not stop training
-            logger.warning("could not read %s of run %s: %s", key, self.run_id, err)
+            logger.warning("could not read %s of run %s from %s (%s: %s)", key, self.run_id,
+                           redact_text(self.tracking_uri), type(err).__name__,
+                           redact_text(str(err))[:200])  # fmt: skip
             return set()
         return {int(m.step) for m in history}
 
