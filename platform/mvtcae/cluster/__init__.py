@@ -35,6 +35,7 @@ from typing import Any
 
 import yaml
 
+from mvtcae.model.errors import UserError
 from mvtcae.tracking import auth as mlflow_auth
 
 RUNTIME_ENV = Path("infra", "local", "runtime_env.yaml")
@@ -75,7 +76,7 @@ MLFLOW_ADMIN = "admin"
 _log = logging.getLogger(__name__)
 
 
-class ClusterError(RuntimeError):
+class ClusterError(UserError, RuntimeError):
     """The local cluster cannot start, be reached or be stopped; the message says what to do."""
 
 

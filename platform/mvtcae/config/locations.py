@@ -16,13 +16,14 @@ from urllib.parse import parse_qsl, urlparse
 
 import pyarrow.fs as pafs
 
+from mvtcae.model.errors import UserError
 from mvtcae.safety.redaction import redact_text
 
 URI_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
 SECRET_QUERY_KEYS = frozenset({"access_key", "secret_key", "session_token", "password"})
 
 
-class CredentialsInLocationError(ValueError):
+class CredentialsInLocationError(UserError, ValueError):
     """A location with credentials written into it; its message never repeats the location."""
 
 

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from mvtcae.config.locations import CredentialsInLocationError, local_path, normalize
 from mvtcae.config.locations import resolve as resolve_location
+from mvtcae.model.errors import UserError
 from mvtcae.safety.names import UnsafeNameError, check_relative_path, path_inside
 
 HASH_CHUNK_BYTES = 4 * 2**20
@@ -36,7 +37,7 @@ def sha256_file(path: str | os.PathLike, fs: pafs.FileSystem | None = None) -> s
     return digest.hexdigest()
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset directory does not match its manifest or holds bad values."""
 
 

@@ -9,13 +9,15 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from mvtcae.model.errors import UserError
+
 DISTRIBUTIONS = ("normal", "laplace", "bernoulli", "categorical")
 SCALED_DISTRIBUTIONS = ("normal", "laplace")
 DEFAULT_NETWORKS = ("mlp", "conv")
 ARCHITECTURE_PARTS = ("encoders", "decoders")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value is invalid; the message names the field (and modality)."""
 
 

@@ -13,6 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mvtcae.model.errors import UserError
+
 from .config import MVTCAEConfig
 
 # The model class, passed in by MVTCAE.load: this module never imports it (no import cycle).
@@ -35,7 +37,7 @@ def network_reference(net: nn.Module) -> dict[str, Any]:
     }
 
 
-class UntrustedModuleError(ValueError):
+class UntrustedModuleError(UserError, ValueError):
     """A saved model names a network that loading refuses to rebuild (see `trusted_names`)."""
 
 

@@ -15,6 +15,8 @@ import os
 import re
 from pathlib import Path
 
+from mvtcae.model.errors import UserError
+
 MAX_NAME_LENGTH = 128
 ALLOWED = (
     f"1-{MAX_NAME_LENGTH} characters from A-Z a-z 0-9 _ . -, starting with a letter or digit, "
@@ -23,7 +25,7 @@ ALLOWED = (
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
-class UnsafeNameError(ValueError):
+class UnsafeNameError(UserError, ValueError):
     """A name or relative path could reach outside its directory, or uses unsafe characters."""
 
 

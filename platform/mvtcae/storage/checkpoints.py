@@ -33,6 +33,7 @@ import pyarrow.fs as pafs
 import torch
 
 from mvtcae import MVTCAE
+from mvtcae.model.errors import UserError
 from mvtcae.model.persistence import ARCHITECTURE_FILE, CONFIG_FILE, WEIGHTS_FILE
 from mvtcae.safety.trust import platform_trusted_modules
 
@@ -51,7 +52,7 @@ CHECKPOINT_DIR_PATTERN = re.compile(r"^checkpoint_epoch_(\d+)(?:-[0-9a-f]+)?$")
 logger = logging.getLogger(__name__)
 
 
-class CorruptCheckpointError(RuntimeError):
+class CorruptCheckpointError(UserError, RuntimeError):
     """A checkpoint whose files are missing or differ from its recorded checksums."""
 
 

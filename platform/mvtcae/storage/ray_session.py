@@ -12,6 +12,7 @@ import socket
 import uuid
 
 from mvtcae.config.locations import local_path
+from mvtcae.model.errors import UserError
 
 logger = logging.getLogger(__name__)
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
@@ -98,7 +99,7 @@ def _dashboard_port(preferred: int) -> int:
     raise RuntimeError("no free TCP port on 127.0.0.1 for the Ray dashboard")
 
 
-class NodeLocalPathError(RuntimeError):
+class NodeLocalPathError(UserError, RuntimeError):
     """A local path that a multi-node cluster needs on every node is not the same on every node."""
 
 

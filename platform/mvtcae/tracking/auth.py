@@ -24,6 +24,8 @@ import os
 import stat
 from pathlib import Path
 
+from mvtcae.model.errors import UserError
+
 CREDENTIALS_FILE_ENV = "MVTCAE_MLFLOW_CREDENTIALS_FILE"
 USERNAME_ENV = "MLFLOW_TRACKING_USERNAME"
 PASSWORD_ENV = "MLFLOW_TRACKING_PASSWORD"
@@ -32,7 +34,7 @@ SECTION = "mlflow"
 _log = logging.getLogger(__name__)
 
 
-class CredentialsFileError(RuntimeError):
+class CredentialsFileError(UserError, RuntimeError):
     """The credentials file is missing, unreadable or malformed (the message names the file)."""
 
 

@@ -21,6 +21,7 @@ import yaml
 
 from mvtcae.config.locations import normalize
 from mvtcae.data import Manifest, load_manifest, validate_dataset
+from mvtcae.model.errors import UserError
 from mvtcae.safety.redaction import redact_text
 
 DATASET_NAME_TAG = "mvtcae.dataset.name"
@@ -33,7 +34,7 @@ LINEAGE_TAGS = (DATASET_NAME_TAG, DATASET_DIGEST_TAG, DATASET_SOURCE_TAG)
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
 
-class LineageError(ValueError):
+class LineageError(UserError, ValueError):
     """A model URI that cannot be traced; the message says what is missing."""
 
 

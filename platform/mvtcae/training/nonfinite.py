@@ -18,12 +18,14 @@ from typing import Any
 
 import torch
 
+from mvtcae.model.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 REPORT_PREFIX = "nonfinite/"
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(UserError, RuntimeError):
     """Training produced NaN or infinite values; the message names where and which terms."""
 
     def __init__(
