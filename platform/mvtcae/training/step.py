@@ -53,17 +53,18 @@ def model_config_for(section: ModelSection, manifest: Any) -> MVTCAEConfig:
 
 
 def build_optimizer(params: Any, cfg: TrainSection) -> torch.optim.Optimizer:
-    """The optimizer named in the config."""
+    """The optimizer named in the config over ``params``: pass ``model.named_parameters()``, so
+    that its state records every parameter's name and a checkpoint restores it by name."""
     opt = cfg.optimizer
     # The fused kernels (CPU and CUDA) update all parameters in one pass: about 3.5x faster
     # steps than the per-tensor "foreach" path on a 17M-parameter PolyMNIST model.
     if opt.name == "adam":
         return torch.optim.Adam(
-            params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay, fused=True
+            params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay, fused=opt.fused
         )
     if opt.name == "adamw":
         return torch.optim.AdamW(
-            params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay, fused=True
+            params, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay, fused=opt.fused
         )
     return torch.optim.SGD(params, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
 
