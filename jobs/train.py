@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if not any(a == "--config" or a.startswith("--config=") for a in args):
         args = ["--config", str(DEMO_CONFIG), *args]
-    train_command.main(args=args, prog_name="jobs/train.py", standalone_mode=True)
+    train_command.main(args=args, prog_name="python jobs/train.py", standalone_mode=True)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from unittest import mock
 import pytest
 
 from mvtcae import cluster
+from mvtcae.storage.processes import proc_stat
 from mvtcae.tracking import auth as mlflow_auth
 
 REPO = Path(__file__).resolve().parents[2]
@@ -354,11 +355,11 @@ def test_stop_process_tree_reaches_children_in_other_sessions(spec):
     while not log.read_text().strip() and time.monotonic() < deadline:
         time.sleep(0.1)
     grandchild = int(log.read_text().split()[0])
-    assert cluster._proc_stat(grandchild)[1] != record["pid"]  # another process group
+    assert proc_stat(grandchild)[1] != record["pid"]  # another process group
     stopped = cluster.stop_process_trees([record], grace_s=5)
     assert {record["pid"], grandchild} <= stopped
     for pid in (record["pid"], grandchild):
-        assert cluster._proc_stat(pid) is None
+        assert proc_stat(pid) is None
 
 
 def test_stop_process_tree_kills_what_ignores_sigterm(spec):
@@ -367,7 +368,7 @@ def test_stop_process_tree_kills_what_ignores_sigterm(spec):
     time.sleep(0.5)
     started = time.monotonic()
     cluster.stop_process_trees([record], grace_s=1)
-    assert cluster._proc_stat(record["pid"]) is None
+    assert proc_stat(record["pid"]) is None
     assert time.monotonic() - started < 10
 
 
@@ -424,10 +425,10 @@ def _leader_leaving_a_child_behind(spec) -> tuple[dict, int]:
     record = cluster._spawn("ray-head", [sys.executable, "-c", code], os.environ.copy(), spec)
     child = int(_wait_for_line(Path(record["log"])))
     deadline = time.monotonic() + 20
-    while cluster._proc_stat(record["pid"]) is not None and time.monotonic() < deadline:
+    while proc_stat(record["pid"]) is not None and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert cluster._proc_stat(record["pid"]) is None
-    assert cluster._proc_stat(child)[1] == record["pid"]  # still in the dead leader's group
+    assert proc_stat(record["pid"]) is None
+    assert proc_stat(child)[1] == record["pid"]  # still in the dead leader's group
     return record, child
 
 
@@ -468,14 +469,14 @@ def test_stale_state_and_strays_are_cleared_by_pid(spec, caplog):
             stopped = cluster.clear_stale(spec)
         assert {child, stray.pid} <= set(stopped)
         assert stray.wait(timeout=10) is not None
-        assert cluster._proc_stat(child) is None
+        assert proc_stat(child) is None
         assert cluster.strays(spec) == []
         assert not spec.state_file.exists()
         assert "earlier cluster" in caplog.text and str(stray.pid) in caplog.text
         assert cluster.clear_stale(spec) == []  # nothing left to do
     finally:
         for pid in (child, stray.pid):
-            if cluster._proc_stat(pid) is not None:
+            if proc_stat(pid) is not None:
                 os.kill(pid, signal.SIGKILL)
         stray.wait()
 
@@ -492,10 +493,10 @@ def test_up_clears_what_an_earlier_cluster_left_before_anything_else(spec):
             with pytest.raises(cluster.ClusterError, match="ports already in use"):
                 cluster.up(spec)
         assert stray.wait(timeout=10) is not None
-        assert cluster._proc_stat(child) is None
+        assert proc_stat(child) is None
         assert not spec.state_file.exists()
     finally:
         for pid in (child, stray.pid):
-            if cluster._proc_stat(pid) is not None:
+            if proc_stat(pid) is not None:
                 os.kill(pid, signal.SIGKILL)
         stray.wait()

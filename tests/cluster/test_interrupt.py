@@ -24,6 +24,7 @@ import clusterkit
 import pytest
 
 from mvtcae import cluster
+from mvtcae.storage.processes import group_members
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -56,7 +57,7 @@ def _stop_leftovers(
         os.killpg(child.pid, signal.SIGKILL)
         child.wait()
     else:  # the group outlives its reaped leader only while members are left; its id with it
-        for pid in cluster._group_members(child.pid):
+        for pid in group_members(child.pid):
             os.kill(pid, signal.SIGKILL)
     if spec is not None:
         cluster.stop_process_trees(records, grace_s=2)

@@ -28,6 +28,7 @@ import pytest
 from clusterkit import cli as _cli
 
 from mvtcae import cluster
+from mvtcae.storage.processes import proc_stat
 from mvtcae.tracking import auth as mlflow_auth
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -286,7 +287,7 @@ def test_down_stops_every_process_it_started(running):
     assert len(recorded) == 3
     down = _cli(env, "down", timeout=120)
     assert down.returncode == 0, down.stdout + down.stderr
-    assert all(cluster._proc_stat(pid) is None for pid in recorded)
+    assert all(proc_stat(pid) is None for pid in recorded)
     assert cluster.strays(spec) == []
     assert not spec.state_file.exists()
     assert cluster.http_get(f"{spec.dashboard_url}/api/version")[0] == 0

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from mvtcae.cli.outcome import handles_failures
+
 
 @click.command("train")
 @click.option(
@@ -25,16 +27,18 @@ import click
 )
 @click.option("--resume", is_flag=True, help="Continue the latest run of this config's name.")
 @click.option("--print-config", is_flag=True, help="Print the validated config and exit.")
+@handles_failures(resumable=True)
 def train_command(
     config_path: Path | None, overrides: tuple[str, ...], resume: bool, print_config: bool
 ) -> None:
-    """Train MVTCAE on Ray Train, evaluate the best checkpoint and register it in MLflow."""
-    from mvtcae.config import ConfigError, load_config
+    """Train MVTCAE on Ray Train, evaluate the best checkpoint and register it in MLflow.
 
-    try:
-        cfg = load_config(config_path, list(overrides))
-    except ConfigError as err:
-        raise click.UsageError(str(err)) from None
+    Ctrl-C (or SIGTERM) stops the run's workers and ends its MLflow run KILLED; the same
+    command with --resume continues it from its newest checkpoint.
+    """
+    from mvtcae.config import load_config
+
+    cfg = load_config(config_path, list(overrides))
     if print_config:
         click.echo(cfg.to_yaml(), nl=False)
         return

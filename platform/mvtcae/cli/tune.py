@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from mvtcae.cli.outcome import handles_failures
+
 
 @click.command("tune")
 @click.option(
@@ -26,26 +28,21 @@ import click
 )
 @click.option("--resume", is_flag=True, help="Continue the interrupted sweep of this study name.")
 @click.option("--print-config", is_flag=True, help="Print the validated sweep config and exit.")
+@handles_failures(resumable=True)
 def tune_command(
     config_path: Path | None, overrides: tuple[str, ...], resume: bool, print_config: bool
 ) -> None:
     """Run a Ray Tune + Optuna sweep, log it to MLflow and register the best model."""
     import yaml
 
-    from mvtcae.config import ConfigError, load_sweep_config
+    from mvtcae.config import load_sweep_config
     from mvtcae.sweep import format_sweep_summary, run_sweep
 
-    try:
-        spec = load_sweep_config(config_path, list(overrides))
-    except ConfigError as err:
-        raise click.UsageError(str(err)) from None
+    spec = load_sweep_config(config_path, list(overrides))
     if print_config:
         click.echo(yaml.safe_dump(spec.to_dict(), sort_keys=False), nl=False)
         return
-    try:
-        result = run_sweep(spec, resume=resume or spec.tune.resume)
-    except ConfigError as err:
-        raise click.UsageError(str(err)) from None
+    result = run_sweep(spec, resume=resume or spec.tune.resume)
     click.echo("\n" + "=" * 30 + " MVTCAE sweep summary " + "=" * 30)
     click.echo(format_sweep_summary(result))
     sys.stdout.flush()

@@ -14,7 +14,6 @@ Run as ``mvtcae cluster {up,down,status,env,submit}`` (or ``python -m mvtcae.cli
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import logging
 import os
@@ -36,6 +35,13 @@ from typing import Any
 import yaml
 
 from mvtcae.model.errors import UserError
+from mvtcae.storage.processes import (
+    all_pids,
+    descendants,
+    group_members,
+    proc_stat,
+    signal_all,
+)
 from mvtcae.tracking import auth as mlflow_auth
 
 RUNTIME_ENV = Path("infra", "local", "runtime_env.yaml")
@@ -296,42 +302,6 @@ def read_token(spec: ClusterSpec) -> str:
 # --- processes, by PID -------------------------------------------------------------------------
 
 
-def _proc_stat(pid: int) -> tuple[int, int, int] | None:
-    """(parent pid, process group, start time in clock ticks), or None if ``pid`` has exited."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    fields = raw[raw.rindex(")") + 2 :].split()
-    # After the command name: state, ppid, pgrp, ... starttime is field 22 of the full line.
-    if fields[0] in ("Z", "X"):
-        return None  # Exited; only waiting for its parent to reap it.
-    return int(fields[1]), int(fields[2]), int(fields[19])
-
-
-def _all_pids() -> list[int]:
-    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
-
-
-def _descendants(root: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for pid in _all_pids():
-        stat = _proc_stat(pid)
-        if stat is not None:
-            children.setdefault(stat[0], []).append(pid)
-    found, todo = set(), [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def _group_members(pgid: int) -> set[int]:
-    return {pid for pid in _all_pids() if (s := _proc_stat(pid)) is not None and s[1] == pgid}
-
-
 def _belongs_to(pid: int, temp_dirs: list[Path]) -> bool:
     """Whether a process is a Ray process or job of a cluster with one of these temp dirs.
 
@@ -358,7 +328,7 @@ def strays(spec: ClusterSpec) -> list[int]:
     """Processes that still belong to this cluster (by its temp dirs), if any."""
     dirs = [spec.head_temp_dir, spec.node_temp_dir]
     me = os.getpid()
-    return sorted(p for p in _all_pids() if p != me and _belongs_to(p, dirs))
+    return sorted(p for p in all_pids() if p != me and _belongs_to(p, dirs))
 
 
 def _spawn(name: str, argv: list[str], env: dict[str, str], spec: ClusterSpec) -> dict[str, Any]:
@@ -375,7 +345,7 @@ def _spawn(name: str, argv: list[str], env: dict[str, str], spec: ClusterSpec) -
             cwd=project_dir(),
             start_new_session=True,
         )
-    stat = _proc_stat(proc.pid)
+    stat = proc_stat(proc.pid)
     return {
         "name": name,
         "pid": proc.pid,
@@ -386,14 +356,8 @@ def _spawn(name: str, argv: list[str], env: dict[str, str], spec: ClusterSpec) -
 
 
 def _is_same_process(record: dict[str, Any]) -> bool:
-    stat = _proc_stat(record["pid"])
+    stat = proc_stat(record["pid"])
     return stat is not None and stat[2] == record["start_time"]
-
-
-def _signal_all(pids: set[int], sig: int) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
 
 
 def stop_process_trees(records: list[dict[str, Any]], grace_s: float = 8.0) -> set[int]:
@@ -408,25 +372,25 @@ def stop_process_trees(records: list[dict[str, Any]], grace_s: float = 8.0) -> s
     the leader's own children.
     """
     leaders = [r["pid"] for r in records if _is_same_process(r)]
-    groups = leaders + [r["pid"] for r in records if _proc_stat(r["pid"]) is None]
+    groups = leaders + [r["pid"] for r in records if proc_stat(r["pid"]) is None]
 
     def members() -> set[int]:
-        return set().union(*(_group_members(pgid) for pgid in groups)) if groups else set()
+        return set().union(*(group_members(pgid) for pgid in groups)) if groups else set()
 
     targets = set(leaders) | members()
     for pid in leaders:
-        targets |= _descendants(pid)
-    _signal_all(targets, signal.SIGTERM)
+        targets |= descendants(pid)
+    signal_all(targets, signal.SIGTERM)
     alive = targets
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:
-        alive = {p for p in targets if _proc_stat(p) is not None} | members()
+        alive = {p for p in targets if proc_stat(p) is not None} | members()
         if not alive:
             return targets
         time.sleep(0.2)
-    _signal_all(alive | members(), signal.SIGKILL)
+    signal_all(alive | members(), signal.SIGKILL)
     deadline = time.monotonic() + 5
-    while any(_proc_stat(p) is not None for p in alive) and time.monotonic() < deadline:
+    while any(proc_stat(p) is not None for p in alive) and time.monotonic() < deadline:
         time.sleep(0.1)
     return targets
 
@@ -438,11 +402,11 @@ def stop_strays(spec: ClusterSpec, grace_s: float = 2.0) -> set[int]:
     found = set(strays(spec))
     if not found:
         return set()
-    _signal_all(found, signal.SIGTERM)
+    signal_all(found, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     while (alive := set(strays(spec))) and time.monotonic() < deadline:
         time.sleep(0.2)
-    _signal_all(alive, signal.SIGKILL)
+    signal_all(alive, signal.SIGKILL)
     found |= alive
     deadline = time.monotonic() + 10
     while (remaining := strays(spec)) and time.monotonic() < deadline:

@@ -13,11 +13,16 @@ import uuid
 
 from mvtcae.config.locations import local_path
 from mvtcae.model.errors import UserError
+from mvtcae.storage import processes
 
 logger = logging.getLogger(__name__)
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 _started_here: str | None = None
 """The GCS address of the local Ray this process started, if it started one."""
+_local_ray: set[processes.ProcessRef] = set()
+"""The processes ``ray.init`` started for that local Ray (its GCS, raylet, dashboard, ...)."""
+_connected_here = False
+"""Whether `ensure_ray` connected this process to Ray (rather than the caller)."""
 
 
 def ensure_ray(address: str | None, local_cpus: int) -> None:
@@ -26,6 +31,7 @@ def ensure_ray(address: str | None, local_cpus: int) -> None:
     import ray
     import ray.data
 
+    global _connected_here
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
@@ -33,6 +39,7 @@ def ensure_ray(address: str | None, local_cpus: int) -> None:
         ray.init(address=address)
     else:
         start_local_ray(local_cpus)
+    _connected_here = True
     # The per-epoch lines are the progress display of a run; Ray Data's operator bars would
     # interleave with them in the driver's output.
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -54,6 +61,7 @@ def start_local_ray(num_cpus: int) -> str:
     import ray
 
     port = _dashboard_port(int(os.environ.get("MVTCAE_DASHBOARD_PORT", "8265")))
+    before = processes.children(os.getpid())
     ray.init(
         num_cpus=num_cpus,
         dashboard_host="127.0.0.1",
@@ -69,10 +77,47 @@ def start_local_ray(num_cpus: int) -> str:
             }
         },
     )
-    global _started_here
+    global _started_here, _local_ray
     _started_here = ray.get_runtime_context().gcs_address
+    # What ray.init started: this process's new children and, later, everything below them.
+    started = processes.children(os.getpid()) - before
+    _local_ray = {r for pid in started if (r := processes.ref(pid)) is not None}
+    if _local_ray:
+        processes.start_watch(_local_ray)
     logger.info("Ray dashboard: http://127.0.0.1:%d", port)
     return f"http://127.0.0.1:{port}"
+
+
+def local_ray_processes() -> set[processes.ProcessRef]:
+    """The live processes of the local Ray this process started (empty when it started none)."""
+    return processes.tree(*_local_ray) if _local_ray else set()
+
+
+def shutdown(grace_s: float = 5.0) -> None:
+    """Disconnect from Ray; when this process started the local Ray, stop every process of it,
+    by PID, those its raylet started included (``ray.shutdown`` leaves agents behind).
+
+    On a cluster this process only connected to, disconnecting ends the run's actors: Ray
+    kills the actors a driver owns when it leaves, and a Train run's controller (which owns
+    the workers) is one.
+    """
+    import ray
+
+    global _started_here, _local_ray, _connected_here
+    local = local_ray_processes()
+    if ray.is_initialized():
+        ray.shutdown()
+    stopped = processes.stop(local, grace_s)
+    if stopped:
+        logger.debug("stopped %d processes of the local Ray", len(stopped))
+    _started_here, _local_ray, _connected_here = None, set(), False
+
+
+def connected_here() -> bool:
+    """Whether `ensure_ray` started or connected this process's Ray session (not its caller)."""
+    import ray
+
+    return _connected_here and ray.is_initialized()
 
 
 def started_here() -> bool:

@@ -98,6 +98,10 @@ def ensure_experiment(cfg: TrackingSection) -> str:
         return existing.experiment_id
 
 
+ERROR_TAG = "mvtcae.error"
+"""What ended a run FAILED or KILLED (removed when the run is resumed)."""
+
+
 def start_run(
     cfg: TrackingSection,
     *,
@@ -110,7 +114,11 @@ def start_run(
 
     _use_uri(resolve_tracking_uri(cfg))
     if run_id is not None:
-        return mlflow.start_run(run_id=run_id, tags=dict(tags or {}) or None)
+        run = mlflow.start_run(run_id=run_id, tags=dict(tags or {}) or None)
+        if ERROR_TAG in run.data.tags:
+            # Resumed: the error that ended its earlier attempt no longer describes the run.
+            mlflow.MlflowClient().delete_tag(run_id, ERROR_TAG)
+        return run
     experiment_id = ensure_experiment(cfg)
     return mlflow.start_run(
         experiment_id=experiment_id, run_name=run_name, tags=dict(tags or {}) or None
@@ -133,7 +141,7 @@ def end_run_after_error(error: BaseException) -> None:
     try:
         if mlflow.active_run() is not None:
             message = redact_text(f"{type(error).__name__}: {error}")[:5000]
-            mlflow.set_tag("mvtcae.error", message)
+            mlflow.set_tag(ERROR_TAG, message)
         mlflow.end_run(status=status)
     except Exception as tracking_error:  # noqa: BLE001 - keep the original error in front
         logger.warning(

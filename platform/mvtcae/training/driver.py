@@ -4,13 +4,16 @@
 fits a ``TorchTrainer`` whose workers run `mvtcae.training.loop`, evaluates the best intact
 checkpoint with `mvtcae.evaluation` (in a Ray task, on a GPU when training had one; in the
 driver when the cluster is the local Ray it started), and hands it to the registry's promotion
-gate. Any failure after the MLflow run is opened ends it FAILED.
+gate. Any failure after the MLflow run is opened ends it FAILED; an interrupt (SIGINT, SIGTERM) stops
+the run's workers and ends it KILLED.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +33,7 @@ from mvtcae.data.files import dataset_files
 from mvtcae.data.held import put_splits
 from mvtcae.data.ray_input import should_materialize
 from mvtcae.evaluation import evaluate_checkpoint
+from mvtcae.model.errors import Interrupted, UserError
 from mvtcae.safety.values import is_number
 from mvtcae.storage import ray_session, runs
 from mvtcae.storage.checkpoints import CHECKSUMS, MODEL_FILES, rank_by_metric, verify_checkpoint
@@ -321,13 +325,14 @@ def train(cfg: ExperimentConfig, *, resume: bool = False) -> TrainResult:
     recorded in its ``mvtcae.error`` tag, and is raised again.
     """
     started, phases = time.perf_counter(), PhaseTimes()
+    with phases.phase("run_setup"):
+        found = _run_to_resume(cfg) if resume else None  # before any work: it may not exist
     with phases.phase("dataset"):
         dataset_dir, manifest = prepare_dataset(cfg)
     with phases.phase("ray_start"):
         ensure_cluster(cfg, dataset_dir)
     with phases.phase("run_setup"):
         tracking_uri = tracking.resolve_tracking_uri(cfg.tracking)
-        found = _run_to_resume(cfg) if resume else None
         run_name = found.name if found else runs.new_run_name(runs.run_prefix(cfg))
         run_id = _open_mlflow_run(cfg, found, run_name, dataset_dir, manifest)
     try:
@@ -341,6 +346,12 @@ def train(cfg: ExperimentConfig, *, resume: bool = False) -> TrainResult:
         timings = phases.as_metrics() | {"time/driver_total_s": out.wall_time_s}
         retry_until(lambda: tracking.log_metrics(timings, run_id=run_id, tracking=cfg.tracking),
                     "logging the phase times", cfg.tracking.outage_grace_s)  # fmt: skip
+    except KeyboardInterrupt as err:
+        # The workers stop first: nothing is logged to the run after it is marked KILLED.
+        _stop_ray_for_interrupt()
+        tracking.end_run_after_error(err)
+        signum = err.signum if isinstance(err, Interrupted) else signal.SIGINT
+        raise Interrupted(signum, run=f"{run_name} (MLflow run {run_id})") from err
     except BaseException as err:
         tracking.end_run_after_error(err)
         raise
@@ -348,11 +359,30 @@ def train(cfg: ExperimentConfig, *, resume: bool = False) -> TrainResult:
     return out
 
 
+def _stop_ray_for_interrupt() -> None:
+    """End the Train run of an interrupted driver: a local Ray it started is stopped whole, a
+    cluster it connected to is left (which ends the run's actors, see `ray_session.shutdown`);
+    a session the caller opened is the caller's to end."""
+    if ray_session.connected_here():
+        ray_session.shutdown()
+    else:
+        logger.warning(
+            "interrupted: the Ray session is the caller's; its Train run stops when this "
+            "process disconnects (ray.shutdown())"
+        )
+
+
+class NothingToResumeError(UserError, FileNotFoundError):
+    """``--resume`` found no run of this config's name in its run storage."""
+
+
 def _run_to_resume(cfg: ExperimentConfig) -> runs.RunRecord:
     found = runs.find_latest_run(cfg)
     if found is None:
-        raise FileNotFoundError(
-            f"resume: no run named {runs.run_prefix(cfg)}-<stamp> under {cfg.train.storage_path}"
+        raise NothingToResumeError(
+            f"--resume: no run named {runs.run_prefix(cfg)}-<stamp> in train.storage_path "
+            f"{cfg.train.storage_path}; run without --resume to start one (the run name comes "
+            "from `name`, or train.run_name)"
         )
     logger.info("resuming %s in MLflow run %s", found.name, found.mlflow_run_id)
     return found
@@ -389,7 +419,7 @@ def _fit(cfg: ExperimentConfig, record: runs.RunRecord, dataset_dir: str, manife
                             tracking_uri, phases=phases)  # fmt: skip
     clear_stop_record(record.location)
     with timed(phases, "trainer_fit"):
-        result = trainer.fit()
+        result = fit_in_thread(trainer)
     unsent = flush_spools(storage.join(record.location, SPOOL_DIR), tracking_uri,
                           cfg.tracking.outage_grace_s)  # fmt: skip
     if unsent:
@@ -404,6 +434,31 @@ def _fit(cfg: ExperimentConfig, record: runs.RunRecord, dataset_dir: str, manife
         best_metrics=ranked[0][1] if ranked else {}, tracking_uri=tracking_uri,
         candidates=[loc for loc, _ in ranked],
     )  # fmt: skip
+
+
+def fit_in_thread(trainer: Any) -> Any:
+    """``trainer.fit()``, with this thread free to take an interrupt.
+
+    In the main thread, Ray Train's ``fit`` installs its own SIGINT handler, which ends the
+    process with SystemExit after aborting the run: an interrupt then looks like a failure, and
+    SIGTERM is not handled at all. Off the main thread it installs none, so Ctrl-C and SIGTERM
+    arrive here as themselves, and the caller stops the run and records it KILLED.
+    """
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # noqa: BLE001 - handed to the waiting thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=fit, name="mvtcae-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def evaluation_task(cfg: TrainSection) -> tuple[Any, int]:
