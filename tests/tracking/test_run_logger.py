@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from mvtcae.tracking.registry import RegistryDatasetMismatchError
 from mvtcae.tracking.run_logger import (
     RunLogger,
     TrackingUnavailableError,
@@ -92,3 +93,16 @@ def test_retry_until_gives_up_with_a_clear_error_after_its_grace():
         retry_until(down, "registering", grace_s=1.0, interval_s=0.2)
     assert len(calls) >= 2
     assert retry_until(lambda: 42, "anything", grace_s=1.0) == 42
+
+
+def test_retry_until_raises_a_user_error_at_once():
+    calls = []
+
+    def refused() -> None:
+        calls.append(1)
+        raise RegistryDatasetMismatchError("registered model 'm' holds another dataset")
+
+    started = time.monotonic()
+    with pytest.raises(RegistryDatasetMismatchError, match="holds another dataset"):
+        retry_until(refused, "registering", grace_s=30.0, interval_s=0.2)
+    assert calls == [1] and time.monotonic() - started < 5

@@ -7,6 +7,10 @@ The model is logged *from code* (``mvtcae/tracking/model_code.py``): the weights
 finite value, re-deciding from all versions so that concurrent registrations converge; a version
 that is not the champion gets the ``challenger`` alias. The comparison is recorded as
 ``promotion.*`` tags on the version (and on the run).
+
+A registered name holds the versions of one dataset: NLLs on different data are not comparable,
+so `check_registry_dataset` (before training) and `log_model_and_register` (before registering)
+refuse a run whose dataset digest differs from that of the versions already under the name.
 """
 
 from __future__ import annotations
@@ -23,8 +27,14 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from mvtcae.config.tracking import TrackingSection
 from mvtcae.model.config import MVTCAEConfig
+from mvtcae.model.errors import UserError
 from mvtcae.safety.values import is_finite_number
-from mvtcae.tracking.lineage import version_tags
+from mvtcae.tracking.lineage import (
+    DATASET_DIGEST_TAG,
+    DATASET_NAME_TAG,
+    DATASET_SOURCE_TAG,
+    version_tags,
+)
 from mvtcae.tracking.pyfunc import input_example, request_signature
 from mvtcae.tracking.runs import _active_run_id, _use_uri, client_for, resolve_tracking_uri
 
@@ -38,6 +48,13 @@ logger = logging.getLogger(__name__)
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 MODEL_ARTIFACT_NAME = "model"
+# Versions read to name the other datasets under a registered name: enough to name them all in
+# practice, and one request however many versions the name holds.
+DATASET_CHECK_VERSIONS = 100
+
+
+class RegistryDatasetMismatchError(UserError, ValueError):
+    """A registered model name already holds versions trained on another dataset."""
 
 
 @dataclass
@@ -150,12 +167,103 @@ def log_model_and_register(
     info = log_pyfunc_model(model_or_dir, run_id=run_id)
     if not tracking.registered_model_name:
         return None
-    tags = version_tags(client_for(tracking), run_id)
+    client = client_for(tracking)
+    tags = version_tags(client, run_id)
+    _check_version_dataset(client, tracking.registered_model_name, tags, run_id, info.model_uri)
     version = mlflow.register_model(info.model_uri, tracking.registered_model_name, tags=tags)
     candidate = _candidate_value(tracking, metrics, run_id)
     return promote_if_better(
         tracking, int(version.version), candidate, run_id=run_id, model_uri=info.model_uri
     )
+
+
+def check_registry_dataset(
+    cfg: TrackingSection, digest: str, dataset_name: str, *, source: str = ""
+) -> None:
+    """Refuse a run whose dataset differs from the one the registered name's versions hold.
+
+    Raises `RegistryDatasetMismatchError` when a version of ``cfg.registered_model_name`` carries
+    a ``mvtcae.dataset.digest`` tag other than ``digest``. Nothing is checked when registration
+    is off or the name is not registered yet. Versions without the tag (registered before
+    lineage tags, or from a run that logged no dataset) do not block: their dataset is unknown,
+    and refusing every later run over them would leave the name unusable. One search, however
+    many versions the name holds.
+    """
+    name = cfg.registered_model_name
+    if not name:
+        return
+    others = _other_datasets(client_for(cfg), name, digest)
+    if others:
+        this = _describe_dataset(dataset_name, source, digest)
+        raise RegistryDatasetMismatchError(_mismatch_message(name, others, this))
+
+
+def _other_datasets(client: MlflowClient, name: str, digest: str) -> dict[str, dict[str, Any]]:
+    """The datasets, by digest, of ``name``'s versions tagged with a digest other than
+    ``digest`` (each with its name, source and version numbers); empty when there are none."""
+    # A tag filter matches only versions that carry the tag: untagged versions are left out.
+    found = client.search_model_versions(
+        f"name = '{name}' AND tags.`{DATASET_DIGEST_TAG}` != '{digest}'",
+        max_results=DATASET_CHECK_VERSIONS,
+    )
+    others: dict[str, dict[str, Any]] = {}
+    for version in found:
+        tags = version.tags or {}
+        other = tags.get(DATASET_DIGEST_TAG)
+        if not other or other == digest:
+            continue
+        entry = others.setdefault(other, {
+            "name": tags.get(DATASET_NAME_TAG, "?"),
+            "source": tags.get(DATASET_SOURCE_TAG, ""),
+            "versions": [],
+        })  # fmt: skip
+        entry["versions"].append(int(version.version))
+    return others
+
+
+def _describe_dataset(name: str, source: str, digest: str) -> str:
+    where = f"{source}, " if source else ""
+    return f"dataset {name or '?'} ({where}digest {digest[:12]})"
+
+
+def _mismatch_message(name: str, others: dict[str, dict[str, Any]], this: str) -> str:
+    held = "; ".join(
+        _describe_dataset(d["name"], d["source"], digest)
+        + f" in version{'s' if len(d['versions']) > 1 else ''} "
+        + ", ".join(str(v) for v in sorted(d["versions"]))
+        for digest, d in others.items()
+    )
+    return (
+        f"registered model {name!r} holds versions trained on {held}; this run trains on "
+        f"{this}. Their scores are not comparable, so the promotion gate cannot rank them "
+        f"under one name: set tracking.registered_model_name to another name (one per "
+        f"dataset), or to null to log the model without registering it"
+    )
+
+
+def _check_version_dataset(
+    client: MlflowClient, name: str, tags: Mapping[str, str], run_id: str, model_uri: str
+) -> None:
+    """At registration, the run's dataset against the name's versions: another run may have
+    registered another dataset under the name since this run's check at its start."""
+    digest = tags.get(DATASET_DIGEST_TAG)
+    if not digest:
+        logger.warning(
+            "run %s recorded no dataset digest: registering under %r without the dataset check",
+            run_id,
+            name,
+        )
+        return
+    others = _other_datasets(client, name, digest)
+    if others:
+        this = _describe_dataset(
+            tags.get(DATASET_NAME_TAG, ""), tags.get(DATASET_SOURCE_TAG, ""), digest
+        )
+        raise RegistryDatasetMismatchError(
+            f"{_mismatch_message(name, others, this)}. The model was not registered; it stays "
+            f"logged in run {run_id} ({model_uri}) and can be registered under another name "
+            f"from there"
+        )
 
 
 def _tracking_section(cfg: Any) -> TrackingSection:

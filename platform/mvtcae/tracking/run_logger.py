@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from mvtcae import storage
+from mvtcae.model.errors import UserError
 from mvtcae.safety.redaction import redact_text, split_credentials
 
 logger = logging.getLogger(__name__)
@@ -68,12 +69,15 @@ def mlflow_client(tracking_uri: str) -> Any:
 
 def retry_until(call: Callable[[], T], what: str, grace_s: float, interval_s: float = 2.0) -> T:
     """``call()``, retried on any exception until ``grace_s`` has passed; then the last error
-    is raised as a ``TrackingUnavailableError`` saying what could not be done."""
+    is raised as a ``TrackingUnavailableError`` saying what could not be done. A `UserError`
+    is raised at once."""
     deadline = time.monotonic() + grace_s
     warned = False
     while True:
         try:
             return call()
+        except UserError:
+            raise  # what the user gave is wrong: no outage, and another try gives the same answer
         except Exception as err:  # noqa: BLE001 - any failure of the tracking call is retried
             if time.monotonic() + interval_s > deadline:
                 raise TrackingUnavailableError(
