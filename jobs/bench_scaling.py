@@ -690,6 +690,7 @@ def loopback_config(args: argparse.Namespace, storage: Path, placement: str) -> 
         [
             f"name=bench-scaling-{placement.lower()}",
             f"data.dir={data_dir}",
+            "data.prepare_if_missing=true",
             f"data.n_train={args.train_rows}",
             "data.n_test=512",
             f"model.latent_dim={args.latent}",
@@ -768,7 +769,11 @@ def part_loopback(args: argparse.Namespace, spec: Any) -> dict[str, Any]:
 
     read_cfg = load_config(
         CONFIGS / "demo_polymnist.yaml",
-        [f"data.dir={args.read_dir}", f"data.n_train={args.read_rows}"],
+        [
+            f"data.dir={args.read_dir}",
+            "data.prepare_if_missing=true",
+            f"data.n_train={args.read_rows}",
+        ],
     )
     read_dir, read_manifest = prepare_dataset(read_cfg)
     out: dict[str, Any] = {

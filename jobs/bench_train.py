@@ -121,7 +121,8 @@ def _config(data_dir: Path, rows: int, networks: str, latent: int, batch: int, e
         [
             f"name=bench-{networks}-{workers}w-{precision}" + (f"-seed{seed}" if seed else ""),
             f"train.seed={seed}",
-            "data.dataset=polymnist", f"data.dir={data_dir}", f"data.n_train={rows}",
+            "data.dataset=polymnist", f"data.dir={data_dir}", "data.prepare_if_missing=true",
+            f"data.n_train={rows}",
             "data.n_test=512",
             f"model.latent_dim={latent}", f"model.networks={networks}",
             f"train.epochs={epochs}", f"train.batch_size={batch}", f"train.num_workers={workers}",

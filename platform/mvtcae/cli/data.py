@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from mvtcae.cli.outcome import handles_failures
 from mvtcae.data.format import DatasetError, Manifest
 from mvtcae.safety.names import UnsafeNameError
 
@@ -46,6 +47,7 @@ def prepare() -> None:
 @_MISSING
 @_SEED
 @_OVERWRITE
+@handles_failures()
 def prepare_polymnist_cmd(
     out_dir: str,
     n_train: int,
@@ -84,6 +86,7 @@ def prepare_polymnist_cmd(
     "--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True
 )
 @_OVERWRITE
+@handles_failures()
 def prepare_mfeat_cmd(
     out_dir: str,
     missing_ratio: float,
@@ -122,6 +125,7 @@ def prepare_mfeat_cmd(
 @_MISSING
 @_SEED
 @_OVERWRITE
+@handles_failures()
 def prepare_arrays_cmd(
     npz: Path,
     out_dir: str,
@@ -151,6 +155,7 @@ def prepare_arrays_cmd(
 @data.command("validate")
 @click.argument("dataset_dir", metavar="DATASET")
 @click.option("--schema-only", is_flag=True, help="Skip the value checks (NaN/Inf, masks…).")
+@handles_failures()
 def validate_cmd(dataset_dir: str, schema_only: bool) -> None:
     """Check DATASET (a directory or s3://, gs://, file:// URI) against its manifest, every
     shard in full (checksums streamed from where the shards are); exit 1 naming file, column

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from mvtcae.cli.outcome import handles_failures
+
 
 @click.command("evaluate")
 @click.argument("model_ref", metavar="MODEL")
@@ -57,6 +59,7 @@ import click
     help="Module (with its submodules) whose custom networks the model may be rebuilt from "
     "(repeatable; adds to MVTCAE_TRUSTED_MODULES). Other modules are never imported.",
 )
+@handles_failures()
 def evaluate_command(
     model_ref: str,
     data_dir: str | None,
@@ -74,12 +77,9 @@ def evaluate_command(
     Reports latent accuracy, coherence and joint NLL per number of conditioning modalities,
     writes evaluation.json and PNG plots to --out, and prints the metrics.
     """
-    from mvtcae.config import ConfigError, load_config
+    from mvtcae.config import load_config
 
-    try:
-        cfg = load_config(config_path, list(overrides))
-    except ConfigError as err:
-        raise click.UsageError(str(err)) from None
+    cfg = load_config(config_path, list(overrides))
     import torch
 
     from mvtcae import tracking

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from mvtcae.cli.outcome import handles_failures
+
 
 @click.command("lineage")
 @click.argument("model_uri", metavar="MODEL_URI")
@@ -29,18 +31,16 @@ import click
     show_default=True,
     help="Also re-hash every shard at the dataset's source (off: compare the manifest only).",
 )
+@handles_failures()
 def lineage_command(
     model_uri: str, config_path: Path | None, overrides: tuple[str, ...], verify_files: bool
 ) -> None:
     """Print the chain model version -> run -> config -> dataset of MODEL_URI
     (models:/NAME@ALIAS or models:/NAME/VERSION) and whether the dataset at its source still
     matches the one the model was trained on. Exits with 1 when it does not."""
-    from mvtcae.config import ConfigError, load_config
+    from mvtcae.config import load_config
 
-    try:
-        cfg = load_config(config_path, list(overrides))
-    except ConfigError as err:
-        raise click.UsageError(str(err)) from None
+    cfg = load_config(config_path, list(overrides))
     from mvtcae import tracking
     from mvtcae.tracking.lineage import LineageError, format_lineage, trace
 

@@ -50,8 +50,11 @@ class DataSection(Section):
         description="check every shard in full on every run; off, a dataset fully validated "
         "before whose shards are unchanged (same manifest digest, sizes and times) is trusted",
     )
-    prepare_if_missing: bool = Field(
-        default=True, description="write the built-in dataset into `dir` when it is absent"
+    prepare_if_missing: bool | None = Field(
+        default=None,
+        description="write the built-in dataset when `dir` holds none: None (auto) only at its "
+        "default location (data/<dataset> under the working directory), so that a mistyped "
+        "`dir` is an error and not a new dataset; true into any `dir`; false never",
     )
     n_train: int = Field(default=5000, ge=10, description="PolyMNIST training tuples to write")
     n_test: int = Field(default=1000, ge=10, description="PolyMNIST test tuples to write")
@@ -109,10 +112,20 @@ class DataSection(Section):
     def resolved_dir(self) -> str:
         """The dataset location: an absolute local path or a URI (the default directory when
         none is configured)."""
-        if self.dir is not None:
-            return self.dir
+        return self.dir if self.dir is not None else self.default_dir()
+
+    def default_dir(self) -> str:
+        """Where the built-in dataset lives unless ``dir`` says otherwise: data/mfeat,
+        data/polymnist-<n_train> (under the working directory)."""
         name = f"{self.dataset}-{self.n_train}" if self.dataset == "polymnist" else self.dataset
         return str(Path("data", name).resolve())
+
+    def may_prepare(self) -> bool:
+        """Whether a missing dataset at `resolved_dir` is to be written (see
+        ``prepare_if_missing``)."""
+        if self.dataset == "custom" or self.prepare_if_missing is False:
+            return False
+        return self.prepare_if_missing or self.resolved_dir() == self.default_dir()
 
 
 class ModelSection(Section):

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from mvtcae.data import load_manifest, load_split_arrays
+from mvtcae.data.files import DatasetError
 from mvtcae.model.batch import MultimodalBatch
 
 if TYPE_CHECKING:
@@ -106,10 +107,22 @@ def nanmean(values: Sequence[float]) -> float:
     return float(np.mean(finite)) if finite else math.nan
 
 
+class ModalityMismatchError(DatasetError):
+    """A dataset whose modalities (names or shapes) are not the model's."""
+
+
 def check_modalities(model: MVTCAE, split: EvalSplit, dataset_dir: str | Path) -> None:
-    """Refuse a dataset that lacks any of the model's modalities."""
+    """Refuse a dataset that lacks any of the model's modalities or holds one in another shape."""
     missing = [m for m in model.modalities if m not in split.data]
     if missing:
-        raise ValueError(
-            f"{dataset_dir} lacks the model's modalities {missing}; it has {list(split.data)}"
+        raise ModalityMismatchError(
+            f"{dataset_dir} lacks the model's modalities {missing}; it has {list(split.data)}, "
+            f"the model {list(model.modalities)}"
         )
+    dims = model.model_config.input_dims or {}
+    for m in model.modalities:
+        have, want = tuple(split.data[m].shape[1:]), tuple(dims.get(m, ()))
+        if want and have != want:
+            raise ModalityMismatchError(
+                f"{dataset_dir}: modality {m!r} has shape {have}, the model's is {want}"
+            )

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -35,6 +36,10 @@ def network_reference(net: nn.Module) -> dict[str, Any]:
         "class": f"{cls.__module__}:{cls.__qualname__}",
         "init_kwargs": getattr(net, "init_kwargs", {}),
     }
+
+
+class ModelFileError(UserError, ValueError):
+    """A model directory whose files cannot be read as a model."""
 
 
 class UntrustedModuleError(UserError, ValueError):
@@ -204,6 +209,12 @@ def load_model(
             }
     model = cls(config, encoders=nets["encoders"], decoders=nets["decoders"])
     device = str(map_location)
-    state = load_file(str(src / WEIGHTS_FILE), device=device)
-    model.load_state_dict(state)
+    try:
+        state = load_file(str(src / WEIGHTS_FILE), device=device)
+        model.load_state_dict(state)
+    except (SafetensorError, RuntimeError) as err:  # unreadable, or weights of another model
+        raise ModelFileError(
+            f"{src / WEIGHTS_FILE}: not the weights of the model {CONFIG_FILE} describes "
+            f"({str(err).splitlines()[0][:300]})"
+        ) from err
     return model.to(map_location)

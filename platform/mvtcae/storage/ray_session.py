@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import math
 import os
 import socket
 import uuid
@@ -45,11 +44,75 @@ def ensure_ray(address: str | None, local_cpus: int) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 
-def local_cpus(workers: int, cpus_per_worker: float, concurrent_runs: int = 1) -> int:
-    """Logical CPUs for a local Ray: every worker of every concurrent run, plus room for Ray
-    Data's read tasks and an evaluation task (at least the machine's cores)."""
-    needed = math.ceil(concurrent_runs * workers * cpus_per_worker) + 2
-    return max(os.cpu_count() or 1, needed)
+LOCAL_HEADROOM_CPUS = 2
+"""Logical CPUs a local Ray has beyond the machine's cores: room for Ray Data's read tasks and an
+evaluation task beside training workers that take every core (short, and waiting on I/O)."""
+
+
+def machine_cpus() -> int:
+    """The CPU cores this process may run on (its affinity mask, which containers narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def machine_gpus() -> int:
+    """The CUDA GPUs this process sees."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def local_cpus() -> int:
+    """Logical CPUs for a local Ray: sized to the machine, whatever a run asks for."""
+    return machine_cpus() + LOCAL_HEADROOM_CPUS
+
+
+class CapacityError(UserError):
+    """A run asks for more CPUs or GPUs than the machine (or the cluster) has."""
+
+
+def check_capacity(asked: dict[str, float], what: dict[str, str], address: str | None,
+                   local_num_cpus: int | None = None) -> None:  # fmt: skip
+    """Refuse, before any worker is started, a request that cannot fit.
+
+    ``asked``: resources by name (``{"CPU": 64, "GPU": 0}``); ``what``: for each, the settings
+    that asked for it, as the message shows them. On this machine's own local Ray (``address``
+    None, no ``RAY_ADDRESS``), what exists is the machine's cores (``local_num_cpus`` when the
+    user sized the local Ray) and GPUs: CapacityError. On a cluster it only connects to, the
+    cluster's present total is compared and a shortfall is a warning: an autoscaler may add
+    nodes, and Ray waits for them.
+    """
+    import ray
+
+    local = not (address or os.environ.get("RAY_ADDRESS")) and (
+        not ray.is_initialized() or started_here()
+    )
+    if local:
+        have = {"CPU": float(local_num_cpus or machine_cpus()), "GPU": float(machine_gpus())}
+        where = "this machine" + (" (train.local_num_cpus)" if local_num_cpus else "")
+    elif ray.is_initialized():
+        have = {k: float(v) for k, v in ray.cluster_resources().items()}
+        where = "the Ray cluster now"
+    else:
+        return  # checked once connected
+    short = [
+        f"{what.get(name, name)} = {amount:g} {name}s; {where} has {have.get(name, 0.0):g}"
+        for name, amount in asked.items()
+        if amount > have.get(name, 0.0) + 1e-9
+    ]
+    if not short:
+        return
+    message = "the run asks for more than exists: " + "; ".join(short)
+    if not local:
+        logger.warning("%s (waiting for the cluster to grow)", message)
+        return
+    raise CapacityError(
+        message + ". Lower train.num_workers or train.resources_per_worker, set "
+        "train.use_gpu: false on a machine without GPUs, or run on a cluster "
+        "(train.ray_address, RAY_ADDRESS)"
+    )
 
 
 def start_local_ray(num_cpus: int) -> str:

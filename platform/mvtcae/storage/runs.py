@@ -19,7 +19,7 @@ from typing import Any
 
 from mvtcae import storage
 from mvtcae.safety.names import check_name
-from mvtcae.safety.redaction import redact
+from mvtcae.safety.redaction import redact, redact_text
 
 RUN_STATE_FILE = "mvtcae_run.json"
 INDEX_DIR = "mvtcae_runs"
@@ -34,6 +34,9 @@ class RunRecord:
     name: str
     mlflow_run_id: str
     started_at: float
+    dataset_digest: str | None = None
+    """The content digest of the dataset it trains on (None for runs recorded before)."""
+    dataset_dir: str | None = None
 
 
 def run_prefix(config: Any) -> str:
@@ -47,7 +50,8 @@ def new_run_name(prefix: str, now: datetime | None = None) -> str:
     return f"{check_name(prefix, 'run name')}-{stamp}"
 
 
-def create_run(config: Any, run_name: str, mlflow_run_id: str) -> RunRecord:
+def create_run(config: Any, run_name: str, mlflow_run_id: str,
+               dataset_digest: str | None = None, dataset_dir: str | None = None) -> RunRecord:  # fmt: skip
     """Write a new run's state file and its index entry; return the record."""
     root = config.train.storage_path
     record = RunRecord(
@@ -55,11 +59,14 @@ def create_run(config: Any, run_name: str, mlflow_run_id: str) -> RunRecord:
         name=run_name,
         mlflow_run_id=mlflow_run_id,
         started_at=time.time(),
+        dataset_digest=dataset_digest,
+        dataset_dir=dataset_dir,
     )
     state = {
         "mlflow_run_id": mlflow_run_id,
         "run_name": run_name,
         "started_at": record.started_at,
+        "dataset": {"digest": dataset_digest, "dir": redact_text(dataset_dir or "")},
         "config": redact(config.to_dict()),
     }
     storage.write_text(storage.join(record.location, RUN_STATE_FILE), json.dumps(state, indent=2))
@@ -77,7 +84,9 @@ def find_latest_run(config: Any) -> RunRecord | None:
     newest = max(entries, key=lambda e: (e["started_at"], e["run_name"]))
     location = storage.join(root, newest["run_name"])
     state = json.loads(storage.read_text(storage.join(location, RUN_STATE_FILE)))
-    return RunRecord(location, newest["run_name"], state["mlflow_run_id"], newest["started_at"])
+    dataset = state.get("dataset") or {}
+    return RunRecord(location, newest["run_name"], state["mlflow_run_id"], newest["started_at"],
+                     dataset.get("digest"), dataset.get("dir") or None)  # fmt: skip
 
 
 def _index_entry(root: str, prefix: str, run_name: str) -> str:

@@ -31,7 +31,14 @@ from mvtcae.storage.checkpoints import MODEL_FILES
 from mvtcae.sweep import study as sweep_study
 from mvtcae.sweep.trial import INTERRUPTED_TAG, PARENT_TAG, SWEEP_TAG, SweepContext, run_trial
 from mvtcae.tracking.run_logger import SPOOL_DIR, flush_spools, retry_until
-from mvtcae.training import ensure_cluster, prepare_dataset, scaling_config, val_split_name
+from mvtcae.training import (
+    check_capacity,
+    check_dataset,
+    ensure_cluster,
+    prepare_dataset,
+    scaling_config,
+    val_split_name,
+)
 from mvtcae.training.loop import RUN_ID_KEY
 
 logger = logging.getLogger(__name__)
@@ -64,9 +71,11 @@ def run_sweep(spec: SweepSpec, *, resume: bool | None = None) -> SweepResult:
     resume = spec.tune.resume if resume is None else resume
     started = time.perf_counter()
     spec = _with_resolved_tracking(spec)
-    dataset_dir, manifest = prepare_dataset(spec.experiment)
+    check_capacity(spec.experiment.train)  # one trial must fit; Tune queues the others
     check_sweep_state(spec, resume)
-    ensure_cluster(spec.experiment, dataset_dir, concurrent_runs=spec.tune.max_concurrent)
+    dataset_dir, manifest = prepare_dataset(spec.experiment)
+    check_dataset(spec.experiment, dataset_dir, manifest)
+    ensure_cluster(spec.experiment, dataset_dir)
     study_storage = sweep_study.open_storage(spec.tune.storage)
     parent_run_id = _open_parent_run(spec, resume)
     context = _context(spec, dataset_dir, manifest, parent_run_id)

@@ -29,7 +29,7 @@ import mvtcae.data as data_layer
 from mvtcae import storage, tracking
 from mvtcae.config import EvaluationSection, ExperimentConfig, TrainSection
 from mvtcae.data import open_splits
-from mvtcae.data.files import dataset_files
+from mvtcae.data.files import DatasetError, dataset_files
 from mvtcae.data.held import put_splits
 from mvtcae.data.ray_input import should_materialize
 from mvtcae.evaluation import evaluate_checkpoint
@@ -87,17 +87,25 @@ class TrainResult:
     trend_plot: str | None = None
 
 
+BUILT_IN_NAMES = {"mfeat": "mfeat", "polymnist": "polymnist-recreation"}
+"""The manifest name of each built-in dataset (``data.dataset``)."""
+
+
+class DatasetNotFoundError(DatasetError, FileNotFoundError):
+    """``data.dir`` holds no dataset, and none is to be prepared there."""
+
+
 def prepare_dataset(cfg: ExperimentConfig) -> tuple[str, Any]:
-    """Return the dataset location and manifest, writing a built-in dataset there if missing."""
+    """Return the dataset location and manifest, writing a built-in dataset there if it is
+    missing and may be prepared there (`DataSection.may_prepare`)."""
     data = cfg.data
     directory = data.resolved_dir()
     if data_layer.DatasetFiles(directory).is_file(data_layer.MANIFEST_FILE):
-        return directory, data_layer.load_manifest(directory)
-    if data.dataset == "custom" or not data.prepare_if_missing:
-        raise FileNotFoundError(
-            f"data.dir {directory} holds no dataset (manifest.json missing); "
-            "prepare one with `mvtcae data prepare ...` or set data.prepare_if_missing: true"
-        )
+        manifest = data_layer.load_manifest(directory)
+        _check_dataset_kind(cfg, directory, manifest)
+        return directory, manifest
+    if not data.may_prepare():
+        raise DatasetNotFoundError(_no_dataset_message(cfg, directory))
     logger.info("preparing %s into %s", data.dataset, directory)
     if data.dataset == "polymnist":
         manifest = data_layer.prepare_polymnist(
@@ -111,6 +119,34 @@ def prepare_dataset(cfg: ExperimentConfig) -> tuple[str, Any]:
     return directory, manifest
 
 
+def _no_dataset_message(cfg: ExperimentConfig, directory: str) -> str:
+    data = cfg.data
+    where = f"data.dir {directory} holds no dataset (no {data_layer.MANIFEST_FILE})"
+    if data.dataset == "custom":
+        return (
+            f"{where}; write one there with `mvtcae data prepare arrays {directory} ...` "
+            "(docs/data-format.md, 'Bringing your own data'), or point data.dir at one"
+        )
+    return (
+        f"{where}. The built-in {data.dataset} is prepared on its own only at its default "
+        f"location {data.default_dir()}; if {directory} is the directory you meant, write it "
+        f"there with `mvtcae data prepare {data.dataset} {directory}` or set "
+        "data.prepare_if_missing: true"
+    )
+
+
+def _check_dataset_kind(cfg: ExperimentConfig, directory: str, manifest: Any) -> None:
+    """Refuse a built-in ``data.dataset`` over a directory that holds another dataset: the
+    run's parameters would name a dataset it did not train on."""
+    expected = BUILT_IN_NAMES.get(cfg.data.dataset)
+    if expected is not None and manifest.name != expected:
+        raise DatasetError(
+            f"data.dir {directory} holds the dataset {manifest.name!r} ({data_layer.MANIFEST_FILE}), "
+            f"but data.dataset is {cfg.data.dataset!r}: set data.dataset: custom to train on "
+            f"it, or point data.dir at a {cfg.data.dataset} dataset"
+        )
+
+
 def _worker_resources(cfg: TrainSection, use_gpu: bool) -> dict[str, float]:
     resources = dict(cfg.resources_per_worker or {"CPU": 1.0})
     if use_gpu:
@@ -118,19 +154,40 @@ def _worker_resources(cfg: TrainSection, use_gpu: bool) -> dict[str, float]:
     return resources
 
 
-def ensure_ray(cfg: TrainSection, concurrent_runs: int = 1) -> None:
-    """Connect to the configured Ray cluster, or start a local one with room for Ray Data."""
-    per_worker = _worker_resources(cfg, False).get("CPU", 1.0)
-    cpus = cfg.local_num_cpus or ray_session.local_cpus(
-        cfg.num_workers, per_worker, concurrent_runs
-    )
-    ray_session.ensure_ray(cfg.ray_address, cpus)
+def ensure_ray(cfg: TrainSection) -> None:
+    """Refuse a run this machine cannot hold (`check_capacity`), then connect to the configured
+    Ray cluster, or start a local one sized to the machine."""
+    check_capacity(cfg)
+    ray_session.ensure_ray(cfg.ray_address, cfg.local_num_cpus or ray_session.local_cpus())
+    check_capacity(cfg)  # a cluster it connected to: a warning when it is short now
 
 
-def ensure_cluster(cfg: ExperimentConfig, dataset_dir: str, concurrent_runs: int = 1) -> None:
+def requested_resources(cfg: TrainSection) -> tuple[dict[str, float], dict[str, str]]:
+    """The CPUs and GPUs one run of ``cfg`` holds, and the settings that ask for each."""
+    gpus_asked = cfg.use_gpu is True or (cfg.use_gpu is None and ray_session.machine_gpus() > 0)
+    per_worker = _worker_resources(cfg, gpus_asked)
+    asked, what = {}, {}
+    for name in ("CPU", "GPU"):
+        if per_worker.get(name):
+            asked[name] = cfg.num_workers * per_worker[name]
+            what[name] = (
+                f"train.num_workers {cfg.num_workers} x train.resources_per_worker.{name} "
+                f"{per_worker[name]:g}" + (" (train.use_gpu)" if name == "GPU" else "")
+            )
+    return asked, what
+
+
+def check_capacity(cfg: TrainSection) -> None:
+    """Refuse, before any worker starts, a run that cannot fit on this machine's local Ray (see
+    `ray_session.check_capacity`)."""
+    asked, what = requested_resources(cfg)
+    ray_session.check_capacity(asked, what, cfg.ray_address, cfg.local_num_cpus)
+
+
+def ensure_cluster(cfg: ExperimentConfig, dataset_dir: str) -> None:
     """`ensure_ray`, then refuse local dataset and storage paths that are node-local on a
     multi-node cluster (before any run is opened or any worker started)."""
-    ensure_ray(cfg.train, concurrent_runs)
+    ensure_ray(cfg.train)
     ray_session.check_shared_paths(
         {"data.dir": storage.join(dataset_dir, data_layer.MANIFEST_FILE)},
         {"train.storage_path": cfg.train.storage_path},
@@ -187,7 +244,7 @@ def _training_input(cfg: ExperimentConfig, dataset_dir: str, manifest: Any, plan
     arrays when held, else Ray Datasets."""
     val_name = val_split_name(cfg, manifest)
     if "train" not in manifest.splits or val_name not in manifest.splits:
-        raise ValueError(
+        raise DatasetError(
             f"dataset {dataset_dir} has splits {sorted(manifest.splits)}; training needs "
             f"'train' and '{val_name}' (data.val_split)"
         )
@@ -325,10 +382,13 @@ def train(cfg: ExperimentConfig, *, resume: bool = False) -> TrainResult:
     recorded in its ``mvtcae.error`` tag, and is raised again.
     """
     started, phases = time.perf_counter(), PhaseTimes()
-    with phases.phase("run_setup"):
-        found = _run_to_resume(cfg) if resume else None  # before any work: it may not exist
+    with phases.phase("run_setup"):  # what can be refused in a second comes first
+        check_capacity(cfg.train)
+        found = _run_to_resume(cfg) if resume else None
     with phases.phase("dataset"):
         dataset_dir, manifest = prepare_dataset(cfg)
+    with phases.phase("run_setup"):
+        check_dataset(cfg, dataset_dir, manifest, found)
     with phases.phase("ray_start"):
         ensure_cluster(cfg, dataset_dir)
     with phases.phase("run_setup"):
@@ -337,7 +397,8 @@ def train(cfg: ExperimentConfig, *, resume: bool = False) -> TrainResult:
         run_id = _open_mlflow_run(cfg, found, run_name, dataset_dir, manifest)
     try:
         with phases.phase("run_setup"):
-            record = found or runs.create_run(cfg, run_name, run_id)
+            record = found or runs.create_run(cfg, run_name, run_id, manifest.digest(),
+                                              dataset_dir)  # fmt: skip
         out = _fit(cfg, record, dataset_dir, manifest, tracking_uri, phases)
         if out.best_checkpoint is not None:
             _evaluate_and_register(cfg, out, dataset_dir, phases)
@@ -370,6 +431,25 @@ def _stop_ray_for_interrupt() -> None:
             "interrupted: the Ray session is the caller's; its Train run stops when this "
             "process disconnects (ray.shutdown())"
         )
+
+
+def check_dataset(cfg: ExperimentConfig, dataset_dir: str, manifest: Any,
+                  resumed: runs.RunRecord | None = None) -> None:  # fmt: skip
+    """Before any work: a resumed run continues on the dataset it started on, and the registered
+    model name holds versions of this dataset only (`tracking.check_registry_dataset`)."""
+    digest = manifest.digest()
+    if resumed is not None and resumed.dataset_digest not in (None, digest):
+        raise DatasetError(
+            f"--resume: run {resumed.name} trained on a dataset with digest "
+            f"{resumed.dataset_digest[:12]} ({resumed.dataset_dir or 'data.dir unknown'}); "
+            f"data.dir {dataset_dir} holds {manifest.name!r} with digest {digest[:12]}. Resume "
+            "with the run's data.dir, or start a new run without --resume"
+        )
+    retry_until(
+        lambda: tracking.check_registry_dataset(cfg.tracking, digest, manifest.name,
+                                                source=lineage.source_uri(dataset_dir)),
+        "checking the registered model's dataset", cfg.tracking.outage_grace_s,
+    )  # fmt: skip
 
 
 class NothingToResumeError(UserError, FileNotFoundError):

@@ -16,6 +16,7 @@ import torch
 
 from mvtcae import MVTCAE, MultimodalBatch, MVTCAEConfig
 from mvtcae.config import ModelSection, ScheduleSection, TrainSection
+from mvtcae.model.config import ConfigError
 from mvtcae.training.nonfinite import StepGuard
 
 
@@ -24,7 +25,7 @@ def model_config_for(section: ModelSection, manifest: Any) -> MVTCAEConfig:
     names = list(manifest.modalities)
     unknown = sorted(set(section.decoders_dist or {}) - set(names))
     if unknown:
-        raise ValueError(f"model.decoders_dist names modalities {unknown} not in dataset {names}")
+        raise ConfigError(f"model.decoders_dist names modalities {unknown} not in dataset {names}")
     dists = {
         m: (section.decoders_dist or {}).get(m, manifest.modalities[m].distribution) for m in names
     }
@@ -32,7 +33,7 @@ def model_config_for(section: ModelSection, manifest: Any) -> MVTCAEConfig:
     if isinstance(scales, dict):
         bad = sorted(set(scales) - set(names))
         if bad:
-            raise ValueError(f"model.decoder_scale names modalities {bad} not in dataset {names}")
+            raise ConfigError(f"model.decoder_scale names modalities {bad} not in dataset {names}")
     params = {}
     for m in names:
         scale = scales.get(m) if isinstance(scales, dict) else scales
