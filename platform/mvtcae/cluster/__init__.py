@@ -17,7 +17,6 @@ import base64
 import json
 import logging
 import os
-import re
 import secrets
 import shlex
 import signal
@@ -37,6 +36,7 @@ import yaml
 from mvtcae.model.errors import UserError
 from mvtcae.storage.processes import (
     all_pids,
+    belongs_to,
     descendants,
     group_members,
     proc_stat,
@@ -302,33 +302,11 @@ def read_token(spec: ClusterSpec) -> str:
 # --- processes, by PID -------------------------------------------------------------------------
 
 
-def _belongs_to(pid: int, temp_dirs: list[Path]) -> bool:
-    """Whether a process is a Ray process or job of a cluster with one of these temp dirs.
-
-    Ray processes take the temp or session dir as an option; workers and job drivers run in a
-    directory under it. Other processes that merely mention the path (`tail -f` of a log, a shell)
-    are not matched.
-    """
-    try:
-        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-        cwd = os.readlink(f"/proc/{pid}/cwd")
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return False
-    command = " ".join(args)
-    for d in map(str, temp_dirs):
-        if re.search(rf"--[\w-]+[= ]{re.escape(d)}(/|\s|$)", command):
-            return True
-        is_ray_python = args[0].startswith("ray::") or Path(args[0]).name.startswith("python")
-        if is_ray_python and (cwd == d or cwd.startswith(d + "/")):
-            return True
-    return False
-
-
 def strays(spec: ClusterSpec) -> list[int]:
     """Processes that still belong to this cluster (by its temp dirs), if any."""
     dirs = [spec.head_temp_dir, spec.node_temp_dir]
     me = os.getpid()
-    return sorted(p for p in all_pids() if p != me and _belongs_to(p, dirs))
+    return sorted(p for p in all_pids() if p != me and belongs_to(p, dirs))
 
 
 def _spawn(name: str, argv: list[str], env: dict[str, str], spec: ClusterSpec) -> dict[str, Any]:

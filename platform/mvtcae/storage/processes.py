@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -74,6 +75,28 @@ def descendants(*roots: int) -> set[int]:
 def group_members(pgid: int) -> set[int]:
     """The processes of process group ``pgid``."""
     return {pid for pid in all_pids() if (s := proc_stat(pid)) is not None and s[1] == pgid}
+
+
+def belongs_to(pid: int, temp_dirs: list[Path]) -> bool:
+    """Whether a process is a Ray process or job of a cluster with one of these temp dirs.
+
+    Ray processes take the temp or session dir as an option; workers and job drivers run in a
+    directory under it. Other processes that merely mention the path (`tail -f` of a log, a shell)
+    are not matched.
+    """
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return False
+    command = " ".join(args)
+    for d in map(str, temp_dirs):
+        if re.search(rf"--[\w-]+[= ]{re.escape(d)}(/|\s|$)", command):
+            return True
+        is_ray_python = args[0].startswith("ray::") or Path(args[0]).name.startswith("python")
+        if is_ray_python and (cwd == d or cwd.startswith(d + "/")):
+            return True
+    return False
 
 
 def signal_all(pids: set[int], sig: int) -> None:

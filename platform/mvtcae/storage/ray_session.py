@@ -7,7 +7,9 @@ import contextlib
 import hashlib
 import logging
 import os
+import signal
 import socket
+import threading
 import uuid
 
 from mvtcae.config.locations import local_path
@@ -34,11 +36,13 @@ def ensure_ray(address: str | None, local_cpus: int) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    handlers = _python_signal_handlers()
     if address:
         ray.init(address=address)
     else:
         start_local_ray(local_cpus)
     _connected_here = True
+    _restore_signal_handlers(handlers)
     # The per-epoch lines are the progress display of a run; Ray Data's operator bars would
     # interleave with them in the driver's output.
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -149,6 +153,26 @@ def start_local_ray(num_cpus: int) -> str:
         processes.start_watch(_local_ray)
     logger.info("Ray dashboard: http://127.0.0.1:%d", port)
     return f"http://127.0.0.1:{port}"
+
+
+def _python_signal_handlers() -> dict[int, object]:
+    """The Python handlers of SIGINT and SIGTERM now (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _restore_signal_handlers(handlers: dict[int, object]) -> None:
+    """Put back the Python handlers that ``ray.init`` replaced.
+
+    In a driver, ``ray.init`` sets its own SIGTERM handler (``sys.exit(15)``) and its core
+    worker a native one that prints a stack trace: a ``kill`` or ``ray job stop`` then ends the
+    process before it can stop its run and record it KILLED. Where Python code had set a
+    handler (the command line does), it wins again; a process that had none keeps Ray's.
+    """
+    for sig, handler in handlers.items():
+        if callable(handler) and handler is not signal.default_int_handler:
+            signal.signal(sig, handler)
 
 
 def local_ray_processes() -> set[processes.ProcessRef]:

@@ -1,0 +1,279 @@
+"""The fault paths on the configs users run: ``jobs/configs/*.yaml``, shrunk only in epochs and
+rows (never in optimizer, precision, workers or model options), through real ``mvtcae train``
+processes.
+
+For each fault: the run ends as it should (KILLED with one line that says how to resume, or
+nothing at all after a SIGKILL), no process of it is left, the resumed run is the same MLflow
+run, its metric steps run 1..E exactly once, it never resumes behind a checkpoint that exists,
+and its losses equal an uninterrupted run's (the data order of an epoch is a function of
+(seed, rank, epoch), and checkpoints carry every generator's state).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from faultkit import (
+    CONFIGS,
+    MVTCAE,
+    Command,
+    newest_intact_epoch,
+    ray_temp_dir,
+    wait_for_checkpoint,
+)
+from mvtcae.config import load_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+
+# Evaluation rows and epochs only: what the final evaluation costs, not what it measures.
+EVAL_SHRINK = ["eval.max_samples=200", "eval.nll_max_samples=20", "eval.classifier_epochs=2",
+               "eval.probe_train_samples=400", "eval.probe_max_iter=50",
+               "eval.projection_samples=100"]  # fmt: skip
+LOSS_KEYS = ("train/loss", "val/loss", "train/grad_norm", "lr")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The working directory of every command here: the built-in datasets are prepared at their
+    default location under it once, and the evaluation's classifiers are cached there."""
+    return tmp_path_factory.mktemp("shipped")
+
+
+class Store:
+    """One MLflow SQLite store and run storage: where a series of commands keeps its run."""
+
+    def __init__(self, root: Path) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.root, self.runs = root, root / "runs"
+        self.uri = f"sqlite:///{root / 'mlflow.db'}"
+
+    def argv(self, config: str, epochs: int, *extra: str, command: str = "train") -> list[str]:
+        # The config's own settings, then the shrink (epochs and rows) and this store.
+        sets = [*extra, f"train.epochs={epochs}", *EVAL_SHRINK,
+                f"train.storage_path={self.runs}", f"tracking.tracking_uri={self.uri}"]  # fmt: skip
+        return [*MVTCAE, command, "--config", str(CONFIGS / config)] + [
+            word for s in sets for word in ("--set", s)
+        ]
+
+    def only_run(self) -> object:
+        client = MlflowClient(self.uri)
+        runs = [
+            r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
+        ]
+        assert len(runs) == 1, [(r.info.run_name, r.info.status) for r in runs]
+        return runs[0]
+
+    def history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        return sorted(
+            (m.step, m.value) for m in MlflowClient(self.uri).get_metric_history(run_id, key)
+        )
+
+
+def run(argv: list[str], workdir: Path, log: Path, ray_tmp: Path) -> Command:
+    return Command(argv, workdir, log, ray_tmp)
+
+
+def finish(command: Command, timeout: float = 900) -> None:
+    code = command.wait(timeout)
+    assert code == 0, command.output()
+    assert command.leftovers() == [], "processes of the run are left"
+
+
+def reference_run(config: str, epochs: int, extra: list[str], root: Path, workdir: Path) -> Store:
+    """An uninterrupted run of ``config``: the losses the faulted runs must repeat."""
+    store = Store(root)
+    with ray_temp_dir() as ray_tmp:
+        command = run(store.argv(config, epochs, *extra), workdir, root / "straight.log", ray_tmp)
+        try:
+            finish(command)
+        finally:
+            command.kill_all()
+    return store
+
+
+def check_continuity(store: Store, reference: Store, epochs: int, resumed_after: list[int]) -> None:
+    """One FINISHED MLflow run whose every epoch is logged once and equals the reference's, that
+    resumed after exactly the newest checkpoints that existed when it was stopped."""
+    got, want = store.only_run(), reference.only_run()
+    assert got.info.status == "FINISHED", got.data.tags.get("mvtcae.error")
+    assert "mvtcae.error" not in got.data.tags  # the interruption is not left as its error
+    for key in LOSS_KEYS:
+        history = store.history(got.info.run_id, key)
+        expected = reference.history(want.info.run_id, key)
+        assert [s for s, _ in history] == list(range(1, epochs + 1)), (key, history)
+        assert [s for s, _ in expected] == list(range(1, epochs + 1)), (key, expected)
+        for (step, have), (_, value) in zip(history, expected, strict=True):
+            assert math.isclose(have, value, rel_tol=1e-6, abs_tol=1e-9), (key, step, have, value)
+    restored = [v for _, v in store.history(got.info.run_id, "train/resumed_after_epoch")]
+    assert sorted(int(v) for v in restored) == sorted(resumed_after)
+    assert "eval/joint_nll" in got.data.metrics
+    client = MlflowClient(store.uri)
+    versions = client.search_model_versions(f"run_id = '{got.info.run_id}'")
+    assert len(versions) == 1, versions  # the finished run registered its model once
+
+
+def interrupt(command: Command, sig: int) -> None:
+    """SIGINT as a terminal sends it (to the process group), SIGTERM to the command: it ends
+    with the shell's status for the signal, one line saying how to resume, and nothing left."""
+    command.signal(sig, group=sig == signal.SIGINT)
+    code = command.wait(120)
+    assert code == 128 + sig, command.output()
+    last = command.last_line()
+    assert last.startswith(f"mvtcae: interrupted ({signal.Signals(sig).name})"), last
+    assert "is KILLED" in last and last.endswith("--resume"), last
+    assert command.leftovers() == []
+
+
+def sigkill_driver(command: Command, run_dir: Path) -> None:
+    """SIGKILL the driver: its local Ray and training workers are gone within seconds, and no
+    checkpoint is written after it died."""
+    command.signal(signal.SIGKILL)
+    command.wait(60)
+    started = time.monotonic()
+    assert command.leftovers(settle_s=10.0) == [], "a killed driver's processes lived on"
+    stopped_within = time.monotonic() - started
+    written = newest_intact_epoch(run_dir)
+    time.sleep(2.0)
+    assert newest_intact_epoch(run_dir) == written, "checkpoints after the driver died"
+    assert stopped_within < 10.0
+
+
+@pytest.fixture(scope="module")
+def demo_reference(workdir: Path, tmp_path_factory: pytest.TempPathFactory) -> Store:
+    return reference_run("demo.yaml", DEMO_EPOCHS, [], tmp_path_factory.mktemp("demo-ref"), workdir)
+
+
+DEMO_EPOCHS = 6
+
+
+def test_the_demo_config_survives_driver_sigkill_ctrl_c_and_a_lost_worker(
+    workdir: Path, tmp_path: Path, demo_reference: Store
+) -> None:
+    """demo.yaml (mfeat, 2 workers, fp32, fused Adam, model logging), one run through all three
+    faults in turn: driver SIGKILL then --resume, Ctrl-C then --resume, a training worker
+    SIGKILLed (Ray Train restarts the worker group)."""
+    store, resumed_after = Store(tmp_path / "store"), []
+    argv = store.argv("demo.yaml", DEMO_EPOCHS)
+    with ray_temp_dir() as ray_tmp:
+        commands: list[Command] = []
+        try:
+            commands.append(first := run(argv, workdir, tmp_path / "1.log", ray_tmp))
+            run_dir = wait_for_checkpoint(store.runs, 1, first)
+            sigkill_driver(first, run_dir)
+
+            resumed_after.append(newest_intact_epoch(run_dir))
+            commands.append(
+                second := run([*argv, "--resume"], workdir, tmp_path / "2.log", ray_tmp)
+            )
+            wait_for_checkpoint(store.runs, resumed_after[-1] + 1, second)
+            interrupt(second, signal.SIGINT)
+            assert store.only_run().info.status == "KILLED"
+
+            resumed_after.append(newest_intact_epoch(run_dir))
+            commands.append(third := run([*argv, "--resume"], workdir, tmp_path / "3.log", ray_tmp))
+            wait_for_checkpoint(store.runs, resumed_after[-1] + 1, third)
+            workers = third.train_workers()
+            assert len(workers) == 2, workers
+            resumed_after.append(newest_intact_epoch(run_dir))  # what Ray Train restores
+            os.kill(workers[-1], signal.SIGKILL)
+            finish(third)
+        finally:
+            for command in commands:
+                command.kill_all()
+    check_continuity(store, demo_reference, DEMO_EPOCHS, resumed_after)
+
+
+def _training_sections(config: str, *overrides: str) -> dict:
+    """What decides a run's losses: data, model and train sections (storage and names aside)."""
+    cfg = load_config(CONFIGS / config, list(overrides)).to_dict()
+    cfg["train"].pop("storage_path")
+    cfg["train"].pop("run_name")
+    return {k: cfg[k] for k in ("data", "model", "train")}
+
+
+def test_the_mfeat_config_ends_killed_on_sigterm_and_resumes(
+    workdir: Path, tmp_path: Path, demo_reference: Store
+) -> None:
+    """mfeat.yaml: SIGTERM (``kill``, ``ray job stop``) then --resume. Its data, model and
+    training are demo.yaml's, so the demo's uninterrupted run is its reference."""
+    assert _training_sections("mfeat.yaml") == _training_sections("demo.yaml")
+    store = Store(tmp_path / "store")
+    argv = store.argv("mfeat.yaml", DEMO_EPOCHS)
+    with ray_temp_dir() as ray_tmp:
+        commands: list[Command] = []
+        try:
+            commands.append(first := run(argv, workdir, tmp_path / "1.log", ray_tmp))
+            run_dir = wait_for_checkpoint(store.runs, 2, first)
+            interrupt(first, signal.SIGTERM)
+            assert store.only_run().info.status == "KILLED"
+            resumed_after = [newest_intact_epoch(run_dir)]
+            commands.append(
+                second := run([*argv, "--resume"], workdir, tmp_path / "2.log", ray_tmp)
+            )
+            finish(second)
+        finally:
+            for command in commands:
+                command.kill_all()
+    check_continuity(store, demo_reference, DEMO_EPOCHS, resumed_after)
+
+
+def _reproduce_cpu_overrides(experiment: str) -> list[str]:
+    """The overrides jobs/configs/reproduce_cpu.yaml applies to one of its experiments: how the
+    GPU config runs on a CPU machine (one 2-CPU worker, no GPU)."""
+    spec = yaml.safe_load((CONFIGS / "reproduce_cpu.yaml").read_text())
+    return list(spec["experiments"][experiment]["overrides"])
+
+
+POLYMNIST_ROWS = ["data.n_train=384", "data.n_test=128"]
+
+
+@pytest.mark.parametrize(
+    "config, extra, epochs, fault",
+    [
+        # PolyMNIST demo: MLP, 2 workers, fp32, constant lr; a driver SIGKILL.
+        ("demo_polymnist.yaml", POLYMNIST_ROWS, 4, "sigkill"),
+        # The paper's PolyMNIST config as reproduce_cpu.yaml runs it on a CPU: conv networks,
+        # latent 512, bf16; Ctrl-C. Its data.dir override names the 20k-row dataset: the rows
+        # are shrunk, so the dataset is the one at its default location for those rows.
+        (
+            "polymnist.yaml",
+            [o for o in _reproduce_cpu_overrides("polymnist") if not o.startswith("data.")]
+            + POLYMNIST_ROWS,
+            3,
+            "sigint",
+        ),
+    ],
+    ids=["demo_polymnist-sigkill", "polymnist-on-cpu-bf16-sigint"],
+)
+def test_the_polymnist_configs_resume_exactly(
+    workdir: Path, tmp_path: Path, config: str, extra: list[str], epochs: int, fault: str
+) -> None:
+    reference = reference_run(config, epochs, extra, tmp_path / "ref", workdir)
+    store = Store(tmp_path / "store")
+    argv = store.argv(config, epochs, *extra)
+    with ray_temp_dir() as ray_tmp:
+        commands: list[Command] = []
+        try:
+            commands.append(first := run(argv, workdir, tmp_path / "1.log", ray_tmp))
+            run_dir = wait_for_checkpoint(store.runs, 1, first)
+            if fault == "sigkill":
+                sigkill_driver(first, run_dir)
+            else:
+                interrupt(first, signal.SIGINT)
+            resumed_after = [newest_intact_epoch(run_dir)]
+            commands.append(
+                second := run([*argv, "--resume"], workdir, tmp_path / "2.log", ray_tmp)
+            )
+            finish(second)
+        finally:
+            for command in commands:
+                command.kill_all()
+    check_continuity(store, reference, epochs, resumed_after)
