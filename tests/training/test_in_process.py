@@ -115,6 +115,10 @@ def test_a_run_fitted_again_resumes_where_an_uninterrupted_one_would_be(
     assert done.checkpoint is not None
     assert Path(done.checkpoint.path).name == "checkpoint_epoch_0003"
     assert run_checkpoints(run_dir) == ["checkpoint_epoch_0003"]
+    # ... and with that epoch's result (what a Tune trial reports again: its scheduler refuses
+    # a trial whose last result lacks the sweep's objectives).
+    assert done.metrics["epoch"] == 3
+    assert done.metrics["val/loss"] == pytest.approx(rest.metrics["val/loss"], rel=1e-9)
 
 
 def test_only_a_single_worker_trains_in_process(tmp_path: Path, tiny_dataset: Path, make_config):

@@ -100,23 +100,42 @@ def _spool_location(context: SweepContext, trial_name: str) -> str:
     return storage.join(context.base_config["train"]["storage_path"], trial_name, SPOOL_DIR)
 
 
-def start_child_run(
-    context: SweepContext, trial_id: str, params: dict[str, Any]
-) -> tuple[str, bool]:
-    """The trial's MLflow run nested under the sweep's parent run, and whether it has its
-    config already: the run of this trial that an interruption cut, reopened (so a resumed
-    trial keeps one run and one history), else a new run with the trial's sampled values."""
+@dataclass(frozen=True)
+class ChildRun:
+    """A trial's MLflow run: its id, whether its config is logged, and whether an earlier
+    attempt of the trial already finished it (evaluation included)."""
+
+    run_id: str
+    configured: bool
+    finished: bool = False
+
+
+def start_child_run(context: SweepContext, trial_id: str, params: dict[str, Any]) -> ChildRun:
+    """The trial's MLflow run nested under the sweep's parent run: the run of this trial that an
+    interruption cut, reopened (so a resumed trial keeps one run and one history), or the one an
+    attempt finished before the sweep driver could record it; else a new run with the trial's
+    sampled values.
+
+    A cut run is KILLED when the sweep driver stopped it, and still RUNNING when the driver was
+    killed outright (nothing was left to mark it): trial ids are unique to a sweep, so a
+    RUNNING run of this trial belongs to an attempt that is gone.
+    """
     client = mlflow_client(context.tracking_uri)
-    cut = client.search_runs(
+    runs = client.search_runs(
         [context.experiment_id],
         filter_string=f"tags.`{PARENT_TAG}` = '{context.parent_run_id}' and "
-        f"tags.`{TRIAL_TAG}` = '{trial_id}' and attributes.status = 'KILLED'",
+        f"tags.`{TRIAL_TAG}` = '{trial_id}'",
     )
+    done = [r for r in runs if r.info.status == "FINISHED"]
+    if done:
+        return ChildRun(done[0].info.run_id, configured=True, finished=True)
+    cut = [r for r in runs if r.info.status in ("KILLED", "RUNNING")]
     if cut:
         run_id = cut[0].info.run_id
         client.update_run(run_id, status="RUNNING")
-        client.delete_tag(run_id, INTERRUPTED_TAG)
-        return run_id, bool(cut[0].data.params)  # cut before its config was logged: log it
+        if INTERRUPTED_TAG in cut[0].data.tags:
+            client.delete_tag(run_id, INTERRUPTED_TAG)
+        return ChildRun(run_id, configured=bool(cut[0].data.params))  # cut before its config
     run = client.create_run(
         context.experiment_id,
         run_name=f"{context.sweep_name}-{trial_id}",
@@ -127,7 +146,7 @@ def start_child_run(
         },
     )
     client.log_dict(run.info.run_id, dict(params), "trial_params.json")
-    return run.info.run_id, False
+    return ChildRun(run.info.run_id, configured=False)
 
 
 def check_finite(metrics: dict[str, Any], names: tuple[str, ...], where: str) -> None:
@@ -174,20 +193,26 @@ def run_trial(params: dict[str, Any], context: SweepContext) -> None:
     started = time.perf_counter()
     try:
         with phases.phase("run_setup"):
-            run_id, configured = retry_until(
+            child = retry_until(
                 lambda: start_child_run(context, trial_id, params),
                 f"trial {trial_id}: creating its MLflow run", context.tracking_grace_s,
             )  # fmt: skip
     except Exception as err:
         _give_up_on_infrastructure(context, trial_id, err)
+    run_id = child.run_id
     tracker = RunLogger(context.tracking_uri, run_id,
                         spool=_spool_location(context, trial_name))  # fmt: skip
     try:
         cfg = trial_config(context.base_config, params, source=f"trial {trial_id} {params}")
-        if not configured:  # a reopened run has them already (MLflow params are write-once)
+        if not child.configured:  # a reopened run has them already (MLflow params are write-once)
             with phases.phase("run_setup"):
                 _log_config(cfg, context, run_id)
         result = _fit_with_retries(cfg, context, trial_id, run_id, trial_name, phases)
+        if child.finished:
+            # Done before the sweep driver died: the fit restored its last checkpoint and
+            # reported that result again for Tune; its run and evaluation stand as they are.
+            tracker.close(tracker_grace(tracker))
+            return
         check_finite(result.metrics or {}, ("train/loss", "val/loss"), f"trial {trial_id}")
         if context.final_eval and result.checkpoint is not None:
             with phases.phase("evaluation"):

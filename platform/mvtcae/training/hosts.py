@@ -19,6 +19,7 @@ checkpoint to restore, and hands it each epoch's report. Two hosts answer:
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ import ray.tune
 import torch
 
 from mvtcae import storage
-from mvtcae.storage.checkpoints import checkpoint_epoch
+from mvtcae.storage.checkpoints import TRAINER_STATE, checkpoint_epoch
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +114,8 @@ class InProcessHost:
     local_rank: int = 0
     last_metrics: dict[str, Any] = field(default_factory=dict)
     last_checkpoint: ray.train.Checkpoint | None = None
+    restored_from: str | None = None
+    """The run-storage location of the checkpoint the run restored, until it reports anew."""
 
     def device(self) -> torch.device:
         # Ray limits CUDA_VISIBLE_DEVICES to the GPUs this process holds (none: no CUDA).
@@ -122,10 +125,23 @@ class InProcessHost:
         names = run_checkpoints(self.run_dir)
         if not names:
             return None
-        fs, path = storage.resolve(storage.join(self.run_dir, names[-1]))
+        self.restored_from = storage.join(self.run_dir, names[-1])
+        fs, path = storage.resolve(self.restored_from)
         # A run fitted again after its last epoch reports nothing new: it ends with this one.
         self.last_checkpoint = ray.train.Checkpoint(path=path, filesystem=fs)
         return self.last_checkpoint
+
+    def report_restored_again(self, extra: dict[str, Any] | None = None) -> None:
+        """When the run restored a checkpoint and trained nothing after it (it was cut after its
+        last epoch), report that epoch's result again, from the checkpoint: every attempt of a
+        Tune trial must end on a result that holds the sweep's objectives, or Tune's scheduler
+        refuses it."""
+        if self.restored_from is None or self.last_checkpoint is None:
+            return
+        state = json.loads(storage.read_text(storage.join(self.restored_from, TRAINER_STATE)))
+        self.last_metrics = dict(state.get("metrics") or {}) | dict(extra or {})
+        if self.to_tune:
+            ray.tune.report(self.last_metrics | {TUNE_CHECKPOINT_KEY: self.last_checkpoint.path})
 
     def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
@@ -141,6 +157,7 @@ class InProcessHost:
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None,
                dir_name: str | None = None) -> None:  # fmt: skip
+        self.restored_from = None
         checkpoint = None
         if checkpoint_dir is not None:
             if dir_name is None:

@@ -219,6 +219,8 @@ def train_in_process(loop_cfg: dict[str, Any], datasets: dict[str, Any] | None =
         run_loop(loop_cfg, host)
     finally:
         torch.set_num_threads(threads)  # the caller's process goes on with its own setting
+    run_id = loop_cfg.get("run_id")
+    host.report_restored_again({RUN_ID_KEY: run_id} if run_id else None)
     return InProcessResult(metrics=host.last_metrics, checkpoint=host.last_checkpoint)
 
 
