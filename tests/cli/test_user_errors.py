@@ -260,6 +260,28 @@ def test_custom_dataset_under_a_built_in_name_is_refused(tmp_path: Path, views: 
     assert no_run_started(tmp_path)
 
 
+def test_model_options_naming_modalities_the_dataset_lacks(tmp_path: Path, views: Path):
+    """model.decoders_dist naming a modality the dataset does not have: a config error naming
+    the option and the modality, before Ray or an MLflow run (it came after both)."""
+    result = mvtcae(tmp_path, "train", *stores(tmp_path), *custom(views),
+                    *sets("model.decoders_dist={zz: normal}"))  # fmt: skip
+    assert_usage_error(result, "model.decoders_dist", "'zz'")
+    assert_before_ray(result)
+    assert no_run_started(tmp_path) and not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_dataset_without_a_validation_split(tmp_path: Path, views: Path):
+    """A dataset with only a train split: named with the splits training needs, before Ray."""
+    only_train = tmp_path / "only-train"
+    shutil.copytree(views, only_train)
+    manifest = json.loads((only_train / "manifest.json").read_text())
+    manifest["splits"] = {"train": manifest["splits"]["train"]}
+    (only_train / "manifest.json").write_text(json.dumps(manifest))
+    result = mvtcae(tmp_path, "train", *stores(tmp_path), *custom(only_train))
+    assert_user_error(result, str(only_train), "'train'", "'test'", before_ray=True)
+    assert no_run_started(tmp_path)
+
+
 @pytest.mark.slow
 def test_corrupt_shard_is_named(tmp_path: Path, views: Path):
     """A shard whose bytes changed (same size): the error names the shard file. Validation runs
@@ -383,11 +405,6 @@ def test_evaluate_on_a_dataset_of_other_shapes(tmp_path: Path, model_dir: Path, 
     assert not (tmp_path / "evaluation").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="evaluate's `except (OSError, ValueError)` turns ModelFileError (a ValueError) into "
-    "click's usage error: exit 2 with 'Error: ...', not exit 1 with 'mvtcae: error: ...'",
-)
 def test_evaluate_garbage_weights(tmp_path: Path, model_dir: Path, views: Path):
     """A model directory whose model.safetensors is garbage of the same size: exit 1, naming
     the file."""
@@ -398,6 +415,14 @@ def test_evaluate_garbage_weights(tmp_path: Path, model_dir: Path, views: Path):
     weights.write_bytes((bytes(range(256)) * (size // 256 + 1))[:size])
     result = _evaluate(tmp_path, model, views)
     assert_user_error(result, str(weights), before_ray=True)
+
+
+def test_evaluate_a_registered_model_that_does_not_exist(tmp_path: Path, views: Path):
+    """models:/NAME@champion of a name the store does not hold: exit 1, naming the URI and
+    the store (it was MLflow's 59-line traceback)."""
+    result = mvtcae(tmp_path, "evaluate", "models:/no-such-model@champion", "--data", str(views),
+                    "--out", str(tmp_path / "eval"), *stores(tmp_path))  # fmt: skip
+    assert_user_error(result, "models:/no-such-model@champion", "mlflow.db", before_ray=True)
 
 
 def test_evaluate_model_config_that_is_not_json(tmp_path: Path, model_dir: Path, views: Path):

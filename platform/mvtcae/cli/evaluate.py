@@ -95,16 +95,14 @@ def evaluate_command(
     except (DatasetError, OSError) as err:
         raise click.UsageError(f"--data: {err}") from None
     if not found:
-        raise click.UsageError(f"{dataset} is not a dataset (no manifest.json); use --data")
-    try:
-        model = tracking.load_model_from(
-            model_ref,
-            tracking.resolve_tracking_uri(cfg.tracking),
-            device=device,
-            trusted_modules=list(trusted_modules),
-        )
-    except (OSError, ValueError) as err:
-        raise click.UsageError(str(err)) from None
+        given = "--data" if data_dir else "data.dir of the config"
+        raise click.UsageError(f"{dataset} ({given}) is not a dataset: no manifest.json there")
+    model = tracking.load_model_from(
+        model_ref,
+        tracking.resolve_tracking_uri(cfg.tracking),
+        device=device,
+        trusted_modules=list(trusted_modules),
+    )
     report = evaluate(model, dataset, cfg.eval, split=split, device=device, out_dir=out_dir)
     if run_id is not None:
         tracking.log_evaluation(report, run_id=run_id, tracking=cfg.tracking)

@@ -11,10 +11,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from mvtcae import storage
+from mvtcae.model.errors import UserError
 from mvtcae.model.mvtcae import MVTCAE
+from mvtcae.safety.redaction import redact_text
 from mvtcae.safety.trust import platform_trusted_modules
 from mvtcae.tracking.registry import CHAMPION
 from mvtcae.tracking.runs import _use_uri, resolve_tracking_uri
+
+
+class ModelNotFoundError(UserError, FileNotFoundError):
+    """No saved or logged model where the user pointed."""
 
 
 def download_model_dir(
@@ -22,15 +28,26 @@ def download_model_dir(
 ) -> Path:
     """Download a logged MVTCAE pyfunc and return its ``model_dir`` (config + safetensors)."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     if tracking_uri is not None:
         _use_uri(tracking_uri)
-    local = Path(
-        mlflow.artifacts.download_artifacts(model_uri, dst_path=None if dst is None else str(dst))
-    )
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(
+            model_uri, dst_path=None if dst is None else str(dst)
+        ))  # fmt: skip
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        where = redact_text(tracking_uri or mlflow.get_tracking_uri())
+        raise ModelNotFoundError(
+            f"{model_uri}: not found in the MLflow store {where} ({err.message.splitlines()[0]}); "
+            "check the name and alias or version, and the tracking URI (--config or "
+            "--set tracking.tracking_uri=..., or MLFLOW_TRACKING_URI)"
+        ) from None
     candidates = list(_find_model_dirs(local))
     if not candidates:
-        raise FileNotFoundError(f"{model_uri} holds no model_config.json + model.safetensors")
+        raise ModelNotFoundError(f"{model_uri} holds no model_config.json + model.safetensors")
     return candidates[0]
 
 
@@ -69,7 +86,7 @@ def _load_from_directory(
     """The first saved MVTCAE under ``directory`` (networks from trusted modules only)."""
     found = next(_find_model_dirs(directory), None) if directory.is_dir() else None
     if found is None:
-        raise FileNotFoundError(
+        raise ModelNotFoundError(
             f"{shown}: no model_config.json + model.safetensors found; give a model or "
             "checkpoint directory (local or s3://, gs://, file://), or an MLflow URI such as "
             "models:/<name>@champion"

@@ -124,7 +124,7 @@ def _no_dataset_message(cfg: ExperimentConfig, directory: str) -> str:
     where = f"data.dir {directory} holds no dataset (no {data_layer.MANIFEST_FILE})"
     if data.dataset == "custom":
         return (
-            f"{where}; write one there with `mvtcae data prepare arrays {directory} ...` "
+            f"{where}; write one there with `mvtcae data prepare arrays ARRAYS.npz {directory}` "
             "(docs/data-format.md, 'Bringing your own data'), or point data.dir at one"
         )
     return (
@@ -243,11 +243,7 @@ def _training_input(cfg: ExperimentConfig, dataset_dir: str, manifest: Any, plan
     """The train and validation splits, validated first: object-store references of their
     arrays when held, else Ray Datasets."""
     val_name = val_split_name(cfg, manifest)
-    if "train" not in manifest.splits or val_name not in manifest.splits:
-        raise DatasetError(
-            f"dataset {dataset_dir} has splits {sorted(manifest.splits)}; training needs "
-            f"'train' and '{val_name}' (data.val_split)"
-        )
+    check_splits(cfg, dataset_dir, manifest)
     with timed(phases, "validation"):
         files = dataset_files(dataset_dir)
         data_layer.ensure_valid(files, full=cfg.data.revalidate)
@@ -260,6 +256,17 @@ def _training_input(cfg: ExperimentConfig, dataset_dir: str, manifest: Any, plan
             reshuffle_each_epoch=cfg.data.reshuffle_shards_each_epoch, splits=["train", val_name],
         )  # fmt: skip
     return {"train": splits["train"], "val": splits[val_name]}
+
+
+def check_splits(cfg: ExperimentConfig, dataset_dir: str, manifest: Any) -> None:
+    """Refuse a dataset without the splits training reads: 'train' and the validation split."""
+    val_name = val_split_name(cfg, manifest)
+    if "train" not in manifest.splits or val_name not in manifest.splits:
+        raise DatasetError(
+            f"dataset {dataset_dir} has splits {sorted(manifest.splits)}; training needs "
+            f"'train' and '{val_name}' (data.val_split; `mvtcae data prepare arrays "
+            "--test-fraction` splits one off)"
+        )
 
 
 def _data_config() -> DataConfig:
@@ -436,7 +443,10 @@ def _stop_ray_for_interrupt() -> None:
 def check_dataset(cfg: ExperimentConfig, dataset_dir: str, manifest: Any,
                   resumed: runs.RunRecord | None = None) -> None:  # fmt: skip
     """Before any work: a resumed run continues on the dataset it started on, and the registered
-    model name holds versions of this dataset only (`tracking.check_registry_dataset`)."""
+    model name holds versions of this dataset only (`tracking.check_registry_dataset`); the
+    dataset has the splits training reads and the modalities the model options name."""
+    check_splits(cfg, dataset_dir, manifest)
+    model_config_for(cfg.model, manifest)  # ConfigError naming the option and the modality
     digest = manifest.digest()
     if resumed is not None and resumed.dataset_digest not in (None, digest):
         raise DatasetError(
