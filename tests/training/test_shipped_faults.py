@@ -239,7 +239,7 @@ POLYMNIST_ROWS = ["data.n_train=384", "data.n_test=128"]
     "config, extra, epochs, fault",
     [
         # PolyMNIST demo: MLP, 2 workers, fp32, constant lr; a driver SIGKILL.
-        ("demo_polymnist.yaml", POLYMNIST_ROWS, 4, "sigkill"),
+        ("demo_polymnist.yaml", POLYMNIST_ROWS, 3, "sigkill"),
         # The paper's PolyMNIST config as reproduce_cpu.yaml runs it on a CPU: conv networks,
         # latent 512, bf16; Ctrl-C. Its data.dir override names the 20k-row dataset: the rows
         # are shrunk, so the dataset is the one at its default location for those rows.
