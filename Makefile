@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP) ## Create .venv and install the model, the platform, dashboards, demo data and dev tools
 
 test: install ## Run the test suite
-	$(BIN)/pytest -q --timeout=900
+	$(BIN)/pytest -q --timeout=900 --durations=25
 
 lint: install ## Run ruff and the layering check (docs/architecture.md)
 	$(BIN)/ruff check platform tests jobs

@@ -27,6 +27,18 @@ from mvtcae.storage import processes
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "jobs" / "configs"
 MVTCAE = [sys.executable, "-m", "mvtcae.cli"]
+INHERITED_SETTINGS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "RAY_ADDRESS",
+                      "MVTCAE_DATA_DIR", "MVTCAE_STORAGE_PATH")  # fmt: skip
+"""Settings another test may have left in this process's environment: a command here gets
+everything it needs from its own options."""
+
+
+def mlflow_client(uri: str) -> object:
+    """A client of exactly this store, for tracking and the registry (the registry URI would
+    otherwise be the process-wide one an earlier test set)."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 @contextmanager
@@ -44,7 +56,8 @@ class Command:
 
     def __init__(self, argv: list[str], cwd: Path, log: Path, ray_tmp: Path) -> None:
         self.argv, self.log, self.ray_tmp = argv, log, ray_tmp
-        env = dict(os.environ, RAY_TMPDIR=str(ray_tmp), PYTHONUNBUFFERED="1")
+        env = {k: v for k, v in os.environ.items() if k not in INHERITED_SETTINGS}
+        env.update(RAY_TMPDIR=str(ray_tmp), PYTHONUNBUFFERED="1")
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(
                 argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,

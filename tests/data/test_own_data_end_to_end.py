@@ -182,7 +182,7 @@ def test_own_arrays_to_a_loaded_model_as_the_doc_says(tmp_path: Path, monkeypatc
 
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     version = client.get_model_version_by_alias(name, "champion")
     assert str(version.version) == "1"
     run_data = client.get_run(version.run_id).data

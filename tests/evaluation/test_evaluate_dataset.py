@@ -226,8 +226,9 @@ def test_cli_refuses_a_missing_model(dataset, tmp_path):
 
     args = ["evaluate", str(tmp_path / "nothing"), "--data", str(dataset), "--device", "cpu"]
     result = CliRunner().invoke(main, args)
-    assert result.exit_code == 2
-    assert "no model_config.json" in result.output
+    assert result.exit_code == 1  # a user error: one line, no traceback
+    assert "mvtcae: error: " in result.output and "no model_config.json" in result.output
+    assert "Traceback" not in result.output
 
 
 def test_trend_plot_marks_chance_and_needs_a_measure(tmp_path):

@@ -14,9 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-from mlflow import MlflowClient
 
-from faultkit import CONFIGS, MVTCAE, Command, ray_temp_dir
+from faultkit import CONFIGS, MVTCAE, Command, mlflow_client, ray_temp_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -85,7 +84,7 @@ def test_a_killed_sweep_driver_resumes_to_the_end(
 
     states = _states(optuna_db)
     assert states.get("COMPLETE", 0) >= TRIALS and states.get("RUNNING", 0) == 0, states
-    client = MlflowClient(mlflow_uri)
+    client = mlflow_client(mlflow_uri)
     (experiment,) = [e for e in client.search_experiments() if e.name != "Default"]
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from mlflow import MlflowClient
 
 from faultkit import (
     CONFIGS,
     MVTCAE,
     Command,
+    mlflow_client,
     newest_intact_epoch,
     ray_temp_dir,
     wait_for_checkpoint,
@@ -64,7 +64,7 @@ class Store:
         ]
 
     def only_run(self) -> object:
-        client = MlflowClient(self.uri)
+        client = mlflow_client(self.uri)
         runs = [
             r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
         ]
@@ -73,7 +73,7 @@ class Store:
 
     def history(self, run_id: str, key: str) -> list[tuple[int, float]]:
         return sorted(
-            (m.step, m.value) for m in MlflowClient(self.uri).get_metric_history(run_id, key)
+            (m.step, m.value) for m in mlflow_client(self.uri).get_metric_history(run_id, key)
         )
 
 
@@ -87,11 +87,18 @@ def finish(command: Command, timeout: float = 900) -> None:
     assert command.leftovers() == [], "processes of the run are left"
 
 
+# What an uninterrupted reference run leaves out: it only supplies the losses, which the final
+# evaluation and the registry do not touch.
+REFERENCE_ONLY = ["eval.latent_accuracy=false", "eval.coherence=false", "eval.joint_nll=false",
+                  "eval.plots=false", "tracking.log_model=false"]  # fmt: skip
+
+
 def reference_run(config: str, epochs: int, extra: list[str], root: Path, workdir: Path) -> Store:
     """An uninterrupted run of ``config``: the losses the faulted runs must repeat."""
     store = Store(root)
+    argv = store.argv(config, epochs, *extra, *REFERENCE_ONLY)
     with ray_temp_dir() as ray_tmp:
-        command = run(store.argv(config, epochs, *extra), workdir, root / "straight.log", ray_tmp)
+        command = run(argv, workdir, root / "straight.log", ray_tmp)
         try:
             finish(command)
         finally:
@@ -99,23 +106,27 @@ def reference_run(config: str, epochs: int, extra: list[str], root: Path, workdi
     return store
 
 
-def check_continuity(store: Store, reference: Store, epochs: int, resumed_after: list[int]) -> None:
-    """One FINISHED MLflow run whose every epoch is logged once and equals the reference's, that
-    resumed after exactly the newest checkpoints that existed when it was stopped."""
-    got, want = store.only_run(), reference.only_run()
+def check_continuity(store: Store, reference: Store | None, epochs: int,
+                     resumed_after: list[int]) -> None:  # fmt: skip
+    """One FINISHED MLflow run whose every epoch is logged once (and equals the reference's, when
+    there is one), that resumed after exactly the newest checkpoints that existed when it was
+    stopped."""
+    got = store.only_run()
     assert got.info.status == "FINISHED", got.data.tags.get("mvtcae.error")
     assert "mvtcae.error" not in got.data.tags  # the interruption is not left as its error
     for key in LOSS_KEYS:
         history = store.history(got.info.run_id, key)
-        expected = reference.history(want.info.run_id, key)
         assert [s for s, _ in history] == list(range(1, epochs + 1)), (key, history)
+        if reference is None:
+            continue
+        expected = reference.history(reference.only_run().info.run_id, key)
         assert [s for s, _ in expected] == list(range(1, epochs + 1)), (key, expected)
         for (step, have), (_, value) in zip(history, expected, strict=True):
             assert math.isclose(have, value, rel_tol=1e-6, abs_tol=1e-9), (key, step, have, value)
     restored = [v for _, v in store.history(got.info.run_id, "train/resumed_after_epoch")]
     assert sorted(int(v) for v in restored) == sorted(resumed_after)
     assert "eval/joint_nll" in got.data.metrics
-    client = MlflowClient(store.uri)
+    client = mlflow_client(store.uri)
     versions = client.search_model_versions(f"run_id = '{got.info.run_id}'")
     assert len(versions) == 1, versions  # the finished run registered its model once
 
@@ -238,7 +249,8 @@ POLYMNIST_ROWS = ["data.n_train=384", "data.n_test=128"]
 @pytest.mark.parametrize(
     "config, extra, epochs, fault",
     [
-        # PolyMNIST demo: MLP, 2 workers, fp32, constant lr; a driver SIGKILL.
+        # PolyMNIST demo: MLP, 2 workers, fp32, constant lr; a driver SIGKILL. The losses of an
+        # fp32 resume are held against an uninterrupted run on demo.yaml; here, the rest.
         ("demo_polymnist.yaml", POLYMNIST_ROWS, 3, "sigkill"),
         # The paper's PolyMNIST config as reproduce_cpu.yaml runs it on a CPU: conv networks,
         # latent 512, bf16; Ctrl-C. Its data.dir override names the 20k-row dataset: the rows
@@ -256,7 +268,8 @@ POLYMNIST_ROWS = ["data.n_train=384", "data.n_test=128"]
 def test_the_polymnist_configs_resume_exactly(
     workdir: Path, tmp_path: Path, config: str, extra: list[str], epochs: int, fault: str
 ) -> None:
-    reference = reference_run(config, epochs, extra, tmp_path / "ref", workdir)
+    compare = config != "demo_polymnist.yaml"
+    reference = reference_run(config, epochs, extra, tmp_path / "ref", workdir) if compare else None
     store = Store(tmp_path / "store")
     argv = store.argv(config, epochs, *extra)
     with ray_temp_dir() as ray_tmp:
