@@ -21,6 +21,8 @@ from unittest import mock
 import pytest
 
 from mvtcae import cluster
+from mvtcae.cluster.process_trees import is_running, spawn
+from mvtcae.cluster.state import save_state
 from mvtcae.storage.processes import proc_stat
 from mvtcae.tracking import auth as mlflow_auth
 
@@ -325,8 +327,9 @@ def test_the_uploaded_package_module_is_complete(spec, tmp_path):
     package = tmp_path / "module.zip"
     module = REPO / "platform" / "mvtcae"
     excludes = cluster.runtime_env(spec)["excludes"]
-    create_package(str(module), package, include_gitignore=True, include_parent_dir=True,
-                   excludes=excludes)  # fmt: skip
+    create_package(
+        str(module), package, include_gitignore=True, include_parent_dir=True, excludes=excludes
+    )
     uploaded = {n for n in zipfile.ZipFile(package).namelist() if n.endswith(".py")}
     expected = {
         str(p.relative_to(module.parent))
@@ -349,7 +352,7 @@ def test_stop_process_tree_reaches_children_in_other_sessions(spec):
         "print(p.pid, flush=True)\n"
         "time.sleep(300)\n"
     )
-    record = cluster._spawn("tree", [sys.executable, "-c", code], os.environ.copy(), spec)
+    record = spawn("tree", [sys.executable, "-c", code], os.environ.copy(), spec)
     log = Path(record["log"])
     deadline = time.monotonic() + 20
     while not log.read_text().strip() and time.monotonic() < deadline:
@@ -364,7 +367,7 @@ def test_stop_process_tree_reaches_children_in_other_sessions(spec):
 
 def test_stop_process_tree_kills_what_ignores_sigterm(spec):
     code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(300)"
-    record = cluster._spawn("stubborn", [sys.executable, "-c", code], os.environ.copy(), spec)
+    record = spawn("stubborn", [sys.executable, "-c", code], os.environ.copy(), spec)
     time.sleep(0.5)
     started = time.monotonic()
     cluster.stop_process_trees([record], grace_s=1)
@@ -404,7 +407,7 @@ def test_strays_are_ray_like_processes_of_this_cluster_only(spec):
 
 def _record_as_cluster(spec, records) -> None:
     spec.state_dir.mkdir(parents=True, exist_ok=True)
-    cluster._save_state(spec, records)
+    save_state(spec, records)
 
 
 def _wait_for_line(path: Path, timeout_s: float = 20) -> str:
@@ -422,7 +425,7 @@ def _leader_leaving_a_child_behind(spec) -> tuple[dict, int]:
         "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'])\n"
         "print(p.pid, flush=True)\n"
     )
-    record = cluster._spawn("ray-head", [sys.executable, "-c", code], os.environ.copy(), spec)
+    record = spawn("ray-head", [sys.executable, "-c", code], os.environ.copy(), spec)
     child = int(_wait_for_line(Path(record["log"])))
     deadline = time.monotonic() + 20
     while proc_stat(record["pid"]) is not None and time.monotonic() < deadline:
@@ -446,7 +449,7 @@ def _stray(spec) -> subprocess.Popen:
 
 def test_up_refuses_while_a_recorded_process_still_runs(spec):
     code = "import time; time.sleep(300)"
-    record = cluster._spawn("mlflow", [sys.executable, "-c", code], os.environ.copy(), spec)
+    record = spawn("mlflow", [sys.executable, "-c", code], os.environ.copy(), spec)
     try:
         _record_as_cluster(spec, [record])
         for attempt in (cluster.clear_stale, cluster.up):
@@ -454,7 +457,7 @@ def test_up_refuses_while_a_recorded_process_still_runs(spec):
                 attempt(spec)
             assert f"pid {record['pid']}" in str(caught.value)
             assert "make cluster-down" in str(caught.value)
-        assert cluster._is_same_process(record)  # left alone, and its state with it
+        assert is_running(record)  # left alone, and its state with it
         assert json.loads(spec.state_file.read_text())["processes"][0]["pid"] == record["pid"]
     finally:
         cluster.stop_process_trees([record], grace_s=2)

@@ -24,6 +24,7 @@ import clusterkit
 import pytest
 
 from mvtcae import cluster
+from mvtcae.cluster.process_trees import is_running
 from mvtcae.storage.processes import group_members
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -39,7 +40,7 @@ def _wait_until(done: Callable[[], bool], timeout_s: float) -> None:
 
 
 def _alive(records: list[dict[str, Any]]) -> list[int]:
-    return [r["pid"] for r in records if cluster._is_same_process(r)]
+    return [r["pid"] for r in records if is_running(r)]
 
 
 def _sigint_not_ignored() -> None:
@@ -72,15 +73,26 @@ def test_interrupted_run_stops_the_cluster_its_fixture_started(sig, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MVTCAE_CLUSTER_")}
     env |= {clusterkit.REPORT_ENV: str(report), clusterkit.STARTED_ENV: str(started)}
     argv = [
-        sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-        f"--basetemp={tmp_path / 'child'}", "tests/cluster/interrupted_session.py",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        f"--basetemp={tmp_path / 'child'}",
+        "tests/cluster/interrupted_session.py",
+    ]
     sigint_ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     with open(log_path, "wb") as log:
         child = subprocess.Popen(
-            argv, cwd=clusterkit.REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True, preexec_fn=_sigint_not_ignored if sigint_ignored else None,
-        )  # fmt: skip
+            argv,
+            cwd=clusterkit.REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_sigint_not_ignored if sigint_ignored else None,
+        )
     spec: cluster.ClusterSpec | None = None
     records: list[dict[str, Any]] = []
     try:

@@ -80,8 +80,14 @@ def test_a_dataset_written_to_s3_reads_back_like_the_local_one(s3, arrays, tmp_p
 
 def test_writes_to_s3_are_atomic_and_refuse_to_clobber(s3, arrays):
     uri = f"s3://{BUCKET}/atomic"
-    writer = DatasetWriter(uri, name="tiny", modalities=_specs(arrays), num_classes=4,
-                           has_labels=True, rows_per_shard=16)  # fmt: skip
+    writer = DatasetWriter(
+        uri,
+        name="tiny",
+        modalities=_specs(arrays),
+        num_classes=4,
+        has_labels=True,
+        rows_per_shard=16,
+    )
     with pytest.raises(RuntimeError, match="stopped halfway"), writer:
         part = arrays["train"]
         writer.add("train", part.data, part.masks, part.labels)  # two shards staged
@@ -93,8 +99,9 @@ def test_writes_to_s3_are_atomic_and_refuse_to_clobber(s3, arrays):
         write_arrays(uri, arrays, name="tiny", num_classes=4)
 
     # Replacing: fewer, larger shards; the old ones are gone (validation finds no extra shard).
-    second = write_arrays(uri, arrays, name="tiny", num_classes=4, rows_per_shard=64,
-                          overwrite=True)  # fmt: skip
+    second = write_arrays(
+        uri, arrays, name="tiny", num_classes=4, rows_per_shard=64, overwrite=True
+    )
     assert len(second.splits["train"].shards) < len(first.splits["train"].shards)
     assert validate_dataset(uri).digest() == second.digest()
     assert all("tmp-" not in f for f in _bucket_files("atomic"))
@@ -215,6 +222,6 @@ def test_credentials_in_a_dataset_uri_are_refused_without_echoing_them(s3):
 
 
 def _specs(arrays):
-    from mvtcae.data.writer import infer_modality_spec
+    from mvtcae.data.arrays import infer_modality_spec
 
     return {m: infer_modality_spec(m, a) for m, a in arrays["train"].data.items()}

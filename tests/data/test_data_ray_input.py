@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,16 +25,15 @@ from mvtcae.data.ray_input import should_materialize
 from mvtcae.model.batch import MultimodalBatch
 
 # Ray warns when it groups small shard lists into fewer read tasks than the concurrency cap.
-pytestmark = pytest.mark.filterwarnings("ignore:The maximum number of concurrent tasks")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:The maximum number of concurrent tasks"),
+    pytest.mark.usefixtures("own_ray"),
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def ray_session() -> Iterator[None]:
-    """One local Ray session for the module, with spare logical CPUs for read tasks."""
-    ray.init(address="local", num_cpus=4, log_to_driver=False)
+def _no_progress_bars(own_ray) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
 
 
 def collect(batches) -> tuple[dict, list[int]]:
@@ -145,8 +143,9 @@ def test_held_splits_are_shared_and_sampled_like_a_distributed_sampler(written) 
         epochs[epoch] = read["ids"]
     assert not np.array_equal(epochs[1], epochs[2])  # a new permutation every epoch
     # An epoch's order depends only on (seed, epoch, rank, world): what a resumed run relies on.
-    again = HeldSplit.fetch(refs["train"], manifest, "cpu").rank_rows(0, world, shuffle=True,
-                                                                       seed=5, epoch=2)  # fmt: skip
+    again = HeldSplit.fetch(refs["train"], manifest, "cpu").rank_rows(
+        0, world, shuffle=True, seed=5, epoch=2
+    )
     np.testing.assert_array_equal(collect(held.batches(again, 10))[0]["ids"], epochs[2][:32])
     # Without equal shares (validation), 24 test rows over 5 ranks: every row exactly once.
     test = HeldSplit.fetch(refs["test"], manifest, "cpu")
@@ -158,8 +157,9 @@ def test_held_splits_are_shared_and_sampled_like_a_distributed_sampler(written) 
 
 def test_equal_shares_leave_out_at_most_world_minus_one_rows(written) -> None:
     root, _ = written
-    held = HeldSplit.fetch(put_splits(dataset_files(root), ["test"])["test"],
-                           load_manifest(root), "cpu")  # fmt: skip
+    held = HeldSplit.fetch(
+        put_splits(dataset_files(root), ["test"])["test"], load_manifest(root), "cpu"
+    )
     shares = [held.rank_rows(r, 5, shuffle=True, seed=1, epoch=0) for r in range(5)]
     used = torch.cat(shares)
     assert len(used) == 20 and len(set(used.tolist())) == 20  # 24 rows, 4 sit out

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from mvtcae.cli import main
 from mvtcae.data import DatasetError, validate_dataset
-from mvtcae.data.writer import sha256_file
+from mvtcae.data.files import sha256_file
 
 SHARD = "train/part-00001.parquet"
 

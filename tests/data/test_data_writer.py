@@ -18,8 +18,8 @@ from mvtcae.data import (
     write_arrays,
     write_dataset_from_npz,
 )
+from mvtcae.data.files import sha256_file
 from mvtcae.data.format import ModalitySpec
-from mvtcae.data.writer import sha256_file
 
 
 def _assert_same(read: dict, split) -> None:

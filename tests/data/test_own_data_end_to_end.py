@@ -109,9 +109,14 @@ def run(argv: list[str], cwd: Path, env: dict[str, str], timeout: float) -> str:
     """Run one command as a user would; its output, asserting exit status 0. Its process group
     (a local Ray included) is killed, by its id, if it outlives the timeout."""
     proc = subprocess.Popen(
-        argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        start_new_session=True, text=True,
-    )  # fmt: skip
+        argv,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        text=True,
+    )
     try:
         output, _ = proc.communicate(timeout=timeout)
     finally:
@@ -208,6 +213,9 @@ def test_own_arrays_to_a_loaded_model_as_the_doc_says(tmp_path: Path, monkeypatc
     assert list(model.modalities) == list(shapes)
     assert {m: tuple(d) for m, d in model.model_config.input_dims.items()} == shapes
     with torch.no_grad():
-        again = model.eval().encode(namespace["batch"], cond_mod=["photo", "signal"],
-                                    return_mean=True).z  # fmt: skip
+        again = (
+            model.eval()
+            .encode(namespace["batch"], cond_mod=["photo", "signal"], return_mean=True)
+            .z
+        )
     torch.testing.assert_close(again, namespace["z"])

@@ -33,10 +33,16 @@ def _shared_candidates() -> list[Path]:
     repository this checkout was cloned from (a CI clone into a scratch directory)."""
     found = [Path(p) for p in [os.environ.get("MVTCAE_SHARED_DIR")] if p]
     found.append(REPO.parent / "shared")
-    origin = subprocess.run(
-        ["git", "-C", str(REPO), "config", "--get", "remote.origin.url"],
-        capture_output=True, text=True, check=False,
-    ).stdout.strip().removeprefix("file://")  # fmt: skip
+    origin = (
+        subprocess.run(
+            ["git", "-C", str(REPO), "config", "--get", "remote.origin.url"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        .stdout.strip()
+        .removeprefix("file://")
+    )
     if origin and "://" not in origin and Path(origin).is_absolute():
         found.append(Path(origin).parent / "shared")
     return found
@@ -438,14 +444,29 @@ def test_the_image_can_prepare_every_built_in_dataset():
 
 def test_the_dashboard_and_serving_targets_listen_on_loopback_only():
     out = subprocess.run(
-        ["make", "-n", "-o", ".venv/.installed", "mlflow-ui", "ray-dashboard", "optuna-dashboard",
-         "serve"],
-        cwd=REPO, capture_output=True, text=True, timeout=60, check=True,
-    )  # fmt: skip
+        [
+            "make",
+            "-n",
+            "-o",
+            ".venv/.installed",
+            "mlflow-ui",
+            "ray-dashboard",
+            "optuna-dashboard",
+            "serve",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     commands = out.stdout.replace("\\\n", " ")
-    for tool, host in (("mlflow ui", "--host 127.0.0.1"), ("ray start", "--dashboard-host=127.0.0.1"),
-                       ("optuna-dashboard", "--host 127.0.0.1"),
-                       ("mlflow models serve", "-h 127.0.0.1")):  # fmt: skip
+    for tool, host in (
+        ("mlflow ui", "--host 127.0.0.1"),
+        ("ray start", "--dashboard-host=127.0.0.1"),
+        ("optuna-dashboard", "--host 127.0.0.1"),
+        ("mlflow models serve", "-h 127.0.0.1"),
+    ):
         (line,) = [c for c in commands.splitlines() if tool in c]
         assert host in line, line
         assert "0.0.0.0" not in line

@@ -15,9 +15,11 @@ D = 6
 def model(request):
     torch.manual_seed(0)
     cfg = MVTCAEConfig(
-        n_modalities=2, latent_dim=D, input_dims={"img": (3, 28, 28), "vec": (7,)},
+        n_modalities=2,
+        latent_dim=D,
+        input_dims={"img": (3, 28, 28), "vec": (7,)},
         default_networks=request.param,
-    )  # fmt: skip
+    )
     return MVTCAE(cfg)
 
 

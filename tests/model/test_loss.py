@@ -78,9 +78,17 @@ def test_loss_matches_independent_computation(dist, masked, rescale):
     factors = {m: (max(sizes.values()) / sizes[m] if rescale else 1.0) for m in SHAPES}
     scales = {m: model.model_config.scale(m) for m in SHAPES}
     expected_sum, expected = reference_loss(
-        model.encoders, model.decoders, data, masks, eps,
-        {m: dist for m in SHAPES}, scales, factors, alpha, beta,
-    )  # fmt: skip
+        model.encoders,
+        model.decoders,
+        data,
+        masks,
+        eps,
+        {m: dist for m in SHAPES},
+        scales,
+        factors,
+        alpha,
+        beta,
+    )
     assert out.loss_sum.item() == pytest.approx(expected_sum, rel=1e-10)
     assert out.loss.item() == pytest.approx(expected_sum / N, rel=1e-10)
     assert set(out.metrics) == set(expected)

@@ -55,8 +55,11 @@ def test_missing_modality_terms_are_zero_and_loss_divides_by_all_rows(model):
     assert out.metrics["c"] == 0 and out.metrics["kld_c"] == 0
     # dropping the absent modality from the batch altogether gives the same loss
     torch.manual_seed(5)
-    without = model(MultimodalBatch(data={m: batch.data[m] for m in "ab"},
-                                    masks={m: batch.masks[m] for m in "ab"}))  # fmt: skip
+    without = model(
+        MultimodalBatch(
+            data={m: batch.data[m] for m in "ab"}, masks={m: batch.masks[m] for m in "ab"}
+        )
+    )
     torch.testing.assert_close(out.loss_sum, without.loss_sum)
     torch.testing.assert_close(out.loss, out.loss_sum / len(batch))
 

@@ -66,9 +66,13 @@ def test_omitted_modality_means_normal_with_scale_one():
 
 def test_json_round_trip_restores_tuples(tmp_path):
     cfg = MVTCAEConfig(
-        n_modalities=2, latent_dim=3, input_dims=DIMS, decoders_dist={"a": "bernoulli"},
-        decoder_dist_params={"b": {"scale": 0.5}}, alpha=0.4,
-    )  # fmt: skip
+        n_modalities=2,
+        latent_dim=3,
+        input_dims=DIMS,
+        decoders_dist={"a": "bernoulli"},
+        decoder_dist_params={"b": {"scale": 0.5}},
+        alpha=0.4,
+    )
     cfg.save_json(tmp_path / "c.json")
     assert json.loads((tmp_path / "c.json").read_text())["input_dims"]["a"] == [3, 4, 4]
     back = MVTCAEConfig.from_json_file(tmp_path / "c.json")

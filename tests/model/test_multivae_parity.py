@@ -64,10 +64,15 @@ DISTS = {"img": "laplace", "vec": "normal", "bits": "bernoulli"}
 
 def _pair(mv, rescale: bool):
     kwargs = dict(
-        n_modalities=3, latent_dim=4, input_dims=DIMS, decoders_dist=DISTS,
+        n_modalities=3,
+        latent_dim=4,
+        input_dims=DIMS,
+        decoders_dist=DISTS,
         decoder_dist_params={"img": {"scale": 0.75}, "vec": {"scale": 1.5}},
-        uses_likelihood_rescaling=rescale, alpha=0.6, beta=1.8,
-    )  # fmt: skip
+        uses_likelihood_rescaling=rescale,
+        alpha=0.6,
+        beta=1.8,
+    )
     torch.manual_seed(0)
     ours = MVTCAE(MVTCAEConfig(**kwargs, default_networks="conv"))
     encoders, decoders = _wrap(mv, ours)

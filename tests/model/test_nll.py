@@ -48,10 +48,11 @@ def sample_data(model: MVTCAE, n: int, seed: int) -> dict[str, np.ndarray]:
     g = np.random.default_rng(seed)
     z = g.normal(size=(n, D))
     return {
-        m: z @ model.decoders[m].C.detach().numpy() + model.decoders[m].c.detach().numpy()
+        m: z @ model.decoders[m].C.detach().numpy()
+        + model.decoders[m].c.detach().numpy()
         + SCALES[m] * g.normal(size=(n, SHAPES[m][0]))
         for m in SHAPES
-    }  # fmt: skip
+    }
 
 
 def test_nll_converges_to_exact_log_likelihood():
@@ -150,9 +151,10 @@ def test_subset_proposal_with_a_per_row_loop_reference():
             z = z_all[i]
             lpx = sum(
                 torch.distributions.Normal(model.decoders[m](z), SCALES[m])
-                .log_prob(batch.data[m][i]).sum(-1)
+                .log_prob(batch.data[m][i])
+                .sum(-1)
                 for m in model.modalities
-            )  # fmt: skip
+            )
             lpz = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1)
             lqz = torch.distributions.Normal(mu[i], torch.exp(0.5 * logvar[i])).log_prob(z).sum(-1)
             slow -= (torch.logsumexp(lpx + lpz - lqz, 0) - math.log(300)).item()

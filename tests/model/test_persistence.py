@@ -32,9 +32,13 @@ class TwoHeadEncoder(nn.Module):
 def test_save_load_same_outputs(tmp_path, family):
     torch.manual_seed(0)
     cfg = MVTCAEConfig(
-        n_modalities=2, latent_dim=5, input_dims={"img": (1, 12, 12), "v": (4,)},
-        decoders_dist={"img": "bernoulli"}, default_networks=family, alpha=0.7,
-    )  # fmt: skip
+        n_modalities=2,
+        latent_dim=5,
+        input_dims={"img": (1, 12, 12), "v": (4,)},
+        decoders_dist={"img": "bernoulli"},
+        default_networks=family,
+        alpha=0.7,
+    )
     model = MVTCAE(cfg)
     model.save(tmp_path / "m")
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [

@@ -23,9 +23,21 @@ ROOT = Path(__file__).resolve().parents[2]
 CORE = {"torch", "safetensors", "numpy"}
 # What the platform extra brings; none of it may be needed to load and run a model.
 PLATFORM_ONLY = [
-    "ray", "mlflow", "optuna", "optuna_dashboard", "pyarrow", "pydantic", "yaml", "click",
-    "tqdm", "sklearn", "skimage", "matplotlib", "mlxtend", "pandas",
-]  # fmt: skip
+    "ray",
+    "mlflow",
+    "optuna",
+    "optuna_dashboard",
+    "pyarrow",
+    "pydantic",
+    "yaml",
+    "click",
+    "tqdm",
+    "sklearn",
+    "skimage",
+    "matplotlib",
+    "mlxtend",
+    "pandas",
+]
 
 # Runs in a fresh interpreter in which importing any of PLATFORM_ONLY fails, as it would where
 # only the core dependencies are installed.
@@ -74,17 +86,34 @@ def test_a_training_checkpoint_loads_and_runs_without_the_platform(tmp_path: Pat
     train = TrainSection()
     optimizer = build_optimizer(model.parameters(), train)
     checkpoint = tmp_path / "checkpoint_epoch_0001"
-    save_checkpoint(checkpoint, model, optimizer, build_scheduler(optimizer, train),
-                    TrainerState(epoch=1, metrics={"val/loss": 1.0}), [capture_rng_state()])  # fmt: skip
-    inputs = {"a": np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32),
-              "b": np.random.default_rng(1).standard_normal((5, 6)).astype(np.float32)}  # fmt: skip
+    save_checkpoint(
+        checkpoint,
+        model,
+        optimizer,
+        build_scheduler(optimizer, train),
+        TrainerState(epoch=1, metrics={"val/loss": 1.0}),
+        [capture_rng_state()],
+    )
+    inputs = {
+        "a": np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32),
+        "b": np.random.default_rng(1).standard_normal((5, 6)).astype(np.float32),
+    }
     np.savez(tmp_path / "inputs.npz", **inputs)
 
     out = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(LOADER), ",".join(PLATFORM_ONLY),
-         str(checkpoint), str(tmp_path / "inputs.npz"), str(tmp_path / "outputs.npz")],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(LOADER),
+            ",".join(PLATFORM_ONLY),
+            str(checkpoint),
+            str(tmp_path / "inputs.npz"),
+            str(tmp_path / "outputs.npz"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []  # nothing of the platform
     got = np.load(tmp_path / "outputs.npz")
@@ -104,8 +133,10 @@ def test_the_command_names_the_missing_extra_where_only_the_model_is_installed()
     )
     out = subprocess.run(
         [sys.executable, "-c", code, ",".join(PLATFORM_ONLY)],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode != 0
     assert "pip install 'mvtcae-platform[platform]'" in out.stderr
     assert "Traceback" not in out.stderr

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from mvtcae.cli import main
 from mvtcae.data import load_manifest
 from mvtcae.tracking import client_for, log_config, log_model_and_register, start_run
-from mvtcae.tracking.lineage import log_dataset, trace
+from mvtcae.tracking.dataset_lineage import log_dataset, trace
 from testkit import write_tiny_views
 
 
@@ -68,8 +68,12 @@ def test_the_command_prints_the_chain_and_fails_when_the_dataset_changed(
 ):
     dataset = _dataset(tmp_path / "data")
     run_id = _registered(tracking, make_model, dataset)
-    args = ["lineage", "models:/tiny-mvtcae@champion", "--set",
-            f"tracking.tracking_uri={tracking.tracking_uri}"]  # fmt: skip
+    args = [
+        "lineage",
+        "models:/tiny-mvtcae@champion",
+        "--set",
+        f"tracking.tracking_uri={tracking.tracking_uri}",
+    ]
     ok = CliRunner().invoke(main, args)
     assert ok.exit_code == 0, ok.output
     digest = load_manifest(dataset).digest()

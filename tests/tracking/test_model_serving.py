@@ -64,14 +64,32 @@ def served(tmp_path_factory) -> Iterator[tuple[object, str]]:
     mlflow.set_registry_uri(previous[1])
 
     port = _free_port()
-    argv = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", f"models:/{NAME}@champion",
-            "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"]  # fmt: skip
+    argv = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "models",
+        "serve",
+        "-m",
+        f"models:/{NAME}@champion",
+        "--env-manager",
+        "local",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "-w",
+        "1",
+    ]
     bin_dir = str(Path(sys.executable).parent)  # the server execs this environment's uvicorn
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri,
-           "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", os.defpath)])}  # fmt: skip
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": uri,
+        "MLFLOW_REGISTRY_URI": uri,
+        "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", os.defpath)]),
+    }
     log = open(root / "serve.log", "wb")  # noqa: SIM115 - closed in the finally below
-    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180

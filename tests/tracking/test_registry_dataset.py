@@ -16,7 +16,7 @@ from mvtcae.config import TrackingSection, config_from_dict, load_config
 from mvtcae.data import load_manifest
 from mvtcae.model.errors import UserError
 from mvtcae.tracking import client_for, log_model_and_register, start_run
-from mvtcae.tracking.lineage import log_dataset, source_uri
+from mvtcae.tracking.dataset_lineage import log_dataset, source_uri
 from mvtcae.tracking.registry import RegistryDatasetMismatchError, check_registry_dataset
 from testkit import write_tiny_views
 
@@ -68,8 +68,16 @@ def test_a_second_dataset_under_one_name_is_refused_before_training_and_at_regis
         check_registry_dataset(tracking, digest_b, "other", source=source_uri(second))
     assert isinstance(refused.value, UserError) and isinstance(refused.value, ValueError)
     message = str(refused.value)
-    for part in ("'tiny-mvtcae'", "tiny3", digest_a[:12], source_uri(first), "version 1",
-                 "other", digest_b[:12], "tracking.registered_model_name"):  # fmt: skip
+    for part in (
+        "'tiny-mvtcae'",
+        "tiny3",
+        digest_a[:12],
+        source_uri(first),
+        "version 1",
+        "other",
+        digest_b[:12],
+        "tracking.registered_model_name",
+    ):
         assert part in message, part
 
     # Registered anyway (another run's check passed before the first version existed): the
@@ -77,8 +85,15 @@ def test_a_second_dataset_under_one_name_is_refused_before_training_and_at_regis
     run_id, refused_late = _run(tracking, make_model(1), 0.5, second)
     assert isinstance(refused_late, RegistryDatasetMismatchError)
     message = str(refused_late)
-    for part in ("tiny3", digest_a[:12], "other", digest_b[:12], "not registered", run_id,
-                 "tracking.registered_model_name"):  # fmt: skip
+    for part in (
+        "tiny3",
+        digest_a[:12],
+        "other",
+        digest_b[:12],
+        "not registered",
+        run_id,
+        "tracking.registered_model_name",
+    ):
         assert part in message, part
     client = client_for(tracking)
     versions = client.search_model_versions(f"name = '{tracking.registered_model_name}'")
@@ -122,15 +137,21 @@ def test_the_default_registered_name_is_the_experiments(tracking, make_model, tm
 
 
 def test_a_config_that_turns_registering_off_registers_nothing(tracking, make_model, tmp_path):
-    overrides = [f"tracking.tracking_uri={tracking.tracking_uri}",
-                 "tracking.registered_model_name=null"]  # fmt: skip
+    overrides = [
+        f"tracking.tracking_uri={tracking.tracking_uri}",
+        "tracking.registered_model_name=null",
+    ]
     cfg = load_config(REPO / "jobs" / "configs" / "demo.yaml", overrides)
     cfg = config_from_dict(cfg.to_dict())  # what a resumed run or a sweep trial reads back
     off = cfg.tracking
     assert off.registered_model_name is None
     first, second = _dataset(tmp_path / "a", "tiny3"), _dataset(tmp_path / "b", "other", 48)
-    _run(tracking.model_copy(update={"experiment_name": off.experiment_name}), make_model(0),
-         3.0, first)  # fmt: skip
+    _run(
+        tracking.model_copy(update={"experiment_name": off.experiment_name}),
+        make_model(0),
+        3.0,
+        first,
+    )
     # Nothing to check against when nothing is registered, even beside a name in use.
     check_registry_dataset(off, load_manifest(second).digest(), "other")
     run_id, outcome = _run(off, make_model(1), 2.0, second)

@@ -68,8 +68,12 @@ def test_the_logged_model_has_a_signature_and_an_input_example(champion):
     inputs = {s.name: s for s in info.signature.inputs.inputs}
     assert set(inputs) == {"img", "vec"} and not any(s.required for s in inputs.values())
     assert {p.name for p in info.signature.params.params} == {
-        "task", "cond_mod", "gen_mod", "return_mean", "seed"
-    }  # fmt: skip
+        "task",
+        "cond_mod",
+        "gen_mod",
+        "return_mean",
+        "seed",
+    }
     assert info.saved_input_example_info is not None
 
 
@@ -259,8 +263,11 @@ def test_the_requirements_cover_what_the_serving_code_imports(champion, tmp_path
     }
     out = subprocess.run(
         [sys.executable, "-c", IMPORT_PROBE, str(local / "model_code.py"), str(local / "code")],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     imported = {d.lower() for d in json.loads(out.stdout.strip().splitlines()[-1])}
     assert imported, "the probe saw no import"

@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from mvtcae.config.locations import CredentialsInLocationError
-from mvtcae.model.config import ConfigError
+from mvtcae.model.model_config import ConfigError
 from mvtcae.safety.redaction import redact
 
 __all__ = [

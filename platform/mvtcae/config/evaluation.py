@@ -41,24 +41,27 @@ class EvaluationSection(Section):
         description="None: $MVTCAE_CACHE_DIR/classifiers or ~/.cache/mvtcae/classifiers",
     )
     nll_K: int = Field(
-        default=1000, ge=1,
+        default=1000,
+        ge=1,
         description="importance samples per row: the joint NLL costs nll_max_samples x nll_K x M "
         "decoder passes",
-    )  # fmt: skip
+    )
     nll_batch_size_K: int = Field(default=100, ge=1, description="samples per vectorised step")
     nll_max_samples: int = Field(default=100, ge=1, description="rows of the likelihood estimates")
     nll_subsets_per_size: int | None = Field(
-        default=1, ge=0,
+        default=1,
+        ge=0,
         description="subset proposals per size k for joint_nll_<k> (0 disables): each costs as "
         "much as the joint NLL, M subsets at 1 per size",
-    )  # fmt: skip
+    )
     grid_samples: int = Field(default=8, ge=1)
     images_every_n_epochs: int = Field(
-        default=1, ge=0,
+        default=1,
+        ge=0,
         description="during training, log reconstruction and cross-modal grids of fixed "
         "validation samples to the MLflow run every N epochs, with the epoch as step (image "
         "modalities only; 0: only the final evaluation's)",
-    )  # fmt: skip
+    )
     projection: Literal["pca", "tsne"] = "pca"
     projection_samples: int = Field(default=1000, ge=10)
 

@@ -25,7 +25,7 @@ from mvtcae.config.base import (
 )
 from mvtcae.config.evaluation import EvaluationSection
 from mvtcae.config.tracking import TrackingSection
-from mvtcae.model.config import DISTRIBUTIONS
+from mvtcae.model.model_config import DISTRIBUTIONS
 from mvtcae.safety.names import check_name
 
 # Cluster-wide defaults (set by `mvtcae cluster`, a KubeRay ConfigMap or by hand) for jobs whose
@@ -129,10 +129,18 @@ class DataSection(Section):
 
 
 class ModelSection(Section):
-    """MVTCAE hyperparameters; shapes and default likelihoods come from the dataset manifest."""
+    """MVTCAE hyperparameters; shapes and default likelihoods come from the dataset manifest.
 
-    latent_dim: int = Field(default=32, ge=1)
-    alpha: float = Field(default=5 / 6, ge=0.0, le=1.0)
+    Its defaults are the platform's, those of the MVTCAE paper's runs (latent_dim 32, α 5/6,
+    β 2.5), not `mvtcae.MVTCAEConfig`'s, which keep multivae's API (latent_dim 10, α 0.1):
+    `mvtcae.training.model_config_for` passes every field of this section on, so a run's model
+    is what this section says, set or not.
+    """
+
+    latent_dim: int = Field(default=32, ge=1, description="the platform's default (multivae: 10)")
+    alpha: float = Field(
+        default=5 / 6, ge=0.0, le=1.0, description="5/6, the MVTCAE paper's (multivae: 0.1)"
+    )
     beta: float = Field(default=2.5, gt=0.0)
     networks: Literal["mlp", "conv"] = "mlp"
     decoders_dist: dict[str, str] | None = Field(
@@ -232,12 +240,13 @@ class TrainSection(Section):
     checkpoint: CheckpointSection = CheckpointSection()
     max_failures: int = Field(default=2, ge=0, description="worker-group restarts before failing")
     controller_poll_s: float = Field(
-        default=0.25, gt=0.0,
+        default=0.25,
+        gt=0.0,
         description="how often Ray Train's controller polls the workers (Ray's "
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default; that variable wins when set): a "
         "worker's report waits for the poll that takes its previous one, so with short epochs "
         "a slow poll idles every worker for most of it at each checkpoint",
-    )  # fmt: skip
+    )
     storage_path: str = Field(
         default_factory=lambda: os.environ.get(STORAGE_PATH_ENV) or "outputs/ray_results",
         validate_default=True,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from mvtcae.data.arrays import SplitArrays, write_arrays, write_dataset_from_arrays
 from mvtcae.data.files import MANIFEST_FILE, DatasetError, DatasetFiles
 from mvtcae.data.format import (
     FORMAT_VERSION,
@@ -18,17 +19,11 @@ from mvtcae.data.format import (
     load_manifest,
     presence_column,
 )
+from mvtcae.data.missing import random_presence
+from mvtcae.data.npz import read_npz_splits, write_dataset_from_npz
 from mvtcae.data.reader import load_split_arrays
 from mvtcae.data.validate import ensure_valid, validate_dataset
-from mvtcae.data.writer import (
-    DatasetWriter,
-    SplitArrays,
-    random_presence,
-    read_npz_splits,
-    write_arrays,
-    write_dataset_from_arrays,
-    write_dataset_from_npz,
-)
+from mvtcae.data.writer import DatasetWriter
 
 _LAZY = {
     "open_splits": "mvtcae.data.ray_input",

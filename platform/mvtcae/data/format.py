@@ -207,14 +207,18 @@ class Manifest(BaseModel):
         or creation time). Equal digests mean the same rows in the same shards."""
         content = {
             "format": [self.format, self.format_version],
-            "modalities": {m: spec.model_dump(mode="json", exclude={"description"})
-                           for m, spec in self.modalities.items()},
+            "modalities": {
+                m: spec.model_dump(mode="json", exclude={"description"})
+                for m, spec in self.modalities.items()
+            },
             "num_classes": self.num_classes,
             "has_labels": self.has_labels,
             "preprocessing": self.preprocessing,
-            "splits": {name: [[s.file, s.num_rows, s.sha256] for s in split.shards]
-                       for name, split in sorted(self.splits.items())},
-        }  # fmt: skip
+            "splits": {
+                name: [[s.file, s.num_rows, s.sha256] for s in split.shards]
+                for name, split in sorted(self.splits.items())
+            },
+        }
         canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 

@@ -57,9 +57,15 @@ class HeldSplit:
         return int(self.columns[ID_COLUMN].shape[0])
 
     def rank_rows(
-        self, rank: int, world: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
+        self,
+        rank: int,
+        world: int,
+        *,
+        shuffle: bool,
+        seed: int = 0,
+        epoch: int = 0,
         equal: bool = True,
-    ) -> torch.Tensor:  # fmt: skip
+    ) -> torch.Tensor:
         """This rank's row indices for an epoch: its share of one permutation of the split
         (seeded by ``seed + epoch``, the same on every rank), or of the stored order.
 

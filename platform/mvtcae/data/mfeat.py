@@ -12,9 +12,10 @@ import os
 import numpy as np
 from tqdm.auto import tqdm
 
+from mvtcae.data.arrays import SplitArrays, write_arrays
 from mvtcae.data.format import Manifest, ModalitySpec
+from mvtcae.data.missing import random_presence
 from mvtcae.data.sources import MFEAT_VIEWS, mfeat_views
-from mvtcae.data.writer import SplitArrays, random_presence, write_arrays
 
 VIEW_DESCRIPTIONS = {
     "fou": "76 Fourier coefficients of the character shapes",

@@ -17,8 +17,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mvtcae.data.format import Manifest, ModalitySpec
+from mvtcae.data.missing import random_presence
 from mvtcae.data.sources import background_photo, mnist_digits
-from mvtcae.data.writer import DatasetWriter, random_presence
+from mvtcae.data.writer import DatasetWriter
 
 BACKGROUNDS = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "sklearn:china.jpg")
 """Background photo of modality m0..m4."""

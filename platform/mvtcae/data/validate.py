@@ -93,8 +93,9 @@ def ensure_valid(path: str | os.PathLike | DatasetFiles, *, full: bool = False) 
         logger.info(
             "dataset %s (digest %s) was fully validated before and its shards are unchanged; "
             "not re-checked (data.revalidate: true forces a full check)",
-            files, manifest.digest(),
-        )  # fmt: skip
+            files,
+            manifest.digest(),
+        )
         return manifest
     return validate_and_record(files)
 

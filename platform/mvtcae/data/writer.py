@@ -15,7 +15,7 @@ import posixpath
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,12 +27,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pydantic import ValidationError
 
-from mvtcae.config.locations import basename
 from mvtcae.data.files import MANIFEST_FILE, DatasetFiles, sha256_file
 from mvtcae.data.format import (
     ID_COLUMN,
     LABEL_COLUMN,
-    PRESENT_SUFFIX,
     SHARD_SUFFIX,
     DatasetError,
     Manifest,
@@ -52,72 +50,6 @@ SHARD_COMPRESSION = "lz4"
 TENSOR_ENCODING = "BYTE_STREAM_SPLIT"
 """Parquet stores uint8 as 4-byte INT32: splitting the byte streams lets LZ4 drop the three
 zero bytes (uint8 shards end up about raw size) and decodes 5-10x faster than zstd."""
-
-
-@dataclass
-class SplitArrays:
-    """One split held in memory: modality -> (n, *shape) array, optional masks and labels."""
-
-    data: dict[str, np.ndarray]
-    masks: dict[str, np.ndarray] | None = None
-    labels: np.ndarray | None = None
-    ids: np.ndarray | None = None
-
-    @property
-    def num_rows(self) -> int:
-        """Number of samples in the split."""
-        return int(next(iter(self.data.values())).shape[0])
-
-
-def as_split_arrays(value: SplitArrays | Mapping) -> SplitArrays:
-    """Accept a SplitArrays or a dict with ``data`` (and optional ``masks``, ``labels``, ``ids``).
-
-    A plain mapping of modality -> array (no ``data`` key) is taken as fully observed data.
-    """
-    if isinstance(value, SplitArrays):
-        return value
-    if "data" in value:
-        return SplitArrays(
-            data=dict(value["data"]),
-            masks=None if value.get("masks") is None else dict(value["masks"]),
-            labels=value.get("labels"),
-            ids=value.get("ids"),
-        )
-    return SplitArrays(data={k: np.asarray(v) for k, v in value.items()})
-
-
-def random_presence(
-    num_rows: int, modalities: Iterable[str], missing_ratio: float, rng: np.random.Generator
-) -> dict[str, np.ndarray]:
-    """Presence masks where each modality is absent with probability ``missing_ratio``.
-
-    A row that would lose every modality gets one modality, chosen uniformly, back, so the
-    realised missing fraction is ``r - r**M / M`` for M modalities.
-    """
-    names = list(modalities)
-    if not 0.0 <= missing_ratio < 1.0:
-        raise ValueError(f"missing_ratio must be in [0, 1), got {missing_ratio}")
-    present = rng.random((num_rows, len(names))) >= missing_ratio
-    empty = ~present.any(axis=1)
-    present[np.flatnonzero(empty), rng.integers(0, len(names), size=int(empty.sum()))] = True
-    return {name: present[:, j].copy() for j, name in enumerate(names)}
-
-
-def infer_modality_spec(name: str, array: np.ndarray) -> ModalitySpec:
-    """Stored dtype and defaults for a user array: uint8 stays uint8 (an image in [0, 1]
-    after dividing by 255, Laplace decoder), other numbers are stored as float32 (Normal)."""
-    shape = tuple(int(d) for d in array.shape[1:])
-    if not shape:
-        raise DatasetError(f"modality {name!r}: array has shape {array.shape}; need (n, *shape)")
-    if array.dtype == np.uint8:
-        kind = "image" if len(shape) in (2, 3) else "tensor"
-        return ModalitySpec(
-            shape=shape, dtype="uint8", distribution="laplace", transform="divide_255", kind=kind
-        )
-    if array.dtype == np.bool_ or np.issubdtype(array.dtype, np.number):
-        kind = "vector" if len(shape) == 1 else "tensor"
-        return ModalitySpec(shape=shape, dtype="float32", distribution="normal", kind=kind)
-    raise DatasetError(f"modality {name!r}: dtype {array.dtype} is not numeric")
 
 
 @dataclass
@@ -430,8 +362,9 @@ class DatasetWriter:
 
 def _put(fs: pafs.FileSystem, local: Path, path: str) -> None:
     fs.create_dir(posixpath.dirname(path), recursive=True)
-    pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(),
-                    destination_filesystem=fs)  # fmt: skip
+    pafs.copy_files(
+        str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs
+    )
 
 
 def _integers(split: str, column: str, values: np.ndarray, n: int) -> np.ndarray:
@@ -465,171 +398,3 @@ def _stored_values(
         values = values.copy() if values is array else values
         values[~present] = 0
     return values
-
-
-def write_arrays(
-    out_dir: str | os.PathLike,
-    splits: Mapping[str, SplitArrays | Mapping],
-    *,
-    name: str | None = None,
-    modalities: Mapping[str, ModalitySpec] | None = None,
-    num_classes: int | None = None,
-    rows_per_shard: int | None = None,
-    overwrite: bool = False,
-    description: str = "",
-    preprocessing: dict | None = None,
-    source: dict | None = None,
-) -> Manifest:
-    """Write in-memory splits (``{"train": {"data": {m: (n, *shape)}, "masks": {m: (n,)},
-    "labels": (n,)}, ...}``) as a dataset directory and return its manifest.
-
-    Modality specs are inferred from the first split's arrays unless given; ``num_classes``
-    defaults to ``max(label) + 1`` when labels are given.
-    """
-    parts = {split: as_split_arrays(value) for split, value in splits.items()}
-    if not parts:
-        raise DatasetError("no splits given")
-    first = next(iter(parts.values()))
-    specs = dict(modalities or {m: infer_modality_spec(m, a) for m, a in first.data.items()})
-    has_labels = _labels_consistent(parts)
-    if has_labels and num_classes is None:
-        num_classes = int(max(np.max(p.labels) for p in parts.values() if len(p.labels))) + 1
-    if name is None:
-        name = basename(DatasetFiles(out_dir).location)
-        where = f"{out_dir} (no name given, so the directory's name is the dataset name)"
-        checked_name(name, "dataset name", where)
-    with DatasetWriter(
-        out_dir,
-        name=name,
-        modalities=specs,
-        num_classes=num_classes,
-        has_labels=has_labels,
-        rows_per_shard=rows_per_shard,
-        overwrite=overwrite,
-        description=description,
-        preprocessing=preprocessing,
-        source=source,
-    ) as writer:
-        for split, part in parts.items():
-            writer.add(split, part.data, part.masks, part.labels, part.ids)
-    return writer.manifest
-
-
-write_dataset_from_arrays = write_arrays
-"""Alias of ``write_arrays``."""
-
-
-def _labels_consistent(parts: Mapping[str, SplitArrays]) -> bool:
-    with_labels = {split for split, p in parts.items() if p.labels is not None}
-    if with_labels and with_labels != set(parts):
-        missing = sorted(set(parts) - with_labels)
-        raise DatasetError(f"labels given for some splits but not for {missing}")
-    return bool(with_labels)
-
-
-def read_npz_splits(path: str | os.PathLike) -> dict[str, SplitArrays]:
-    """Read user arrays from a ``.npz``: keys ``SPLIT/MODALITY``, ``SPLIT/MODALITY__present``,
-    ``SPLIT/label`` and ``SPLIT/sample_id``; keys without ``SPLIT/`` belong to split ``train``.
-    """
-    grouped: dict[str, dict[str, np.ndarray]] = {}
-    with np.load(path, allow_pickle=False) as archive:
-        for key in archive.files:
-            split, column = _npz_key(path, key)
-            grouped.setdefault(split, {})[column] = archive[key]
-    if not grouped:
-        raise DatasetError(f"{path}: the archive holds no arrays")
-    return {split: _columns_to_split(path, split, cols) for split, cols in grouped.items()}
-
-
-def _npz_key(path: str | os.PathLike, key: str) -> tuple[str, str]:
-    """(split, column) of an archive key ``SPLIT/COLUMN``, or (``train``, key) without a split.
-
-    The split becomes a shard directory, so both parts must be safe names.
-    """
-    if key.count("/") > 1:
-        raise DatasetError(
-            f"{path}: array key {key!r} has more than one '/'; use SPLIT/COLUMN or COLUMN"
-        )
-    split, slash, column = key.partition("/")
-    if not slash:
-        split, column = "train", key
-    where = f"{path}: array key {key!r}"
-    return checked_name(split, "split name", where), checked_name(column, "column name", where)
-
-
-def _columns_to_split(path: str | os.PathLike, split: str, cols: dict) -> SplitArrays:
-    labels = cols.pop(LABEL_COLUMN, None)
-    ids = cols.pop(ID_COLUMN, None)
-    masks = {
-        c.removesuffix(PRESENT_SUFFIX): cols.pop(c)
-        for c in list(cols)
-        if c.endswith(PRESENT_SUFFIX)
-    }
-    if not cols:
-        raise DatasetError(f"{path}: split {split!r} has no modality arrays")
-    unknown = set(masks) - set(cols)
-    if unknown:
-        raise DatasetError(f"{path}: split {split!r} has masks for unknown {sorted(unknown)}")
-    return SplitArrays(data=cols, masks=masks or None, labels=labels, ids=ids)
-
-
-def split_off_test(
-    part: SplitArrays, test_fraction: float, rng: np.random.Generator
-) -> dict[str, SplitArrays]:
-    """Split one SplitArrays into ``train`` and ``test`` by a random permutation of rows."""
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    order = rng.permutation(part.num_rows)
-    n_test = max(1, int(round(test_fraction * part.num_rows)))
-    pick = {"test": np.sort(order[:n_test]), "train": np.sort(order[n_test:])}
-    return {split: _take(part, rows) for split, rows in pick.items()}
-
-
-def _take(part: SplitArrays, rows: np.ndarray) -> SplitArrays:
-    return SplitArrays(
-        data={m: a[rows] for m, a in part.data.items()},
-        masks=None if part.masks is None else {m: a[rows] for m, a in part.masks.items()},
-        labels=None if part.labels is None else part.labels[rows],
-        ids=np.asarray(part.ids)[rows] if part.ids is not None else rows.astype(np.int64),
-    )
-
-
-def write_dataset_from_npz(
-    npz_path: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    *,
-    test_fraction: float | None = None,
-    missing_ratio: float = 0.0,
-    seed: int = 0,
-    **kwargs,
-) -> Manifest:
-    """Turn a user's ``.npz`` (see ``read_npz_splits``) into a dataset directory.
-
-    ``test_fraction`` splits a single-split archive into train/test; ``missing_ratio`` > 0
-    draws presence masks (combined with any masks in the archive).
-    """
-    parts = read_npz_splits(npz_path)
-    rng = np.random.default_rng(seed)
-    if test_fraction is not None:
-        if len(parts) != 1:
-            raise DatasetError(f"{npz_path}: test_fraction needs a single split, has {list(parts)}")
-        parts = split_off_test(next(iter(parts.values())), test_fraction, rng)
-    if missing_ratio > 0:
-        parts = {s: with_missing(p, missing_ratio, rng) for s, p in parts.items()}
-    kwargs.setdefault("source", {"npz": str(Path(npz_path).resolve())})
-    return write_arrays(out_dir, parts, **kwargs)
-
-
-def with_missing(part: SplitArrays, missing_ratio: float, rng: np.random.Generator) -> SplitArrays:
-    """Return ``part`` with random presence masks (AND-ed with its own masks, if any)."""
-    drawn = random_presence(part.num_rows, part.data, missing_ratio, rng)
-    if part.masks:
-        drawn = {m: drawn[m] & np.asarray(part.masks.get(m, True), bool) for m in drawn}
-        empty = ~np.stack(list(drawn.values()), axis=1).any(axis=1)
-        if empty.any():  # keep one modality the user had observed
-            for m in part.data:
-                own = np.asarray(part.masks.get(m, np.ones(part.num_rows, bool)), bool)
-                fix = empty & own
-                drawn[m] |= fix
-                empty &= ~fix
-    return SplitArrays(data=part.data, masks=drawn, labels=part.labels, ids=part.ids)

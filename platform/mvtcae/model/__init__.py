@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import DISTRIBUTIONS, ConfigError, MVTCAEConfig
+from .model_config import DISTRIBUTIONS, ConfigError, MVTCAEConfig
 
 __all__ = [
     "DISTRIBUTIONS",

@@ -10,7 +10,6 @@ import torch
 from torch import Tensor, nn
 
 from .batch import MultimodalBatch, as_batch
-from .config import ConfigError, MVTCAEConfig
 from .gaussian import (
     kl_between,
     kl_to_standard_normal,
@@ -19,6 +18,7 @@ from .gaussian import (
     product_of_experts,
 )
 from .likelihoods import make_log_prob
+from .model_config import ConfigError, MVTCAEConfig
 from .networks import (
     DEFAULT_DECODERS,
     decoder_tensor,
@@ -27,7 +27,7 @@ from .networks import (
     gaussian_params,
 )
 from .output import ModelOutput
-from .persistence import load_model, save_model
+from .persistence import read_model_dir, write_model_dir
 
 
 class MVTCAE(nn.Module):
@@ -353,7 +353,7 @@ class MVTCAE(nn.Module):
     # -- persistence -----------------------------------------------------------------------
     def save(self, dir_path: str) -> None:
         """Write ``model_config.json`` and ``model.safetensors`` (no pickle) into ``dir_path``."""
-        save_model(self, dir_path)
+        write_model_dir(self, dir_path)
 
     @classmethod
     def load(
@@ -370,7 +370,7 @@ class MVTCAE(nn.Module):
         ``nn.Module`` subclasses from ``mvtcae`` or from ``trusted_modules`` (module names,
         each covering its submodules); anything else raises `UntrustedModuleError` unimported.
         """
-        return load_model(cls, dir_path, encoders, decoders, map_location, trusted_modules)
+        return read_model_dir(cls, dir_path, encoders, decoders, map_location, trusted_modules)
 
     load_from_folder = load  # multivae's name
 

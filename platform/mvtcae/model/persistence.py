@@ -16,7 +16,7 @@ from torch import nn
 
 from mvtcae.model.errors import UserError
 
-from .config import MVTCAEConfig
+from .model_config import MVTCAEConfig
 
 # The model class, passed in by MVTCAE.load: this module never imports it (no import cycle).
 M = TypeVar("M", bound=nn.Module)
@@ -149,7 +149,7 @@ def build_from_reference(
     return obj(**kwargs)
 
 
-def save_model(model: nn.Module, dir_path: str | Path) -> None:
+def write_model_dir(model: nn.Module, dir_path: str | Path) -> None:
     """Write config, weights and (for custom networks) their importable references."""
     out = Path(dir_path)
     out.mkdir(parents=True, exist_ok=True)
@@ -174,7 +174,7 @@ def save_model(model: nn.Module, dir_path: str | Path) -> None:
         (out / ARCHITECTURE_FILE).write_text(json.dumps(refs, indent=2))
 
 
-def load_model(
+def read_model_dir(
     cls: type[M],
     dir_path: str | Path,
     encoders: dict[str, nn.Module] | None,
@@ -182,7 +182,7 @@ def load_model(
     map_location: str | torch.device,
     trusted_modules: Iterable[str] | None = None,
 ) -> M:
-    """Rebuild a model written by :func:`save_model`.
+    """Rebuild a model written by :func:`write_model_dir`.
 
     Custom networks not passed in are rebuilt from ``architecture.json`` only from trusted
     modules (see :func:`build_from_reference`).

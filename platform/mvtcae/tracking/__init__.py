@@ -2,8 +2,8 @@
 gate, the pyfunc model and its serving code, and loading models back.
 
 ``from mvtcae import tracking`` gives the functions the platform's other packages use; the
-modules are ``runs``, ``run_logger``, ``registry``, ``loading``, ``pyfunc`` (with
-``model_code``, the models-from-code file MLflow executes), ``lineage`` (datasets as run
+modules are ``mlflow_runs``, ``run_logger``, ``registry``, ``loading``, ``pyfunc`` (with
+``model_code``, the models-from-code file MLflow executes), ``dataset_lineage`` (datasets as run
 inputs, the chain model version -> run -> config -> dataset) and ``auth``.
 """
 
@@ -22,26 +22,26 @@ _LAZY = {
     "RegistryDatasetMismatchError": "mvtcae.tracking.registry",
     "best_version": "mvtcae.tracking.registry",
     "check_registry_dataset": "mvtcae.tracking.registry",
-    "client_for": "mvtcae.tracking.runs",
+    "client_for": "mvtcae.tracking.mlflow_runs",
     "converge_champion": "mvtcae.tracking.registry",
     "current_champion": "mvtcae.tracking.registry",
     "decide_promotion": "mvtcae.tracking.registry",
     "download_model_dir": "mvtcae.tracking.loading",
-    "end_run": "mvtcae.tracking.runs",
-    "end_run_after_error": "mvtcae.tracking.runs",
-    "ensure_experiment": "mvtcae.tracking.runs",
-    "flatten_config": "mvtcae.tracking.runs",
+    "end_run": "mvtcae.tracking.mlflow_runs",
+    "end_run_after_error": "mvtcae.tracking.mlflow_runs",
+    "ensure_experiment": "mvtcae.tracking.mlflow_runs",
+    "flatten_config": "mvtcae.tracking.mlflow_runs",
     "load_champion": "mvtcae.tracking.loading",
     "load_model_from": "mvtcae.tracking.loading",
-    "log_config": "mvtcae.tracking.runs",
-    "log_evaluation": "mvtcae.tracking.runs",
-    "log_metrics": "mvtcae.tracking.runs",
+    "log_config": "mvtcae.tracking.mlflow_runs",
+    "log_evaluation": "mvtcae.tracking.mlflow_runs",
+    "log_metrics": "mvtcae.tracking.mlflow_runs",
     "log_model_and_register": "mvtcae.tracking.registry",
     "log_pyfunc_model": "mvtcae.tracking.registry",
     "promote_if_better": "mvtcae.tracking.registry",
-    "resolve_artifact_location": "mvtcae.tracking.runs",
-    "resolve_tracking_uri": "mvtcae.tracking.runs",
-    "start_run": "mvtcae.tracking.runs",
+    "resolve_artifact_location": "mvtcae.tracking.mlflow_runs",
+    "resolve_tracking_uri": "mvtcae.tracking.mlflow_runs",
+    "start_run": "mvtcae.tracking.mlflow_runs",
     "version_values": "mvtcae.tracking.registry",
 }
 

@@ -15,8 +15,8 @@ from mvtcae.model.errors import UserError
 from mvtcae.model.mvtcae import MVTCAE
 from mvtcae.safety.redaction import redact_text
 from mvtcae.safety.trust import platform_trusted_modules
+from mvtcae.tracking.mlflow_runs import _use_uri, resolve_tracking_uri
 from mvtcae.tracking.registry import CHAMPION
-from mvtcae.tracking.runs import _use_uri, resolve_tracking_uri
 
 
 class ModelNotFoundError(UserError, FileNotFoundError):
@@ -33,9 +33,11 @@ def download_model_dir(
     if tracking_uri is not None:
         _use_uri(tracking_uri)
     try:
-        local = Path(mlflow.artifacts.download_artifacts(
-            model_uri, dst_path=None if dst is None else str(dst)
-        ))  # fmt: skip
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                model_uri, dst_path=None if dst is None else str(dst)
+            )
+        )
     except MlflowException as err:
         if err.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise

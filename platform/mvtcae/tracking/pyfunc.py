@@ -156,8 +156,13 @@ def request_signature(input_dims: Mapping[str, tuple[int, ...]]) -> Any:
     from mlflow.types import DataType
     from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
 
-    kinds = {"task": DataType.string, "cond_mod": DataType.string, "gen_mod": DataType.string,
-             "return_mean": DataType.boolean, "seed": DataType.long}  # fmt: skip
+    kinds = {
+        "task": DataType.string,
+        "cond_mod": DataType.string,
+        "gen_mod": DataType.string,
+        "return_mean": DataType.boolean,
+        "seed": DataType.long,
+    }
     return ModelSignature(
         inputs=Schema(
             [ColSpec(Array(DataType.double), name=m, required=False) for m in input_dims]
@@ -168,10 +173,12 @@ def request_signature(input_dims: Mapping[str, tuple[int, ...]]) -> Any:
 
 def input_example(input_dims: Mapping[str, tuple[int, ...]], rows: int = 2) -> pd.DataFrame:
     """A request of ``rows`` samples in the signature's form (mid-range values, every modality)."""
-    return pd.DataFrame({
-        m: [np.full(int(np.prod(shape)), 0.5) for _ in range(rows)]
-        for m, shape in input_dims.items()
-    })  # fmt: skip
+    return pd.DataFrame(
+        {
+            m: [np.full(int(np.prod(shape)), 0.5) for _ in range(rows)]
+            for m, shape in input_dims.items()
+        }
+    )
 
 
 def parse_request(

@@ -26,17 +26,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from mvtcae.config.tracking import TrackingSection
-from mvtcae.model.config import MVTCAEConfig
 from mvtcae.model.errors import UserError
+from mvtcae.model.model_config import MVTCAEConfig
 from mvtcae.safety.values import is_finite_number
-from mvtcae.tracking.lineage import (
+from mvtcae.tracking.dataset_lineage import (
     DATASET_DIGEST_TAG,
     DATASET_NAME_TAG,
     DATASET_SOURCE_TAG,
     version_tags,
 )
+from mvtcae.tracking.mlflow_runs import _active_run_id, _use_uri, client_for, resolve_tracking_uri
 from mvtcae.tracking.pyfunc import input_example, request_signature
-from mvtcae.tracking.runs import _active_run_id, _use_uri, client_for, resolve_tracking_uri
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -212,11 +212,14 @@ def _other_datasets(client: MlflowClient, name: str, digest: str) -> dict[str, d
         other = tags.get(DATASET_DIGEST_TAG)
         if not other or other == digest:
             continue
-        entry = others.setdefault(other, {
-            "name": tags.get(DATASET_NAME_TAG, "?"),
-            "source": tags.get(DATASET_SOURCE_TAG, ""),
-            "versions": [],
-        })  # fmt: skip
+        entry = others.setdefault(
+            other,
+            {
+                "name": tags.get(DATASET_NAME_TAG, "?"),
+                "source": tags.get(DATASET_SOURCE_TAG, ""),
+                "versions": [],
+            },
+        )
         entry["versions"].append(int(version.version))
     return others
 
@@ -350,8 +353,11 @@ def version_values(cfg: TrackingSection) -> dict[int, float | None]:
 
 def best_version(values: dict[int, float | None], mode: Literal["min", "max"]) -> int | None:
     """The version with the best finite value (ties: the earliest version), or None."""
-    finite = [(v if mode == "min" else -v, n) for n, v in values.items()
-              if v is not None and math.isfinite(v)]  # fmt: skip
+    finite = [
+        (v if mode == "min" else -v, n)
+        for n, v in values.items()
+        if v is not None and math.isfinite(v)
+    ]
     return min(finite)[1] if finite else None
 
 
@@ -451,9 +457,11 @@ def promote_if_better(
     for key, value in tags.items():
         client.set_model_version_tag(name, str(version), key, value)
     if promoted and champion_version is not None and champion_version != version:
-        _racing(lambda: client.set_model_version_tag(
-            name, str(champion_version), "role", "former_champion"
-        ))  # fmt: skip
+        _racing(
+            lambda: client.set_model_version_tag(
+                name, str(champion_version), "role", "former_champion"
+            )
+        )
     if not promoted:
         _set_alias_once(client, name, CHALLENGER, version)
     if run_id is not None:

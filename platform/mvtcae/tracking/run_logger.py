@@ -85,8 +85,9 @@ def retry_until(call: Callable[[], T], what: str, grace_s: float, interval_s: fl
                     f"({type(err).__name__}: {redact_text(str(err))[:300]})"
                 ) from err
             if not warned:
-                logger.warning("%s failed (%s); retrying for up to %.0f s", what,
-                               type(err).__name__, grace_s)  # fmt: skip
+                logger.warning(
+                    "%s failed (%s); retrying for up to %.0f s", what, type(err).__name__, grace_s
+                )
                 warned = True
             time.sleep(interval_s)
             interval_s = min(interval_s * 2, 30.0)
@@ -174,9 +175,14 @@ class RunLogger:
         try:
             history = mlflow_client(self.tracking_uri).get_metric_history(self.run_id, key)
         except Exception as err:  # noqa: BLE001 - an outage must not stop training
-            logger.warning("could not read %s of run %s from %s (%s: %s)", key, self.run_id,
-                           redact_text(self.tracking_uri), type(err).__name__,
-                           redact_text(str(err))[:200])  # fmt: skip
+            logger.warning(
+                "could not read %s of run %s from %s (%s: %s)",
+                key,
+                self.run_id,
+                redact_text(self.tracking_uri),
+                type(err).__name__,
+                redact_text(str(err))[:200],
+            )
             return set()
         return {int(m.step) for m in history}
 
@@ -216,8 +222,11 @@ class RunLogger:
             logger.warning(
                 "MLflow at %s is unreachable: %d metric values/tags of run %s were not sent; "
                 "they are kept in %s and sent by the next flush",
-                redact_text(self.tracking_uri), left, self.run_id, where,
-            )  # fmt: skip
+                redact_text(self.tracking_uri),
+                left,
+                self.run_id,
+                where,
+            )
         return left
 
     # -- internals -------------------------------------------------------------------------
@@ -233,9 +242,10 @@ class RunLogger:
             self._down_since = time.monotonic()
             logger.warning(
                 "MLflow at %s unreachable (%s: %s); keeping metrics until it answers",
-                redact_text(self.tracking_uri), type(err).__name__,
+                redact_text(self.tracking_uri),
+                type(err).__name__,
                 redact_text(str(err))[:200],
-            )  # fmt: skip
+            )
         self._write_spool()
 
     def _came_back(self) -> None:
@@ -290,8 +300,11 @@ def flush_spools(location: str, tracking_uri: str, grace_s: float) -> int:
         run_id = name.rsplit("-", 1)[0]
         pending = _Pending(metrics=[tuple(m) for m in raw["metrics"]], tags=raw["tags"])
         try:
-            retry_until(lambda p=pending, r=run_id: send(tracking_uri, r, p),
-                        f"sending unsent metrics of run {run_id}", grace_s)  # fmt: skip
+            retry_until(
+                lambda p=pending, r=run_id: send(tracking_uri, r, p),
+                f"sending unsent metrics of run {run_id}",
+                grace_s,
+            )
         except TrackingUnavailableError as err:
             logger.warning("%s; they stay in %s", err, path)
             left += len(pending)
@@ -307,8 +320,9 @@ def _spool_files(location: str) -> list[str]:
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         return []
     infos = fs.get_file_info(pafs.FileSelector(path))
-    return sorted(i.base_name for i in infos if i.type == pafs.FileType.File and
-                  i.base_name.endswith(".json"))  # fmt: skip
+    return sorted(
+        i.base_name for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".json")
+    )
 
 
 def _delete(location: str) -> None:

@@ -145,9 +145,11 @@ def end_run_after_error(error: BaseException) -> None:
         mlflow.end_run(status=status)
     except Exception as tracking_error:  # noqa: BLE001 - keep the original error in front
         logger.warning(
-            "could not mark the MLflow run %s (%s: %s)", status, type(tracking_error).__name__,
+            "could not mark the MLflow run %s (%s: %s)",
+            status,
+            type(tracking_error).__name__,
             redact_text(str(tracking_error))[:300],
-        )  # fmt: skip
+        )
 
 
 def _active_run_id(run_id: str | None) -> str:

@@ -142,12 +142,17 @@ def trace(model_uri: str, client: Any, *, verify_files: bool = True) -> Lineage:
     run = client.get_run(version.run_id)
     tags = {**run.data.tags, **(version.tags or {})}
     lineage = Lineage(
-        model_uri=model_uri, name=name, version=str(version.version), run_id=run.info.run_id,
-        run_name=run.info.run_name or "", run_status=run.info.status,
+        model_uri=model_uri,
+        name=name,
+        version=str(version.version),
+        run_id=run.info.run_id,
+        run_name=run.info.run_name or "",
+        run_status=run.info.status,
         config_uri=tags.get(CONFIG_TAG, f"runs:/{run.info.run_id}/{CONFIG_ARTIFACT}"),
-        dataset_name=tags.get(DATASET_NAME_TAG), dataset_digest=tags.get(DATASET_DIGEST_TAG),
+        dataset_name=tags.get(DATASET_NAME_TAG),
+        dataset_digest=tags.get(DATASET_DIGEST_TAG),
         dataset_source=tags.get(DATASET_SOURCE_TAG),
-    )  # fmt: skip
+    )
     lineage.config = _read_config(client, run.info.run_id)
     if lineage.dataset_digest is None:
         _from_inputs(lineage, run)
@@ -195,9 +200,16 @@ def format_lineage(lineage: Lineage) -> str:
     config = lineage.config
     shown = {
         key: _get(config, key)
-        for key in ("name", "data.dataset", "model.latent_dim", "model.alpha", "model.beta",
-                    "train.epochs", "train.seed")
-    }  # fmt: skip
+        for key in (
+            "name",
+            "data.dataset",
+            "model.latent_dim",
+            "model.alpha",
+            "model.beta",
+            "train.epochs",
+            "train.seed",
+        )
+    }
     if lineage.dataset_matches is True:
         verdict = "matches: the dataset at its source is the one this model was trained on"
     elif lineage.dataset_matches is False:
@@ -206,15 +218,17 @@ def format_lineage(lineage: Lineage) -> str:
         )
     else:
         verdict = f"not checked: {lineage.problem}"
-    return "\n".join([
-        f"model    {lineage.model_uri} -> {lineage.name} version {lineage.version}",
-        f"run      {lineage.run_id} ({lineage.run_name}, {lineage.run_status})",
-        f"config   {lineage.config_uri}",
-        "         " + "  ".join(f"{k}={v}" for k, v in shown.items() if v is not None),
-        f"dataset  {lineage.dataset_name} digest {lineage.dataset_digest}",
-        f"         source {lineage.dataset_source}",
-        f"         {verdict}",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            f"model    {lineage.model_uri} -> {lineage.name} version {lineage.version}",
+            f"run      {lineage.run_id} ({lineage.run_name}, {lineage.run_status})",
+            f"config   {lineage.config_uri}",
+            "         " + "  ".join(f"{k}={v}" for k, v in shown.items() if v is not None),
+            f"dataset  {lineage.dataset_name} digest {lineage.dataset_digest}",
+            f"         source {lineage.dataset_source}",
+            f"         {verdict}",
+        ]
+    )
 
 
 def _get(config: dict[str, Any], dotted: str) -> Any:

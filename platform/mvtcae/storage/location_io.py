@@ -132,8 +132,9 @@ def local_directory(location: str, files: Collection[str] | None = None) -> Iter
             for info in fs.get_file_info(wanted):
                 if info.type == pafs.FileType.File:
                     target = os.path.join(tmp, info.base_name)
-                    pafs.copy_files(info.path, target, source_filesystem=fs,
-                                    destination_filesystem=local_fs)  # fmt: skip
+                    pafs.copy_files(
+                        info.path, target, source_filesystem=fs, destination_filesystem=local_fs
+                    )
         yield Path(tmp)
 
 
