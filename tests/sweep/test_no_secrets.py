@@ -22,17 +22,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 SECRET = "pw-" + secrets.token_hex(8)
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    from mvtcae.storage.ray_session import start_local_ray
-
-    start_local_ray(num_cpus=4)
-    yield
-    ray.shutdown()
-
-
 @pytest.fixture
 def clean_mlflow_credentials():
     """The tracking URI's credentials move into MLflow's variables: restore them afterwards."""
@@ -72,8 +61,9 @@ def _everything_in_mlflow(uri: str, tmp: Path) -> list[str]:
             local = mlflow.artifacts.download_artifacts(
                 run_id=run.info.run_id, dst_path=str(tmp / run.info.run_id), tracking_uri=uri
             )
-            found += [p.read_bytes().decode("latin-1") for p in Path(local).rglob("*")
-                      if p.is_file()]  # fmt: skip
+            found += [
+                p.read_bytes().decode("latin-1") for p in Path(local).rglob("*") if p.is_file()
+            ]
     for model in client.search_registered_models():
         for version in client.search_model_versions(f"name = '{model.name}'"):
             found.append(repr(version.tags) + str(version.source))
@@ -92,7 +82,7 @@ def test_uris_with_credentials_in_storage_or_data_paths_are_refused_silently(tmp
 
 
 def test_a_planted_password_appears_nowhere(
-    tmp_path: Path, tiny_dataset: Path, ray_session, capfd, clean_mlflow_credentials
+    tmp_path: Path, tiny_dataset: Path, platform_ray, capfd, clean_mlflow_credentials
 ):
     from mvtcae.config import load_sweep_config
     from mvtcae.sweep import format_sweep_summary, run_sweep
@@ -103,21 +93,40 @@ def test_a_planted_password_appears_nowhere(
         tracking_uri = server.uri.replace("http://", f"http://alice:{SECRET}@")
         optuna_url = f"sqlite:///{tmp_path / 'optuna.db'}?password={SECRET}"
         tune_file = tiny_tune_file(
-            tmp_path, tiny_dataset,
-            {"study_name": "secret-sweep", "num_samples": 2, "max_concurrent": 1,
-             "storage": optuna_url, "asha": {"enabled": False}},
+            tmp_path,
+            tiny_dataset,
+            {
+                "study_name": "secret-sweep",
+                "num_samples": 2,
+                "max_concurrent": 1,
+                "storage": optuna_url,
+                "asha": {"enabled": False},
+            },
             epochs=1,
-        )  # fmt: skip
+        )
         spec = load_sweep_config(tune_file, [f"tracking.tracking_uri={tracking_uri}"])
         print(format_sweep_summary(run_sweep(spec)))
-        cfg = load_config(None, [
-            "data.dataset=custom", f"data.dir={tiny_dataset}", "train.epochs=1",
-            "train.num_workers=1", "train.batch_size=32", "model.latent_dim=4",
-            f"train.storage_path={tmp_path / 'train_runs'}", f"tracking.tracking_uri={tracking_uri}",
-            "tracking.experiment_name=secret-train", "eval.coherence=false", "eval.plots=false",
-            "eval.nll_K=4", "eval.nll_max_samples=8", "eval.max_samples=48",
-            "eval.latent_accuracy=false", f"eval.classifier_cache_dir={tmp_path / 'cls'}",
-        ])  # fmt: skip
+        cfg = load_config(
+            None,
+            [
+                "data.dataset=custom",
+                f"data.dir={tiny_dataset}",
+                "train.epochs=1",
+                "train.num_workers=1",
+                "train.batch_size=32",
+                "model.latent_dim=4",
+                f"train.storage_path={tmp_path / 'train_runs'}",
+                f"tracking.tracking_uri={tracking_uri}",
+                "tracking.experiment_name=secret-train",
+                "eval.coherence=false",
+                "eval.plots=false",
+                "eval.nll_K=4",
+                "eval.nll_max_samples=8",
+                "eval.max_samples=48",
+                "eval.latent_accuracy=false",
+                f"eval.classifier_cache_dir={tmp_path / 'cls'}",
+            ],
+        )
         print(format_summary(train(cfg)))
         in_mlflow = _everything_in_mlflow(server.uri, tmp_path / "downloads")
         in_server_store = _files_holding(server.root, SECRET.encode())

@@ -11,14 +11,16 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from sweep_helpers import tiny_tune_file
 
 from mvtcae.config import load_sweep_config
-from mvtcae.sweep.driver import _scheduler
+from mvtcae.sweep.sweep_driver import _scheduler
 
 METRIC = "val/joint_nll"
 
 
 def _spec(tmp_path: Path, epochs: int, grace: int) -> object:
-    tune = {"num_samples": 4, "asha": {"enabled": True, "grace_period": grace,
-                                       "reduction_factor": 2}}  # fmt: skip
+    tune = {
+        "num_samples": 4,
+        "asha": {"enabled": True, "grace_period": grace, "reduction_factor": 2},
+    }
     return load_sweep_config(tiny_tune_file(tmp_path, tmp_path / "ds", tune, epochs=epochs))
 
 

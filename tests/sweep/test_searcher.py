@@ -49,9 +49,13 @@ def _finish(searcher: StudySearcher, trial_id: str, value: float) -> None:
 def _infra_failure(searcher: StudySearcher, trial_id: str) -> None:
     searcher.on_trial_result(
         trial_id,
-        {FAILURE_KIND_KEY: INFRASTRUCTURE, FAILURE_KEY: "ConnectionError: MLflow unreachable",
-         METRIC: math.nan, "training_iteration": 1},
-    )  # fmt: skip
+        {
+            FAILURE_KIND_KEY: INFRASTRUCTURE,
+            FAILURE_KEY: "ConnectionError: MLflow unreachable",
+            METRIC: math.nan,
+            "training_iteration": 1,
+        },
+    )
     searcher.on_trial_complete(trial_id, None, error=True)
 
 

@@ -21,9 +21,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 TRIALS = 3
 # Rows and epochs of the trials' final evaluation, not what it measures.
-EVAL_SHRINK = ["eval.max_samples=200", "eval.nll_max_samples=20", "eval.classifier_epochs=2",
-               "eval.probe_train_samples=400", "eval.probe_max_iter=50",
-               "eval.projection_samples=100"]  # fmt: skip
+EVAL_SHRINK = [
+    "eval.max_samples=200",
+    "eval.nll_max_samples=20",
+    "eval.classifier_epochs=2",
+    "eval.probe_train_samples=400",
+    "eval.probe_max_iter=50",
+    "eval.projection_samples=100",
+]
 
 
 @pytest.fixture(scope="module")
@@ -46,16 +51,21 @@ def _states(optuna_db: Path) -> dict[str, int]:
 
 @pytest.mark.parametrize(
     "config, epochs",
-    [("tune_demo.yaml", 3), ("tune_mfeat.yaml", 4), ("tune_mfeat_pareto.yaml", 4)],
+    [("tune_demo.yaml", 3), ("tune_mfeat.yaml", 3), ("tune_mfeat_pareto.yaml", 3)],
     ids=["tune_demo", "tune_mfeat", "tune_mfeat_pareto"],
 )
 def test_a_killed_sweep_driver_resumes_to_the_end(
     workdir: Path, tmp_path: Path, config: str, epochs: int
 ) -> None:
     optuna_db, mlflow_uri = tmp_path / "optuna.db", f"sqlite:///{tmp_path / 'mlflow.db'}"
-    sets = [f"tune.num_samples={TRIALS}", f"train.epochs={epochs}", *EVAL_SHRINK,
-            f"tune.storage=sqlite:///{optuna_db}", f"train.storage_path={tmp_path / 'runs'}",
-            f"tracking.tracking_uri={mlflow_uri}"]  # fmt: skip
+    sets = [
+        f"tune.num_samples={TRIALS}",
+        f"train.epochs={epochs}",
+        *EVAL_SHRINK,
+        f"tune.storage=sqlite:///{optuna_db}",
+        f"train.storage_path={tmp_path / 'runs'}",
+        f"tracking.tracking_uri={mlflow_uri}",
+    ]
     argv = [*MVTCAE, "tune", "--config", str(CONFIGS / config)]
     argv += [word for s in sets for word in ("--set", s)]
     with ray_temp_dir() as ray_tmp:

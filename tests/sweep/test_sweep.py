@@ -26,18 +26,6 @@ NAN_LR = 1e6  # outside the searched range: Adam diverges to NaN within an epoch
 BAD_ALPHA = 1.5  # outside model.alpha's valid range: the trial raises before training
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    """One local Ray for the module."""
-    import ray
-
-    from mvtcae.storage.ray_session import start_local_ray
-
-    start_local_ray(num_cpus=4)
-    yield
-    ray.shutdown()
-
-
 def _completed_trials(storage_url: str) -> int:
     """COMPLETE trials in the study's SQLite file, read-only (a reader through Optuna would
     create the schema, racing the sweep that is creating it)."""
@@ -61,7 +49,7 @@ def _interrupt_after_first_complete(spec, stop: threading.Event) -> None:
 
 
 @pytest.fixture(scope="module")
-def sweep(ray_session, tiny_dataset, tmp_path_factory):
+def sweep(platform_ray, tiny_dataset, tmp_path_factory):
     """Run a 4-trial sweep (two forced failures), interrupt it, resume it: (spec, first, final)."""
     from mvtcae.config import load_sweep_config
     from mvtcae.sweep import run_sweep
@@ -176,6 +164,11 @@ def test_mlflow_parent_and_child_runs(sweep):
         assert "eval/joint_nll" in child.data.metrics
         # One worker: the trial trained in its own process (tune.trials_in_process auto).
         assert child.data.tags["mvtcae.train.host"] == "in process"
+        # Its worker's log (Ray's and MLflow's INFO lines, off the console) is in its run.
+        logs = {a.path for a in client.list_artifacts(child.info.run_id, "logs")}
+        assert "logs/rank0.log" in logs, logs
+    logs = {a.path for a in client.list_artifacts(final.parent_run_id, "logs")}
+    assert "logs/driver.log" in logs, logs
     artifacts = {a.path for a in client.list_artifacts(final.parent_run_id, "study")}
     assert {"study/optimization_history.png", "study/trials.json"} <= artifacts
     assert "study/contour_alpha_beta.png" in artifacts
@@ -214,10 +207,11 @@ def test_a_diverged_trial_fails_at_the_epoch_it_diverged(sweep):
         filter_string=f"tags.mlflow.parentRunId = '{final.parent_run_id}'",
     )
     (diverged,) = [
-        c for c in children
+        c
+        for c in children
         if float(c.data.params.get("train.optimizer.lr", "0")) == NAN_LR
         and c.info.status == "FAILED"
-    ]  # fmt: skip
+    ]
     error = diverged.data.tags["mvtcae.tune.error"]
     assert "TrialDiverged" in error and "non-finite values at epoch 1, step" in error
     assert "epoch 1, step" in diverged.data.tags["mvtcae.nonfinite"]

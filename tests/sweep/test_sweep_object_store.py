@@ -78,7 +78,9 @@ def test_a_sweep_keeps_its_state_on_s3_and_registers_from_there(s3_and_ray, tmp_
     assert sorted(run["name"] for run in shown) == storage.list_dirs(train_runs)
     assert {run["status"] for run in shown} == {"FINISHED"}
     # A one-machine Ray has no nodes to drain: no preemption watcher started with the runs.
-    actors = {a.class_name for a in list_actors(limit=1000, raise_on_missing_output=False)}
+    # This cluster's address: other Ray instances may run on the machine.
+    listed = list_actors(address=s3_and_ray, limit=1000, raise_on_missing_output=False)
+    actors = {a.class_name for a in listed}
     assert "RayTrainWorker" in actors and "PreemptionWatcher" not in actors
     checkpoint = result.best["checkpoint"]
     assert checkpoint.startswith(train_runs + "/")
@@ -96,8 +98,9 @@ def test_a_sweep_keeps_its_state_on_s3_and_registers_from_there(s3_and_ray, tmp_
         assert 0 < times["time/trainer_fit_s"] < times["time/trial_total_s"]
         assert {"time/run_setup_s", "time/validation_s", "time/dataset_open_s"} <= set(times)
     assert {a.path for a in client.list_artifacts(result.parent_run_id, "study")} >= {
-        "study/trials.json", "study/pareto_front.json",
-    }  # fmt: skip
+        "study/trials.json",
+        "study/pareto_front.json",
+    }
 
     with pytest.raises(ConfigError, match="already exists at s3://sweeps/ray/s3-sweep"):
         run_sweep(load_sweep_config(path, overrides))

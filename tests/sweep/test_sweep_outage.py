@@ -23,17 +23,6 @@ OUTAGE_S = 12.0
 MAX_OUTAGE_S = 120.0
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    from mvtcae.storage.ray_session import start_local_ray
-
-    start_local_ray(num_cpus=4)
-    yield
-    ray.shutdown()
-
-
 def _stop_once_a_trial_logged(
     server: MlflowServer, events: dict, stop: threading.Event, runs_root: Path
 ) -> None:
@@ -64,15 +53,19 @@ def _stop_once_a_trial_logged(
         events["error"] = err
 
 
-def test_trials_keep_going_through_a_tracking_outage(tmp_path: Path, tiny_dataset, ray_session):
+def test_trials_keep_going_through_a_tracking_outage(tmp_path: Path, tiny_dataset, platform_ray):
     from mlflow import MlflowClient
 
     from mvtcae.config import load_sweep_config
     from mvtcae.sweep import run_sweep
 
     with MlflowServer(tmp_path / "server") as server:
-        tune = {"study_name": "outage-sweep", "num_samples": 2, "max_concurrent": 1,
-                "asha": {"enabled": False}}  # fmt: skip
+        tune = {
+            "study_name": "outage-sweep",
+            "num_samples": 2,
+            "max_concurrent": 1,
+            "asha": {"enabled": False},
+        }
         spec = load_sweep_config(
             tiny_tune_file(tmp_path, tiny_dataset, tune, epochs=EPOCHS),
             [f"tracking.tracking_uri={server.uri}"],
@@ -105,6 +98,9 @@ def test_trials_keep_going_through_a_tracking_outage(tmp_path: Path, tiny_datase
                 history = client.get_metric_history(run_id, key)
                 seen += [(key, m.step, m.timestamp / 1000) for m in history]
                 assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1)), key
-                during += [m for m in history
-                           if events["down"] * 1000 <= m.timestamp <= events["up"] * 1000]  # fmt: skip
+                during += [
+                    m
+                    for m in history
+                    if events["down"] * 1000 <= m.timestamp <= events["up"] * 1000
+                ]
         assert during, f"no epoch ended during the outage {events}: {seen}"

@@ -65,8 +65,14 @@ def test_a_non_finite_step_stops_the_epoch_naming_epoch_step_and_terms(tiny_data
     cfg = TrainSection()
     optimizer = build_optimizer(model.parameters(), cfg)
     with pytest.raises(NonFiniteError) as caught:
-        run_train_epoch(model, _poisoned(_batches(tiny_dataset), 2), optimizer,
-                        torch.device("cpu"), cfg, epoch=4)  # fmt: skip
+        run_train_epoch(
+            model,
+            _poisoned(_batches(tiny_dataset), 2),
+            optimizer,
+            torch.device("cpu"),
+            cfg,
+            epoch=4,
+        )
     err = caught.value
     assert (err.epoch, err.step) == (4, 3)
     assert "epoch 4, step 3" in str(err) and "recon_v1" in err.terms and "loss" in err.terms
@@ -87,8 +93,15 @@ def test_skip_policy_drops_bad_steps_within_its_budget(tiny_dataset: Path):
     assert all(torch.isfinite(p).all() for p in model.parameters())
     # A third bad step is over the run's budget.
     with pytest.raises(NonFiniteError, match="3 steps skipped, over train.max_nonfinite_steps=2"):
-        run_train_epoch(model, _poisoned(_batches(tiny_dataset), 0), optimizer,
-                        torch.device("cpu"), cfg, epoch=2, guard=guard)  # fmt: skip
+        run_train_epoch(
+            model,
+            _poisoned(_batches(tiny_dataset), 0),
+            optimizer,
+            torch.device("cpu"),
+            cfg,
+            epoch=2,
+            guard=guard,
+        )
 
 
 def test_a_non_finite_gradient_norm_is_caught_too(tiny_dataset: Path):
@@ -134,8 +147,14 @@ def _checkpoint(root: Path, dataset: Path, epoch: int, val_loss: float = 1.0) ->
 def test_checksums_catch_truncated_changed_and_missing_files(tiny_dataset: Path, tmp_path: Path):
     ckpt = _checkpoint(tmp_path, tiny_dataset, 1)
     recorded = json.loads((ckpt / CHECKSUMS).read_text())["files"]
-    assert set(recorded) == {"model_config.json", "model.safetensors", "optimizer.pt",
-                             "scheduler.pt", "trainer_state.json", "rng_state.json"}  # fmt: skip
+    assert set(recorded) == {
+        "model_config.json",
+        "model.safetensors",
+        "optimizer.pt",
+        "scheduler.pt",
+        "trainer_state.json",
+        "rng_state.json",
+    }
     verify_checkpoint(ckpt)
     weights = ckpt / "model.safetensors"
     data = weights.read_bytes()
@@ -260,18 +279,24 @@ def test_resume_orders_by_recorded_start_not_by_name(tmp_path: Path):
 
 def test_runs_from_before_the_index_are_found_by_exact_name(tmp_path: Path):
     root = tmp_path / "runs"
-    for name, run_id in (("exp-20260101-000000-000000", "a"), ("exp-20260102-000000-000000", "b"),
-                         ("exp-big-20260103-000000-000000", "big")):  # fmt: skip
+    for name, run_id in (
+        ("exp-20260101-000000-000000", "a"),
+        ("exp-20260102-000000-000000", "b"),
+        ("exp-big-20260103-000000-000000", "big"),
+    ):
         (root / name).mkdir(parents=True)
         (root / name / runs.RUN_STATE_FILE).write_text(json.dumps({"mlflow_run_id": run_id}))
     assert runs.find_latest_run(_config(tmp_path, "exp")).mlflow_run_id == "b"
 
 
 def test_the_run_state_file_holds_no_password(tmp_path: Path):
-    cfg = load_config(None, [
-        f"train.storage_path={tmp_path / 'runs'}",
-        "tracking.tracking_uri=http://alice:hunter2@127.0.0.1:5000",
-    ])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            f"train.storage_path={tmp_path / 'runs'}",
+            "tracking.tracking_uri=http://alice:hunter2@127.0.0.1:5000",
+        ],
+    )
     record = runs.create_run(cfg, runs.new_run_name("exp"), "rid")
     text = (Path(record.location) / runs.RUN_STATE_FILE).read_text()
     assert "hunter2" not in text and "alice:***@127.0.0.1" in text

@@ -19,8 +19,9 @@ from mvtcae.storage.checkpoints import (
     save_checkpoint,
     verify_checkpoint,
 )
-from mvtcae.training import plan_loop, train_in_process
+from mvtcae.training import model_config_for, plan_loop, train_in_process
 from mvtcae.training.hosts import InProcessHost, persist_checkpoint, run_checkpoints
+from mvtcae.training.plan import ImageGrids, LoopPlan
 
 
 def _written_checkpoint(directory: Path, epoch: int) -> Path:
@@ -79,15 +80,20 @@ def local_ray():
 
 def _fit(cfg, name: str, dataset: Path):
     plan = plan_loop(cfg, name, str(dataset), load_manifest(dataset), None, None)
-    return train_in_process(plan.loop_cfg, plan.datasets)
+    return train_in_process(plan.loop, plan.datasets)
 
 
 @pytest.mark.parametrize("hold", ["true", "false"])
 def test_a_run_fitted_again_resumes_where_an_uninterrupted_one_would_be(
     local_ray, tmp_path: Path, tiny_dataset: Path, make_config, hold: str
 ) -> None:
-    common = ("train.num_workers=1", "train.checkpoint.num_to_keep=1", "train.seed=3",
-              f"data.hold_in_workers={hold}", "data.materialize=true")  # fmt: skip
+    common = (
+        "train.num_workers=1",
+        "train.checkpoint.num_to_keep=1",
+        "train.seed=3",
+        f"data.hold_in_workers={hold}",
+        "data.materialize=true",
+    )
     straight = make_config(tmp_path / "a", tiny_dataset, *common, "train.epochs=3")
     whole = _fit(straight, "straight", tiny_dataset)
     assert whole.metrics["epoch"] == 3 and math.isfinite(whole.metrics["val/loss"])
@@ -123,6 +129,14 @@ def test_a_run_fitted_again_resumes_where_an_uninterrupted_one_would_be(
 
 def test_only_a_single_worker_trains_in_process(tmp_path: Path, tiny_dataset: Path, make_config):
     cfg = make_config(tmp_path, tiny_dataset)  # two workers
-    loop_cfg = {"train": cfg.train.model_dump(mode="json"), "run_dir": str(tmp_path)}
+    plan = LoopPlan(
+        train=cfg.train,
+        model=model_config_for(cfg.model, load_manifest(tiny_dataset)),
+        dataset_dir=str(tiny_dataset),
+        run_dir=str(tmp_path),
+        threads_per_worker=1,
+        shuffle_buffer=0,
+        images=ImageGrids(every=0, samples=1, split="test"),
+    )
     with pytest.raises(ValueError, match="train.num_workers 1, not 2"):
-        train_in_process(loop_cfg)
+        train_in_process(plan)

@@ -13,22 +13,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import ray
 
 from mvtcae.training import train
 from testkit import write_tiny_views
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300), pytest.mark.usefixtures("own_ray")]
 
 CLASSES = 4
 CHANCE = 1 / CLASSES
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_session():
-    ray.init(num_cpus=3, include_dashboard=True, log_to_driver=False)
-    yield
-    ray.shutdown()
+RAY_CPUS = 3
 
 
 def test_training_learns_a_shared_representation(tmp_path: Path, make_config):
@@ -36,13 +31,23 @@ def test_training_learns_a_shared_representation(tmp_path: Path, make_config):
         tmp_path / "ds", n_train=1200, n_test=300, classes=CLASSES, width=12, name="learnable"
     )
     cfg = make_config(
-        tmp_path, dataset,
-        "train.epochs=8", "train.num_workers=1", "train.batch_size=64",
-        "train.optimizer.lr=0.003", "model.latent_dim=8", "model.beta=1.0",
-        "eval.max_samples=300", "eval.probe_train_samples=600", "eval.classifier_epochs=10",
-        "eval.plots=false", "eval.nll_K=8", "eval.nll_max_samples=16",
-        "eval.nll_subsets_per_size=0", "tracking.log_model=false",
-    )  # fmt: skip
+        tmp_path,
+        dataset,
+        "train.epochs=8",
+        "train.num_workers=1",
+        "train.batch_size=64",
+        "train.optimizer.lr=0.003",
+        "model.latent_dim=8",
+        "model.beta=1.0",
+        "eval.max_samples=300",
+        "eval.probe_train_samples=600",
+        "eval.classifier_epochs=10",
+        "eval.plots=false",
+        "eval.nll_K=8",
+        "eval.nll_max_samples=16",
+        "eval.nll_subsets_per_size=0",
+        "tracking.log_model=false",
+    )
     metrics = train(cfg).eval_metrics
     classifiers = [v for k, v in metrics.items() if k.startswith("eval/classifier_acc_")]
     assert min(classifiers) > 0.75, metrics  # the judges themselves are good

@@ -50,6 +50,17 @@ def test_model_config_comes_from_the_manifest(tiny_dataset: Path) -> None:
         model_config_for(ModelSection(decoders_dist={"m9": "normal"}), manifest)
 
 
+def test_a_run_takes_the_platforms_model_defaults_not_multivaes(tiny_dataset: Path) -> None:
+    from mvtcae import MVTCAEConfig
+
+    # The experiment's model section: the platform's defaults, passed on field by field ...
+    cfg = model_config_for(ModelSection(), load_manifest(tiny_dataset))
+    assert (cfg.latent_dim, cfg.alpha, cfg.beta) == (32, 5 / 6, 2.5)
+    # ... while the model library keeps multivae's public API defaults.
+    library = MVTCAEConfig(n_modalities=3)
+    assert (library.latent_dim, library.alpha, library.beta) == (10, 0.1, 2.5)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_training_lowers_the_loss(tiny_dataset: Path, precision: str) -> None:
     batches = _batches(tiny_dataset)

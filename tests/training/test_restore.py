@@ -36,11 +36,13 @@ DEVICE = torch.device("cpu")
 def _mfeat_shaped_model(seed: int = 0) -> MVTCAE:
     torch.manual_seed(seed)
     config = MVTCAEConfig(
-        n_modalities=len(MFEAT_VIEWS), latent_dim=8,
+        n_modalities=len(MFEAT_VIEWS),
+        latent_dim=8,
         input_dims={m: (w,) for m, w in MFEAT_VIEWS.items()},
         decoders_dist=dict.fromkeys(MFEAT_VIEWS, "normal"),
-        alpha=5 / 6, beta=2.5,
-    )  # fmt: skip
+        alpha=5 / 6,
+        beta=2.5,
+    )
     return MVTCAE(config)
 
 
@@ -49,18 +51,23 @@ def _batches(n: int, rows: int = 32) -> list[MultimodalBatch]:
     return [
         MultimodalBatch(
             data={m: torch.randn(rows, w, generator=generator) for m, w in MFEAT_VIEWS.items()}
-        )  # fmt: skip
+        )
         for _ in range(n)
     ]
 
 
-def _steps(model: MVTCAE, optimizer: torch.optim.Optimizer, batches: list[MultimodalBatch],
-           cfg: TrainSection) -> list[float]:  # fmt: skip
+def _steps(
+    model: MVTCAE,
+    optimizer: torch.optim.Optimizer,
+    batches: list[MultimodalBatch],
+    cfg: TrainSection,
+) -> list[float]:
     model.train()
     losses = []
     for batch in batches:
-        sums, applied = train_step(model, batch, optimizer, DEVICE, cfg.precision,
-                                   cfg.grad_clip_norm)  # fmt: skip
+        sums, applied = train_step(
+            model, batch, optimizer, DEVICE, cfg.precision, cfg.grad_clip_norm
+        )
         assert applied
         losses.append(float(sums["loss"]))
     return losses
@@ -80,8 +87,12 @@ def test_a_reloaded_model_lists_its_parameters_in_the_saved_order(tmp_path: Path
 def test_a_restored_run_continues_exactly_as_the_uninterrupted_one(
     tmp_path: Path, fused: bool, precision: str
 ) -> None:
-    cfg = TrainSection(precision=precision, optimizer={"name": "adam", "fused": fused},
-                       schedule={"name": "cosine", "warmup_epochs": 1}, epochs=4)  # fmt: skip
+    cfg = TrainSection(
+        precision=precision,
+        optimizer={"name": "adam", "fused": fused},
+        schedule={"name": "cosine", "warmup_epochs": 1},
+        epochs=4,
+    )
     first, second = _batches(3), _batches(6)[3:]
 
     model = _mfeat_shaped_model()
@@ -89,8 +100,9 @@ def test_a_restored_run_continues_exactly_as_the_uninterrupted_one(
     scheduler = build_scheduler(optimizer, cfg)
     _steps(model, optimizer, first, cfg)
     scheduler.step()
-    save_checkpoint(tmp_path / "ckpt", model, optimizer, scheduler, TrainerState(epoch=1),
-                    [capture_rng_state()])  # fmt: skip
+    save_checkpoint(
+        tmp_path / "ckpt", model, optimizer, scheduler, TrainerState(epoch=1), [capture_rng_state()]
+    )
     straight = _steps(model, optimizer, second, cfg)
 
     restored = load_model(tmp_path / "ckpt")
@@ -102,7 +114,7 @@ def test_a_restored_run_continues_exactly_as_the_uninterrupted_one(
     saved_by_name = dict(
         zip(
             saved["param_groups"][0]["param_names"], saved["param_groups"][0]["params"], strict=True
-        )  # fmt: skip
+        )
     )
     for name, param in restored.named_parameters():
         state = optimizer2.state[param]
@@ -119,12 +131,16 @@ def test_a_checkpoint_of_another_model_is_refused_naming_the_parameter(tmp_path:
     model = _mfeat_shaped_model()
     optimizer = build_optimizer(model.parameters(), cfg)  # no names: restored by position
     _steps(model, optimizer, _batches(1), cfg)
-    save_checkpoint(tmp_path / "ckpt", model, optimizer, build_scheduler(optimizer, cfg),
-                    TrainerState(epoch=1))  # fmt: skip
+    save_checkpoint(
+        tmp_path / "ckpt", model, optimizer, build_scheduler(optimizer, cfg), TrainerState(epoch=1)
+    )
 
     views = dict(sorted(MFEAT_VIEWS.items()))  # the same modalities, another order
-    other = MVTCAE(MVTCAEConfig(n_modalities=len(views), latent_dim=8,
-                                input_dims={m: (w,) for m, w in views.items()}))  # fmt: skip
+    other = MVTCAE(
+        MVTCAEConfig(
+            n_modalities=len(views), latent_dim=8, input_dims={m: (w,) for m, w in views.items()}
+        )
+    )
     optimizer2 = build_optimizer(other.parameters(), cfg)
     with pytest.raises(CorruptCheckpointError, match=r"optimizer state 'exp_avg' of parameter #0"):
         restore_optimizer(tmp_path / "ckpt", optimizer2, build_scheduler(optimizer2, cfg))
@@ -135,11 +151,17 @@ def test_a_checkpoint_with_other_parameter_names_is_refused(tmp_path: Path) -> N
     model = _mfeat_shaped_model()
     optimizer = build_optimizer(model.named_parameters(), cfg)
     _steps(model, optimizer, _batches(1), cfg)
-    save_checkpoint(tmp_path / "ckpt", model, optimizer, build_scheduler(optimizer, cfg),
-                    TrainerState(epoch=1))  # fmt: skip
+    save_checkpoint(
+        tmp_path / "ckpt", model, optimizer, build_scheduler(optimizer, cfg), TrainerState(epoch=1)
+    )
     renamed = {("x" + m if m == "fou" else m): w for m, w in MFEAT_VIEWS.items()}
-    other = MVTCAE(MVTCAEConfig(n_modalities=len(renamed), latent_dim=8,
-                                input_dims={m: (w,) for m, w in renamed.items()}))  # fmt: skip
+    other = MVTCAE(
+        MVTCAEConfig(
+            n_modalities=len(renamed),
+            latent_dim=8,
+            input_dims={m: (w,) for m, w in renamed.items()},
+        )
+    )
     optimizer2 = build_optimizer(other.named_parameters(), cfg)
     with pytest.raises(CorruptCheckpointError, match=r"no optimizer state for parameters.*xfou"):
         restore_optimizer(tmp_path / "ckpt", optimizer2, build_scheduler(optimizer2, cfg))

@@ -34,9 +34,14 @@ from mvtcae.config import load_config
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 # Evaluation rows and epochs only: what the final evaluation costs, not what it measures.
-EVAL_SHRINK = ["eval.max_samples=200", "eval.nll_max_samples=20", "eval.classifier_epochs=2",
-               "eval.probe_train_samples=400", "eval.probe_max_iter=50",
-               "eval.projection_samples=100"]  # fmt: skip
+EVAL_SHRINK = [
+    "eval.max_samples=200",
+    "eval.nll_max_samples=20",
+    "eval.classifier_epochs=2",
+    "eval.probe_train_samples=400",
+    "eval.probe_max_iter=50",
+    "eval.projection_samples=100",
+]
 LOSS_KEYS = ("train/loss", "val/loss", "train/grad_norm", "lr")
 
 
@@ -57,8 +62,13 @@ class Store:
 
     def argv(self, config: str, epochs: int, *extra: str, command: str = "train") -> list[str]:
         # The config's own settings, then the shrink (epochs and rows) and this store.
-        sets = [*extra, f"train.epochs={epochs}", *EVAL_SHRINK,
-                f"train.storage_path={self.runs}", f"tracking.tracking_uri={self.uri}"]  # fmt: skip
+        sets = [
+            *extra,
+            f"train.epochs={epochs}",
+            *EVAL_SHRINK,
+            f"train.storage_path={self.runs}",
+            f"tracking.tracking_uri={self.uri}",
+        ]
         return [*MVTCAE, command, "--config", str(CONFIGS / config)] + [
             word for s in sets for word in ("--set", s)
         ]
@@ -89,8 +99,13 @@ def finish(command: Command, timeout: float = 900) -> None:
 
 # What an uninterrupted reference run leaves out: it only supplies the losses, which the final
 # evaluation and the registry do not touch.
-REFERENCE_ONLY = ["eval.latent_accuracy=false", "eval.coherence=false", "eval.joint_nll=false",
-                  "eval.plots=false", "tracking.log_model=false"]  # fmt: skip
+REFERENCE_ONLY = [
+    "eval.latent_accuracy=false",
+    "eval.coherence=false",
+    "eval.joint_nll=false",
+    "eval.plots=false",
+    "tracking.log_model=false",
+]
 
 
 def reference_run(config: str, epochs: int, extra: list[str], root: Path, workdir: Path) -> Store:
@@ -106,8 +121,9 @@ def reference_run(config: str, epochs: int, extra: list[str], root: Path, workdi
     return store
 
 
-def check_continuity(store: Store, reference: Store | None, epochs: int,
-                     resumed_after: list[int]) -> None:  # fmt: skip
+def check_continuity(
+    store: Store, reference: Store | None, epochs: int, resumed_after: list[int]
+) -> None:
     """One FINISHED MLflow run whose every epoch is logged once (and equals the reference's, when
     there is one), that resumed after exactly the newest checkpoints that existed when it was
     stopped."""
@@ -202,6 +218,40 @@ def test_the_demo_config_survives_driver_sigkill_ctrl_c_and_a_lost_worker(
     check_continuity(store, demo_reference, DEMO_EPOCHS, resumed_after)
 
 
+# Ray Train's INFO lines: one per report (every rank, every epoch) and one per checkpoint.
+RAY_REPORT_LINE, RAY_CHECKPOINT_LINE = (
+    "Reporting training result",
+    "Checkpoint successfully created",
+)
+
+
+def test_the_demo_console_has_the_platform_lines_and_the_run_log_keeps_rays(
+    demo_reference: Store,
+) -> None:
+    """The console of an uninterrupted `mvtcae train` of demo.yaml: a header, one line per epoch
+    and the summary, none of Ray Train's per-report or per-checkpoint lines and none of MLflow's
+    system-metrics INFO lines; those are in the run's log files, in run storage and in the MLflow
+    run (``logs/``). (With --verbose they reach the console: the SIGTERM test's resumed run.)"""
+    console = (demo_reference.root / "straight.log").read_text(errors="replace")
+    assert RAY_REPORT_LINE not in console and RAY_CHECKPOINT_LINE not in console, console[-3000:]
+    assert "system_metrics_monitor" not in console, console[-3000:]
+    for epoch in range(1, DEMO_EPOCHS + 1):
+        assert f"[mvtcae] epoch {epoch}/{DEMO_EPOCHS} " in console, console[-3000:]
+    assert "MLflow run " in console and "MVTCAE training summary" in console
+    run = demo_reference.only_run()
+    (run_dir,) = [p for p in demo_reference.runs.iterdir() if p.name.startswith("mvtcae-demo")]
+    logs = {p.name: p.read_text() for p in (run_dir / "logs").iterdir()}
+    assert set(logs) == {"driver.log", "rank0.log", "rank1.log"}, sorted(logs)
+    assert logs["rank0.log"].count(RAY_CHECKPOINT_LINE) == DEMO_EPOCHS, logs["rank0.log"][-2000:]
+    for rank in ("rank0.log", "rank1.log"):
+        assert logs[rank].count(RAY_REPORT_LINE) == DEMO_EPOCHS, logs[rank][-2000:]
+    client = mlflow_client(demo_reference.uri)
+    logged = sorted(a.path for a in client.list_artifacts(run.info.run_id, "logs"))
+    assert logged == ["logs/driver.log", "logs/rank0.log", "logs/rank1.log"], logged
+    copy = client.download_artifacts(run.info.run_id, "logs/rank0.log", str(demo_reference.root))
+    assert Path(copy).read_text().count(RAY_CHECKPOINT_LINE) == DEMO_EPOCHS
+
+
 def _training_sections(config: str, *overrides: str) -> dict:
     """What decides a run's losses: data, model and train sections (storage and names aside)."""
     cfg = load_config(CONFIGS / config, list(overrides)).to_dict()
@@ -227,13 +277,19 @@ def test_the_mfeat_config_ends_killed_on_sigterm_and_resumes(
             assert store.only_run().info.status == "KILLED"
             resumed_after = [newest_intact_epoch(run_dir)]
             commands.append(
-                second := run([*argv, "--resume"], workdir, tmp_path / "2.log", ray_tmp)
+                second := run(
+                    [*argv, "--resume", "--verbose"], workdir, tmp_path / "2.log", ray_tmp
+                )
             )
             finish(second)
         finally:
             for command in commands:
                 command.kill_all()
     check_continuity(store, demo_reference, DEMO_EPOCHS, resumed_after)
+    # --verbose: Ray Train's INFO lines reach the console too (they are quiet without it).
+    verbose = (tmp_path / "2.log").read_text(errors="replace")
+    assert RAY_REPORT_LINE in verbose and RAY_CHECKPOINT_LINE in verbose, verbose[-3000:]
+    assert RAY_REPORT_LINE not in (tmp_path / "1.log").read_text(errors="replace")
 
 
 def _reproduce_cpu_overrides(experiment: str) -> list[str]:
@@ -259,7 +315,7 @@ POLYMNIST_ROWS = ["data.n_train=384", "data.n_test=128"]
             "polymnist.yaml",
             [o for o in _reproduce_cpu_overrides("polymnist") if not o.startswith("data.")]
             + POLYMNIST_ROWS,
-            3,
+            2,  # a conv epoch in bf16 on a CPU takes long enough to interrupt the second
             "sigint",
         ),
     ],

@@ -10,23 +10,15 @@ import time
 from pathlib import Path
 
 import pytest
-import ray
 
 from mvtcae.tracking import client_for
 from mvtcae.training import train
 from testkit import MlflowServer, write_tiny_views
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900), pytest.mark.usefixtures("own_ray")]
 
 EPOCHS = 6
 OUTAGE_S = 10.0
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_session():
-    ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def stop_during_training(server: MlflowServer, cfg, events: dict, stop: threading.Event) -> None:
@@ -55,9 +47,14 @@ def test_training_keeps_going_through_a_tracking_outage(tmp_path: Path, make_con
     )
     with MlflowServer(tmp_path / "server") as server:
         cfg = make_config(
-            tmp_path, dataset, f"tracking.tracking_uri={server.uri}", f"train.epochs={EPOCHS}",
-            "train.batch_size=32", "eval.coherence=false", "eval.plots=false",
-        )  # fmt: skip
+            tmp_path,
+            dataset,
+            f"tracking.tracking_uri={server.uri}",
+            f"train.epochs={EPOCHS}",
+            "train.batch_size=32",
+            "eval.coherence=false",
+            "eval.plots=false",
+        )
         events: dict = {}
         stop = threading.Event()
         watcher = threading.Thread(target=stop_during_training, args=(server, cfg, events, stop))

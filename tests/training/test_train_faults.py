@@ -9,22 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import ray
 
 from mvtcae.storage.checkpoints import CorruptCheckpointError
 from mvtcae.training import train
 from mvtcae.training.nonfinite import NonFiniteError
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("own_ray")]
 
 DIVERGING_LR = "train.optimizer.lr=1e30"  # Adam moves every weight by ~1e30 in one step
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_session():
-    ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def _client(cfg):
@@ -63,9 +55,13 @@ def test_a_diverging_run_stops_at_the_bad_step_and_fails(tmp_path, tiny_dataset,
 
 def test_skipping_bad_steps_has_a_budget(tmp_path, tiny_dataset, make_config):
     cfg = make_config(
-        tmp_path, tiny_dataset, DIVERGING_LR, "train.grad_clip_norm=null",
-        "train.on_nonfinite=skip", "train.max_nonfinite_steps=3",
-    )  # fmt: skip
+        tmp_path,
+        tiny_dataset,
+        DIVERGING_LR,
+        "train.grad_clip_norm=null",
+        "train.on_nonfinite=skip",
+        "train.max_nonfinite_steps=3",
+    )
     with pytest.raises(NonFiniteError, match="4 steps skipped, over train.max_nonfinite_steps=3"):
         train(cfg)
     assert _only_run(cfg).info.status == "FAILED"
@@ -85,17 +81,26 @@ def test_a_storage_error_before_the_loop_fails_the_mlflow_run(tmp_path, tiny_dat
 
 def test_resume_skips_a_corrupt_latest_checkpoint(tmp_path, tiny_dataset, make_config):
     extra = ("name=corrupt-test", "eval.coherence=false", "eval.plots=false")
-    cfg = make_config(tmp_path, tiny_dataset, *extra, "train.checkpoint.metric=epoch",
-                      "train.checkpoint.mode=max")  # fmt: skip
+    cfg = make_config(
+        tmp_path, tiny_dataset, *extra, "train.checkpoint.metric=epoch", "train.checkpoint.mode=max"
+    )
     first = train(cfg)
     run_dir = Path(first.run_dir)
     assert sorted(p.name for p in run_dir.glob("checkpoint_epoch_*")) == [
-        "checkpoint_epoch_0002", "checkpoint_epoch_0003"]  # fmt: skip
+        "checkpoint_epoch_0002",
+        "checkpoint_epoch_0003",
+    ]
     weights = run_dir / "checkpoint_epoch_0003" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # a truncated upload
 
-    longer = make_config(tmp_path, tiny_dataset, *extra, "train.epochs=4",
-                         "train.checkpoint.metric=epoch", "train.checkpoint.mode=max")  # fmt: skip
+    longer = make_config(
+        tmp_path,
+        tiny_dataset,
+        *extra,
+        "train.epochs=4",
+        "train.checkpoint.metric=epoch",
+        "train.checkpoint.mode=max",
+    )
     resumed = train(longer, resume=True)
     client = _client(cfg)
     history = client.get_metric_history(first.run_id, "train/resumed_after_epoch")
@@ -108,8 +113,14 @@ def test_resume_skips_a_corrupt_latest_checkpoint(tmp_path, tiny_dataset, make_c
     # Nothing intact: a clear error naming every bad checkpoint, and a FAILED run.
     for path in run_dir.glob("checkpoint_epoch_*/model.safetensors"):
         path.write_bytes(b"")
-    again = make_config(tmp_path, tiny_dataset, *extra, "train.epochs=6",
-                        "train.checkpoint.metric=epoch", "train.checkpoint.mode=max")  # fmt: skip
+    again = make_config(
+        tmp_path,
+        tiny_dataset,
+        *extra,
+        "train.epochs=6",
+        "train.checkpoint.metric=epoch",
+        "train.checkpoint.mode=max",
+    )
     with pytest.raises(CorruptCheckpointError, match="no intact checkpoint to restore"):
         train(again, resume=True)
     assert client.get_run(first.run_id).info.status == "FAILED"

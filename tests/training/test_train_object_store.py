@@ -24,7 +24,7 @@ from mvtcae import storage
 from mvtcae.data import load_manifest
 from mvtcae.data.validate import RECORD_MARGIN_NS
 from mvtcae.tracking import client_for
-from mvtcae.tracking.lineage import trace
+from mvtcae.tracking.dataset_lineage import trace
 from mvtcae.training import RUN_STATE_FILE, train
 from testkit import create_bucket, s3_environment, s3_server
 
@@ -56,9 +56,13 @@ def test_a_run_checkpoints_evaluates_registers_and_resumes_on_s3(
     write_tiny_dataset(dataset)
     time.sleep(RECORD_MARGIN_NS / 1e9)  # old enough for the first run's check to be recorded
     cfg = make_config(
-        tmp_path, dataset, f"train.storage_path={root}", "train.epochs=2",
-        "tracking.experiment_name=s3-runs", "tracking.registered_model_name=s3-mvtcae",
-    )  # fmt: skip
+        tmp_path,
+        dataset,
+        f"train.storage_path={root}",
+        "train.epochs=2",
+        "tracking.experiment_name=s3-runs",
+        "tracking.registered_model_name=s3-mvtcae",
+    )
     assert (cfg.train.storage_path, cfg.data.dir) == (root, dataset)
     result = train(cfg)
 
@@ -86,9 +90,17 @@ def test_a_run_checkpoints_evaluates_registers_and_resumes_on_s3(
     assert plots and all(a.path.endswith(".png") for a in plots)
     assert result.registered.version == 1 and result.registered.alias == "champion"
     # Where the job's time went: the driver's phases, on the result and on the run.
-    assert set(result.phases) == {"dataset", "ray_start", "run_setup", "validation",
-                                  "dataset_open", "trainer_fit", "evaluation",
-                                  "mlflow_evaluation", "registration"}  # fmt: skip
+    assert set(result.phases) == {
+        "dataset",
+        "ray_start",
+        "run_setup",
+        "validation",
+        "dataset_open",
+        "trainer_fit",
+        "evaluation",
+        "mlflow_evaluation",
+        "registration",
+    }
     assert 0 < sum(result.phases.values()) <= result.wall_time_s
     logged = client.get_run(result.run_id).data.metrics
     assert logged["time/trainer_fit_s"] == pytest.approx(result.phases["trainer_fit"])
@@ -103,10 +115,14 @@ def test_a_run_checkpoints_evaluates_registers_and_resumes_on_s3(
     assert lineage.dataset_digest == load_manifest(dataset).digest()
 
     longer = make_config(
-        tmp_path, dataset, f"train.storage_path={root}", "train.epochs=3",
-        "tracking.experiment_name=s3-runs", "tracking.registered_model_name=s3-mvtcae",
+        tmp_path,
+        dataset,
+        f"train.storage_path={root}",
+        "train.epochs=3",
+        "tracking.experiment_name=s3-runs",
+        "tracking.registered_model_name=s3-mvtcae",
         "eval.coherence=false",
-    )  # fmt: skip
+    )
     with caplog.at_level(logging.INFO, logger="mvtcae.data.validate"):
         resumed = train(longer, resume=True)
     assert f"dataset {dataset} (digest {lineage.dataset_digest}) was fully validated" in caplog.text

@@ -20,7 +20,7 @@ import ray
 from mvtcae.data import load_manifest
 from mvtcae.training import RUN_STATE_FILE, train
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("own_ray")]
 
 CHECKPOINT_FILES = {
     "model_config.json",
@@ -29,14 +29,6 @@ CHECKPOINT_FILES = {
     "scheduler.pt",
     "trainer_state.json",
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_session():
-    """Four logical CPUs: two 1-CPU workers plus room for Ray Data and the evaluation task."""
-    ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def _client(cfg):
@@ -70,8 +62,15 @@ def test_train_tracks_registers_and_resumes(
         < _history(client, result.run_id, "train/loss")[0][1]
     )
     metrics = client.get_run(result.run_id).data.metrics
-    for key in ("train/recon_v0", "train/kld_v2", "train/joint_divergence", "val/recon_v1",
-                "perf/samples_per_s", "perf/epoch_time_s", "lr"):  # fmt: skip
+    for key in (
+        "train/recon_v0",
+        "train/kld_v2",
+        "train/joint_divergence",
+        "val/recon_v1",
+        "perf/samples_per_s",
+        "perf/epoch_time_s",
+        "lr",
+    ):
         assert key in metrics, key
     assert metrics["perf/samples_per_s"] > 0
 
@@ -171,11 +170,18 @@ def test_killed_worker_restarts_from_the_checkpoint(
     tmp_path: Path, tiny_dataset: Path, make_config
 ) -> None:
     cfg = make_config(
-        tmp_path, tiny_dataset,
-        "name=kill-test", "train.epochs=8", "train.batch_size=32", "train.max_failures=2",
-        "tracking.experiment_name=kill-test", "tracking.registered_model_name=kill-mvtcae",
-        "eval.latent_accuracy=false", "eval.coherence=false", "eval.plots=false",
-    )  # fmt: skip
+        tmp_path,
+        tiny_dataset,
+        "name=kill-test",
+        "train.epochs=8",
+        "train.batch_size=32",
+        "train.max_failures=2",
+        "tracking.experiment_name=kill-test",
+        "tracking.registered_model_name=kill-mvtcae",
+        "eval.latent_accuracy=false",
+        "eval.coherence=false",
+        "eval.plots=false",
+    )
     killed: list[int] = []
     killer = threading.Thread(
         target=_kill_a_worker_once_checkpointed,
@@ -216,9 +222,15 @@ def test_image_grids_at_every_epoch_and_system_metrics_are_logged(
         return {"data": data, "labels": labels}
 
     write_arrays(tmp_path / "images", {"train": split(128), "test": split(48)}, name="tiny-img")
-    cfg = make_config(tmp_path, tmp_path / "images", "train.epochs=2", "train.num_workers=1",
-                      "eval.images_every_n_epochs=1", "eval.grid_samples=3",
-                      "tracking.system_metrics_interval_s=1")  # fmt: skip
+    cfg = make_config(
+        tmp_path,
+        tmp_path / "images",
+        "train.epochs=2",
+        "train.num_workers=1",
+        "eval.images_every_n_epochs=1",
+        "eval.grid_samples=3",
+        "tracking.system_metrics_interval_s=1",
+    )
     result = train(cfg)
     client = MlflowClient(tracking_uri=cfg.tracking.tracking_uri)
     logged = [a.path for a in client.list_artifacts(result.run_id, "images")]

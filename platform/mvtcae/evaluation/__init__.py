@@ -4,7 +4,7 @@
 platform evaluates a checkpoint in run storage (training's final evaluation, a sweep trial's).
 """
 
-from mvtcae.evaluation.evaluate import evaluate, evaluate_checkpoint
 from mvtcae.evaluation.report import EvalReport, evaluation_cost
+from mvtcae.evaluation.suite import evaluate, evaluate_checkpoint
 
 __all__ = ["EvalReport", "evaluate", "evaluate_checkpoint", "evaluation_cost"]

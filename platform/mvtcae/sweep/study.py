@@ -108,9 +108,12 @@ class StudySearcher(Searcher):
         self._study: optuna.Study | None = None
         directions = ["minimize" if m == "min" else "maximize" for m in modes]
         study = optuna.create_study(
-            study_name=study_name, storage=storage, sampler=sampler, directions=directions,
+            study_name=study_name,
+            storage=storage,
+            sampler=sampler,
+            directions=directions,
             load_if_exists=True,
-        )  # fmt: skip
+        )
         if not study.trials:
             for point in points_to_evaluate or []:
                 study.enqueue_trial(point)
@@ -242,8 +245,9 @@ def build_searcher(spec: Any, storage: Any) -> StudySearcher:
 
 def fail_orphans(study: Any) -> int:
     """Mark trials left RUNNING by an interrupted driver as FAIL; return how many."""
-    orphans = [t for t in study.get_trials(deepcopy=False)
-               if t.state == optuna.trial.TrialState.RUNNING]  # fmt: skip
+    orphans = [
+        t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING
+    ]
     for t in orphans:
         record_failure(study, t.number, "left running by an interrupted sweep")
         study.tell(t.number, state=optuna.trial.TrialState.FAIL)

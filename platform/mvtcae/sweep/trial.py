@@ -1,9 +1,12 @@
 """One Tune trial: an MLflow child run around the platform's Ray Train training.
 
-The trial plans the training's worker loop (`mvtcae.training.plan_loop`) with the sweep's
-objectives: after every epoch rank 0 measures them on the validation split (a measure that α and
-β do not change) and reports them with the epoch's metrics, and Tune hands them to ASHA and the
-searcher. A single-worker trial trains in its own process (``tune.trials_in_process``;
+The trial goes through the platform's run lifecycle (`mvtcae.training.lifecycle`): its child
+run opened or reopened, config and dataset logged, fit, evaluated, and closed FINISHED, or
+FAILED with its redacted error in ``mvtcae.tune.error``. What is the trial's own: which child
+run to reopen, the retries, the NaN check, and the sweep's objectives in the plan of its
+worker loop (`mvtcae.training.plan_loop`): after every epoch rank 0 measures them on the
+validation split (a measure that α and β do not change) and reports them with the epoch's
+metrics, and Tune hands them to ASHA and the searcher. A single-worker trial trains in its own process (``tune.trials_in_process``;
 `mvtcae.training.hosts.InProcessHost`, which reports each epoch to Tune itself) and evaluates its
 last checkpoint on the test split there; otherwise a ``TorchTrainer`` trains with a worker group
 of its own, Tune's Ray Train callback forwards the reports, and the evaluation runs in a Ray task.
@@ -36,22 +39,21 @@ import ray.exceptions
 import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from mvtcae import storage, tracking
-from mvtcae.config import EvaluationSection, trial_config
+from mvtcae import storage
+from mvtcae.config import EvaluationSection, ExperimentConfig, trial_config
 from mvtcae.data import load_manifest
-from mvtcae.evaluation import evaluate_checkpoint
 from mvtcae.safety.redaction import redact_text
 from mvtcae.storage.checkpoints import checkpoint_epoch
-from mvtcae.tracking import lineage
 from mvtcae.tracking.run_logger import SPOOL_DIR, RunLogger, mlflow_client, retry_until
-from mvtcae.training import (
-    EpochObjectives,
-    evaluation_task,
-    plan_loop,
-    raise_for_stop,
-    read_stop_record,
-    train_in_process,
-    trainer_for,
+from mvtcae.training import EpochObjectives, plan_loop
+from mvtcae.training.console import logs_to_mlflow
+from mvtcae.training.lifecycle import (
+    TrackedRun,
+    closing,
+    evaluate,
+    fit,
+    log_run_inputs,
+    raise_if_stopped,
 )
 from mvtcae.training.nonfinite import NonFiniteError
 from mvtcae.training.phases import PhaseTimes, timed
@@ -62,6 +64,8 @@ TRIAL_TAG = "mvtcae.tune.trial_id"
 SWEEP_TAG = "mvtcae.tune.sweep"
 PARENT_TAG = "mlflow.parentRunId"
 INTERRUPTED_TAG = "mvtcae.tune.interrupted"
+TRIAL_ERROR_TAG = "mvtcae.tune.error"
+"""The tag of a failed trial's run that records its (redacted) error."""
 FAILURE_KIND_KEY = "mvtcae/failure_kind"
 FAILURE_KEY = "mvtcae/failure"
 INFRASTRUCTURE = "infrastructure"
@@ -86,7 +90,8 @@ class SweepContext:
     experiment_id: str
     parent_run_id: str
     sweep_name: str
-    epoch_eval: dict[str, Any]
+    epoch_eval: EvaluationSection
+    """The measures of the objectives, taken on ``val_split`` after every epoch."""
     objectives: tuple[str, ...]
     final_eval: bool
     tracking_grace_s: float = 120.0
@@ -186,7 +191,8 @@ def is_infrastructure_error(error: BaseException) -> bool:
 
 
 def run_trial(params: dict[str, Any], context: SweepContext) -> None:
-    """Tune function: train one configuration with Ray Train inside an MLflow child run."""
+    """Tune function: train one configuration through the run lifecycle
+    (`mvtcae.training.lifecycle`), in an MLflow child run of the sweep's parent run."""
     trial_id = ray.tune.get_context().get_trial_id()
     trial_name = f"{context.sweep_name}-{trial_id}"
     phases = PhaseTimes()
@@ -195,63 +201,89 @@ def run_trial(params: dict[str, Any], context: SweepContext) -> None:
         with phases.phase("run_setup"):
             child = retry_until(
                 lambda: start_child_run(context, trial_id, params),
-                f"trial {trial_id}: creating its MLflow run", context.tracking_grace_s,
-            )  # fmt: skip
+                f"trial {trial_id}: creating its MLflow run",
+                context.tracking_grace_s,
+            )
     except Exception as err:
         _give_up_on_infrastructure(context, trial_id, err)
-    run_id = child.run_id
-    tracker = RunLogger(context.tracking_uri, run_id,
-                        spool=_spool_location(context, trial_name))  # fmt: skip
+    tracker = RunLogger(
+        context.tracking_uri, child.run_id, spool=_spool_location(context, trial_name)
+    )
+    run = TrackedRun(
+        child.run_id,
+        trial_name,
+        context.tracking_uri,
+        tracker=tracker,
+        error_tag=TRIAL_ERROR_TAG,
+        finished_before=child.finished,
+    )
     try:
-        cfg = trial_config(context.base_config, params, source=f"trial {trial_id} {params}")
-        if not child.configured:  # a reopened run has them already (MLflow params are write-once)
-            with phases.phase("run_setup"):
-                _log_config(cfg, context, run_id)
-        result = _fit_with_retries(cfg, context, trial_id, run_id, trial_name, phases)
-        if child.finished:
-            # Done before the sweep driver died: the fit restored its last checkpoint and
-            # reported that result again for Tune; its run and evaluation stand as they are.
-            tracker.close(tracker_grace(tracker))
-            return
-        check_finite(result.metrics or {}, ("train/loss", "val/loss"), f"trial {trial_id}")
-        if context.final_eval and result.checkpoint is not None:
-            with phases.phase("evaluation"):
-                _final_evaluation(cfg, context, result.checkpoint, tracker)
-        timings = phases.as_metrics() | {"time/trial_total_s": time.perf_counter() - started}
-        tracker.log_metrics(timings, int((result.metrics or {}).get("epoch", 0)))
+        # Tune stopping the trial (ASHA, or the sweep ending or interrupted) exits its report
+        # call with SystemExit. Not a failure: the sweep ends the run from the trial's result
+        # (`sweep_driver._close_child_runs`: early-stopped, interrupted or finished).
+        with (
+            closing(run, leave_open_on=(SystemExit,)),
+            logs_to_mlflow(
+                storage.join(context.base_config["train"]["storage_path"], trial_name),
+                child.run_id,
+                context.tracking_uri,
+            ),
+        ):
+            _train_trial(params, context, trial_id, child, tracker, phases, started)
     except SystemExit:
-        # Tune stopped the trial (ASHA, or the sweep ending or interrupted): its report call
-        # exits the trial's thread. Not a failure: the sweep ends the run from the trial's
-        # result (`sweep.driver._close_child_runs`: early-stopped, interrupted or finished).
-        tracker.close(tracker_grace(tracker))
         raise
     except BaseException as err:
-        _end(tracker, "FAILED", err)
         if is_infrastructure_error(err):
             _give_up_on_infrastructure(context, trial_id, err)
         raise
-    _end(tracker, "FINISHED")
 
 
-def _log_config(cfg: Any, context: SweepContext, run_id: str) -> None:
-    """The trial's config and dataset, on its MLflow run."""
-    retry_until(lambda: tracking.log_config(cfg.to_dict(), run_id=run_id, tracking=cfg.tracking),
-                "logging the trial's config", context.tracking_grace_s)  # fmt: skip
-    manifest, client = load_manifest(context.dataset_dir), mlflow_client(context.tracking_uri)
-    retry_until(lambda: lineage.log_dataset(client, run_id, manifest, context.dataset_dir),
-                "logging the trial's dataset", context.tracking_grace_s)  # fmt: skip
+def _train_trial(
+    params: dict[str, Any],
+    context: SweepContext,
+    trial_id: str,
+    child: ChildRun,
+    tracker: RunLogger,
+    phases: PhaseTimes,
+    started: float,
+) -> None:
+    """The trial's config and dataset logged (once), its fit, NaN check, final evaluation and
+    phase times."""
+    cfg = trial_config(context.base_config, params, source=f"trial {trial_id} {params}")
+    if not child.configured:  # a reopened run has them already (MLflow params are write-once)
+        with phases.phase("run_setup"):
+            log_run_inputs(
+                cfg, child.run_id, context.dataset_dir, load_manifest(context.dataset_dir)
+            )
+    result = _fit_with_retries(cfg, context, trial_id, child.run_id, phases)
+    if child.finished:
+        # Done before the sweep driver died: the fit restored its last checkpoint and
+        # reported that result again for Tune; its run and evaluation stand as they are.
+        return
+    check_finite(result.metrics or {}, ("train/loss", "val/loss"), f"trial {trial_id}")
+    if context.final_eval and result.checkpoint is not None:
+        with phases.phase("evaluation"):
+            _final_evaluation(cfg, context, result.checkpoint, tracker)
+    timings = phases.as_metrics() | {"time/trial_total_s": time.perf_counter() - started}
+    tracker.log_metrics(timings, int((result.metrics or {}).get("epoch", 0)))
 
 
-def _fit_with_retries(cfg: Any, context: SweepContext, trial_id: str, run_id: str,
-                      trial_name: str, phases: PhaseTimes | None = None) -> Any:  # fmt: skip
+def _fit_with_retries(
+    cfg: ExperimentConfig,
+    context: SweepContext,
+    trial_id: str,
+    run_id: str,
+    phases: PhaseTimes | None = None,
+) -> Any:
     """Fit, retrying infrastructure failures; a retry resumes the inner run's last checkpoint.
     A run whose workers stopped on non-finite values raises TrialDiverged."""
-    run_dir = storage.join(context.base_config["train"]["storage_path"], trial_name)
+    name = f"{context.sweep_name}-{trial_id}"
+    run_dir = storage.join(cfg.train.storage_path, name)
     for attempt in range(context.infra_retries + 1):
         try:
-            result = _fit(cfg, context, trial_id, run_id, phases)
+            result = _fit(cfg, context, name, run_id, phases)
             try:
-                raise_for_stop(read_stop_record(run_dir))
+                raise_if_stopped(run_dir)
             except NonFiniteError as failure:
                 raise TrialDiverged(f"trial {trial_id}: {failure}") from failure
             return result
@@ -261,9 +293,13 @@ def _fit_with_retries(cfg: Any, context: SweepContext, trial_id: str, run_id: st
             wait = 5.0 * 2**attempt
             logger.warning(
                 "trial %s: infrastructure failure (%s: %s); retry %d of %d in %.0f s",
-                trial_id, type(err).__name__, redact_text(str(err))[:300],
-                attempt + 1, context.infra_retries, wait,
-            )  # fmt: skip
+                trial_id,
+                type(err).__name__,
+                redact_text(str(err))[:300],
+                attempt + 1,
+                context.infra_retries,
+                wait,
+            )
             time.sleep(wait)
     raise AssertionError("unreachable")
 
@@ -272,62 +308,52 @@ def _give_up_on_infrastructure(context: SweepContext, trial_id: str, err: BaseEx
     """Tell Tune (and so the searcher) that the trial failed for an infrastructure reason."""
     reason = redact_text(f"{type(err).__name__}: {err}")[:1000]
     ray.tune.report(
-        {FAILURE_KIND_KEY: INFRASTRUCTURE, FAILURE_KEY: reason,
-         **dict.fromkeys(context.objectives, math.nan)}
-    )  # fmt: skip
+        {
+            FAILURE_KIND_KEY: INFRASTRUCTURE,
+            FAILURE_KEY: reason,
+            **dict.fromkeys(context.objectives, math.nan),
+        }
+    )
     raise TrialInfrastructureError(f"trial {trial_id}: {reason}") from err
 
 
-def _end(tracker: RunLogger, status: str, error: BaseException | None = None) -> None:
-    """Record the outcome on the child run; a tracking failure here never hides ``error``."""
-    if error is not None:
-        message = redact_text(f"{type(error).__name__}: {error}")[:5000]
-        tracker.set_tags({"mvtcae.tune.error": message})
-    tracker.close(tracker_grace(tracker))
-    try:
-        mlflow_client(tracker.tracking_uri).set_terminated(tracker.run_id, status=status)
-    except Exception as tracking_error:  # noqa: BLE001
-        logger.warning("could not mark MLflow run %s %s: %s", tracker.run_id, status,
-                       type(tracking_error).__name__)  # fmt: skip
-
-
-def tracker_grace(tracker: RunLogger) -> float:
-    """How long a trial waits, at its end, for an unreachable tracking server."""
-    return 30.0 if tracker.pending else 0.0
-
-
-def _fit(cfg: Any, context: SweepContext, trial_id: str, run_id: str,
-         phases: PhaseTimes | None = None) -> Any:  # fmt: skip
-    manifest = load_manifest(context.dataset_dir)
-    name = f"{context.sweep_name}-{trial_id}"
+def _fit(
+    cfg: ExperimentConfig,
+    context: SweepContext,
+    name: str,
+    run_id: str,
+    phases: PhaseTimes | None = None,
+) -> Any:
+    """Plan the trial's fit with the sweep's objectives and fit it: in the trial's process, which
+    reports each epoch to Tune, or with a worker group whose reports Tune's callback forwards."""
     objectives = EpochObjectives(
-        names=context.objectives,
-        measures=EvaluationSection.model_validate(context.epoch_eval),
-        split=context.val_split,
+        names=context.objectives, measures=context.epoch_eval, split=context.val_split
     )
-    plan = plan_loop(cfg, name, context.dataset_dir, manifest, run_id, context.tracking_uri,
-                     objectives, phases)  # fmt: skip
-    if context.in_process:
-        with timed(phases, "trainer_fit"):
-            return train_in_process(plan.loop_cfg, plan.datasets, report_to_tune=True)
-    trainer = trainer_for(cfg, name, plan, callbacks=[TuneReportCallback()])
+    plan = plan_loop(
+        cfg,
+        name,
+        context.dataset_dir,
+        load_manifest(context.dataset_dir),
+        run_id,
+        context.tracking_uri,
+        objectives,
+        phases,
+    )
     with timed(phases, "trainer_fit"):
-        return trainer.fit()
+        if context.in_process:
+            return fit(cfg, name, plan, in_process=True, report_to_tune=True)
+        return fit(cfg, name, plan, callbacks=[TuneReportCallback()])
 
 
-def _final_evaluation(cfg: Any, context: SweepContext, checkpoint: Any, tracker: RunLogger) -> None:
+def _final_evaluation(
+    cfg: ExperimentConfig, context: SweepContext, checkpoint: Any, tracker: RunLogger
+) -> None:
     """Evaluate the trial's last checkpoint on the test split, with the CPUs (and the GPU) that
     training had: in the trial's process when it trained there and holds them, else in a Ray
     task of its own. Log the measures to the trial's run."""
-    root = context.base_config["train"]["storage_path"]
-    location = storage.location_of(root, checkpoint.path)
-    task, cpus = evaluation_task(cfg.train)
-    eval_cfg = cfg.eval.model_copy(update={"plots": False}).model_dump(mode="json")
-    if context.in_process:
-        report, _, _, _ = evaluate_checkpoint([location], context.dataset_dir, eval_cfg,
-                                              threads=cpus)  # fmt: skip
-    else:
-        report, _, _, _ = ray.get(
-            task.remote([location], context.dataset_dir, eval_cfg, threads=cpus)
-        )
-    tracker.log_metrics(report.metrics, checkpoint_epoch(location) or 0)
+    location = storage.location_of(cfg.train.storage_path, checkpoint.path)
+    eval_cfg = cfg.eval.model_copy(update={"plots": False})
+    done = evaluate(
+        [location], context.dataset_dir, eval_cfg, cfg.train, in_process=context.in_process
+    )
+    tracker.log_metrics(done.report.metrics, checkpoint_epoch(location) or 0)

@@ -66,8 +66,12 @@ class LoopHost(Protocol):
         """This worker's Ray Data iterator of ``split``."""
         ...
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None,
-               dir_name: str | None = None) -> None:  # fmt: skip
+    def report(
+        self,
+        metrics: dict[str, Any],
+        checkpoint_dir: str | None = None,
+        dir_name: str | None = None,
+    ) -> None:
         """Report an epoch's metrics, with the checkpoint written in ``checkpoint_dir``."""
         ...
 
@@ -94,8 +98,12 @@ class RayTrainHost:
     def shard(self, split: str) -> Any:
         return ray.train.get_dataset_shard(split)
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None,
-               dir_name: str | None = None) -> None:  # fmt: skip
+    def report(
+        self,
+        metrics: dict[str, Any],
+        checkpoint_dir: str | None = None,
+        dir_name: str | None = None,
+    ) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=dir_name)
 
@@ -155,8 +163,12 @@ class InProcessHost:
         dataset.context.execution_options.preserve_order = True
         return dataset.iterator()
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None,
-               dir_name: str | None = None) -> None:  # fmt: skip
+    def report(
+        self,
+        metrics: dict[str, Any],
+        checkpoint_dir: str | None = None,
+        dir_name: str | None = None,
+    ) -> None:
         self.restored_from = None
         checkpoint = None
         if checkpoint_dir is not None:
@@ -176,8 +188,9 @@ def run_checkpoints(run_dir: str) -> list[str]:
     return sorted(names, key=lambda n: (checkpoint_epoch(n) or 0, n))
 
 
-def persist_checkpoint(local_dir: str | Path, run_dir: str, dir_name: str,
-                       keep: int | None) -> ray.train.Checkpoint:  # fmt: skip
+def persist_checkpoint(
+    local_dir: str | Path, run_dir: str, dir_name: str, keep: int | None
+) -> ray.train.Checkpoint:
     """Copy a checkpoint written in ``local_dir`` to ``<run_dir>/<dir_name>``, then delete all
     but the newest ``keep`` checkpoints of the run (None keeps all). The new one is complete
     before any old one goes."""

@@ -13,6 +13,8 @@ stop record in run storage instead of an exception Ray would answer with a resta
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 import json
 import logging
@@ -34,13 +36,14 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from mvtcae import MVTCAE, MultimodalBatch, MVTCAEConfig, storage
-from mvtcae.config import EvaluationSection, TrainSection
+from mvtcae import MVTCAE, MultimodalBatch, storage
+from mvtcae.config import TrainSection
 from mvtcae.data import iter_model_batches, load_manifest
 from mvtcae.data.held import HeldSplit
 from mvtcae.evaluation import evaluate
 from mvtcae.evaluation.plots import image_grids, image_modalities
 from mvtcae.evaluation.split import load_eval_split
+from mvtcae.storage import console
 from mvtcae.storage.checkpoints import (
     CorruptCheckpointError,
     TrainerState,
@@ -56,6 +59,7 @@ from mvtcae.storage.checkpoints import (
 from mvtcae.tracking.run_logger import SPOOL_DIR, RunLogger, client_uri
 from mvtcae.training.hosts import InProcessHost, LoopHost, RayTrainHost
 from mvtcae.training.nonfinite import NonFiniteError, StepGuard, nonfinite_values
+from mvtcae.training.plan import PLAN_KEY, LoopPlan
 from mvtcae.training.step import (
     bf16_supported,
     build_optimizer,
@@ -96,13 +100,22 @@ class _EpochInput:
     A held split is fetched inside the first epoch's iteration, so that its cost shows in that
     epoch's first-batch wait."""
 
-    def __init__(self, split: str, loop_cfg: dict[str, Any], manifest: Any, batch_size: int,
-                 device: torch.device, host: LoopHost, *, shuffle_buffer: int = 0,
-                 seed: int = 0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        split: str,
+        held_ref: Any,
+        manifest: Any,
+        batch_size: int,
+        device: torch.device,
+        host: LoopHost,
+        *,
+        shuffle_buffer: int = 0,
+        seed: int = 0,
+    ) -> None:
         self.split, self.manifest, self.batch_size = split, manifest, batch_size
         self.device, self.host, self.rank, self.world = device, host, host.rank, host.world
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
-        self.held_ref = (loop_cfg.get("held_splits") or {}).get(split)
+        self.held_ref = held_ref
         self._held: HeldSplit | None = None
 
     def batches(self, epoch: int, limit: int | None = None) -> Iterator[MultimodalBatch]:
@@ -112,16 +125,26 @@ class _EpochInput:
             if self._held is None:
                 self._held = HeldSplit.fetch(self.held_ref, self.manifest, self.device)
             # Training shares must be equal (DDP steps in lockstep); validation uses every row.
-            rows = self._held.rank_rows(self.rank, self.world, shuffle=shuffle, seed=self.seed,
-                                        epoch=epoch, equal=self.split == "train")  # fmt: skip
+            rows = self._held.rank_rows(
+                self.rank,
+                self.world,
+                shuffle=shuffle,
+                seed=self.seed,
+                epoch=epoch,
+                equal=self.split == "train",
+            )
             batches = self._held.batches(rows, self.batch_size)
         else:
             batches = iter_model_batches(
-                self.host.shard(self.split), self.manifest, self.batch_size,
-                device=self.device, shuffle=shuffle,
+                self.host.shard(self.split),
+                self.manifest,
+                self.batch_size,
+                device=self.device,
+                shuffle=shuffle,
                 local_shuffle_buffer_size=self.shuffle_buffer or None,
-                seed=data_order_seed(self.seed, self.rank), epoch=epoch,
-            )  # fmt: skip
+                seed=data_order_seed(self.seed, self.rank),
+                epoch=epoch,
+            )
         for i, batch in enumerate(batches):
             if limit is not None and i >= limit:
                 break
@@ -170,8 +193,9 @@ class _Restored:
     skipped: list[str]
 
 
-def _restore(checkpoint: Any, cfg: TrainSection, device: torch.device, rank: int, world: int,
-             seed: int) -> _Restored:  # fmt: skip
+def _restore(
+    checkpoint: Any, cfg: TrainSection, device: torch.device, rank: int, world: int, seed: int
+) -> _Restored:
     """Model, optimizer, scheduler and RNG states from the newest intact checkpoint of the run."""
     with open_intact_checkpoint(checkpoint.filesystem, checkpoint.path) as found:
         model = load_model(found.directory).to(device)
@@ -186,13 +210,14 @@ def _restore(checkpoint: Any, cfg: TrainSection, device: torch.device, rank: int
     return _Restored(model, optimizer, scheduler, state, found.path, found.skipped)
 
 
-def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
+def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker: restore, train with DDP, validate, report and checkpoint every epoch.
 
-    Non-finite values stop every rank at the same step; the workers then report the reason
-    (`NonFiniteError.to_report`) and return, so that Ray does not restart them for it.
+    ``config`` holds the run's `LoopPlan` under `PLAN_KEY`. Non-finite values stop every rank
+    at the same step; the workers then report the reason (`NonFiniteError.to_report`) and
+    return, so that Ray does not restart them for it.
     """
-    run_loop(loop_cfg, RayTrainHost())
+    run_loop(config[PLAN_KEY], RayTrainHost())
 
 
 @dataclass
@@ -204,65 +229,68 @@ class InProcessResult:
     checkpoint: ray.train.Checkpoint | None
 
 
-def train_in_process(loop_cfg: dict[str, Any], datasets: dict[str, Any] | None = None,
-                     *, report_to_tune: bool = False) -> InProcessResult:  # fmt: skip
+def train_in_process(
+    plan: LoopPlan, datasets: dict[str, Any] | None = None, *, report_to_tune: bool = False
+) -> InProcessResult:
     """The worker loop as the only worker, in this process (`InProcessHost`): checkpoints go
-    to ``loop_cfg["run_dir"]``, the run resumes from its newest one, and with
+    to the plan's ``run_dir``, the run resumes from its newest one, and with
     ``report_to_tune`` every epoch is reported to the Tune trial this runs in."""
-    train = TrainSection.model_validate(loop_cfg["train"])
+    train = plan.train
     if train.num_workers != 1:
         raise ValueError(f"training in process needs train.num_workers 1, not {train.num_workers}")
-    host = InProcessHost(run_dir=loop_cfg["run_dir"], keep=train.checkpoint.num_to_keep,
-                         datasets=datasets, to_tune=report_to_tune)  # fmt: skip
+    host = InProcessHost(
+        run_dir=plan.run_dir,
+        keep=train.checkpoint.num_to_keep,
+        datasets=datasets,
+        to_tune=report_to_tune,
+    )
     threads = torch.get_num_threads()
     try:
-        run_loop(loop_cfg, host)
+        run_loop(plan, host)
     finally:
         torch.set_num_threads(threads)  # the caller's process goes on with its own setting
-    run_id = loop_cfg.get("run_id")
-    host.report_restored_again({RUN_ID_KEY: run_id} if run_id else None)
+    host.report_restored_again({RUN_ID_KEY: plan.run_id} if plan.run_id else None)
     return InProcessResult(metrics=host.last_metrics, checkpoint=host.last_checkpoint)
 
 
-def run_loop(loop_cfg: dict[str, Any], host: LoopHost) -> None:
+def run_loop(plan: LoopPlan, host: LoopHost) -> None:
     """Restore, train, validate, report and checkpoint every epoch, as one worker of ``host``."""
-    _worker_logging()
-    cfg = TrainSection.model_validate(loop_cfg["train"])
-    rank = host.rank
-    torch.set_num_threads(int(loop_cfg["threads_per_worker"]))
+    run_log = _worker_logging(
+        plan.run_dir, host.rank, uses_mlflow=plan.tracked and host.local_rank == 0
+    )
+    cfg, rank = plan.train, host.rank
+    torch.set_num_threads(plan.threads_per_worker)
     _seed_everything(cfg.seed + rank)
     device = host.device()
     if cfg.precision == "bf16" and rank == 0 and not bf16_supported(device):
         logger.warning("%s has no native bf16; bf16 autocast will be slow", device)
-    manifest = load_manifest(loop_cfg["dataset_dir"])
-    tracker = _rank0_logger(loop_cfg) if rank == 0 else None
-    with _system_metrics(loop_cfg, rank, sampler=host.local_rank == 0):
-        _train(loop_cfg, cfg, host, device, manifest, tracker)
+    manifest = load_manifest(plan.dataset_dir)
+    tracker = _rank0_logger(plan) if rank == 0 else None
+    with run_log, _system_metrics(plan, rank, sampler=host.local_rank == 0):
+        _train(plan, host, device, manifest, tracker)
 
 
 @contextmanager
-def _system_metrics(loop_cfg: dict[str, Any], rank: int, sampler: bool) -> Iterator[None]:
+def _system_metrics(plan: LoopPlan, rank: int, sampler: bool) -> Iterator[None]:
     """MLflow's system metrics of this worker's machine, into the run as ``system/rank<k>/...``
     when this worker is its node's ``sampler`` (its first worker): one series per node, named
     by that worker's rank, so that nodes do not overwrite each other and no machine is sampled
     twice (each monitor also costs its worker an MLflow client: over a second at start with a
     SQLite store)."""
-    interval = float(loop_cfg.get("system_metrics_interval_s") or 0)
-    if (
-        not sampler
-        or interval <= 0
-        or not loop_cfg.get("run_id")
-        or not loop_cfg.get("tracking_uri")
-    ):
+    interval = plan.system_metrics_interval_s
+    if not sampler or interval <= 0 or not plan.tracked:
         yield
         return
     try:  # imported here: it needs psutil, and training goes on without it
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
         monitor = SystemMetricsMonitor(
-            loop_cfg["run_id"], sampling_interval=interval, node_id=f"rank{rank}",
-            tracking_uri=client_uri(loop_cfg["tracking_uri"]), resume_logging=True,
-        )  # fmt: skip
+            plan.run_id,
+            sampling_interval=interval,
+            node_id=f"rank{rank}",
+            tracking_uri=client_uri(plan.tracking_uri),
+            resume_logging=True,
+        )
         # Started before training, not beside it: a monitor started in the background missed
         # every sample of a run shorter than its start-up (a 2-epoch test run lost them all).
         monitor.start()
@@ -276,85 +304,182 @@ def _system_metrics(loop_cfg: dict[str, Any], rank: int, sampler: bool) -> Itera
         monitor.finish()
 
 
-def _train(loop_cfg: dict[str, Any], cfg: TrainSection, host: LoopHost,
-           device: torch.device, manifest: Any, tracker: RunLogger | None) -> None:  # fmt: skip
-    """The worker's epochs, from a restored checkpoint or from scratch."""
-    rank, world = host.rank, host.world
-    checkpoint = host.restore_point()
-    start_epoch, skipped_before, dir_suffix = 1, 0, ""
-    logged: set[int] = set()
-    if checkpoint is not None:
-        try:
-            restored = _restore(checkpoint, cfg, device, rank, world, cfg.seed + rank)
-        except CorruptCheckpointError as err:  # a restart would meet the same files: stop
-            _stop(loop_cfg, host, {CORRUPT_REPORT_KEY: str(err)})
-            return
-        model, optimizer, scheduler = restored.model, restored.optimizer, restored.scheduler
-        start_epoch = restored.state.epoch + 1
-        skipped_before = int(restored.state.metrics.get("train/skipped_steps_total", 0))
-        if restored.skipped:  # epochs whose (corrupt) checkpoints exist are trained again
-            dir_suffix = uuid.uuid4().hex[:6]
-        if tracker is not None:
-            _announce_restore(tracker, restored)
-            # Epochs the run logged after this checkpoint, before the process died: trained
-            # again from it (the same numbers), but not logged twice.
-            logged = {s for s in tracker.logged_steps("val/loss") if s >= start_epoch}
-    else:
-        model = MVTCAE(MVTCAEConfig.from_dict(loop_cfg["model_config"])).to(device)
-        optimizer = build_optimizer(model.named_parameters(), cfg)
-        scheduler = build_scheduler(optimizer, cfg)
-    ddp_model = host.wrap_model(model)
-    guard = StepGuard(cfg.on_nonfinite, cfg.max_nonfinite_steps, _min_over_workers, skipped_before)
+@dataclass
+class _WorkerRun:
+    """One worker's training: its plan and host, the model and its optimizer (restored or
+    fresh), its inputs, and where its epochs start."""
 
-    local_batch = max(1, cfg.batch_size // world)
-    train_input = _EpochInput("train", loop_cfg, manifest, local_batch, device, host,
-                              shuffle_buffer=int(loop_cfg["shuffle_buffer"]), seed=cfg.seed)  # fmt: skip
-    val_input = _EpochInput("val", loop_cfg, manifest, local_batch, device, host)
-    if tracker is not None:
-        held = train_input.held_ref is not None
-        tracker.set_tags(
-            {"mvtcae.data.input": "held" if held else "ray data", "mvtcae.train.host": host.kind}
-        )
+    plan: LoopPlan
+    host: LoopHost
+    device: torch.device
+    tracker: RunLogger | None
+    model: MVTCAE
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    first_epoch: int = 1
+    skipped_steps: int = 0
+    dir_suffix: str = ""
+    """Added to checkpoint names when epochs whose (corrupt) checkpoints exist are trained again."""
+    logged: frozenset[int] = frozenset()
+    """Epochs the run logged after the restored checkpoint, before its process died: trained
+    again from it (the same numbers), but not logged twice."""
+
+
+def _train(
+    plan: LoopPlan, host: LoopHost, device: torch.device, manifest: Any, tracker: RunLogger | None
+) -> None:
+    """The worker's epochs, from a restored checkpoint or from scratch."""
     try:
-        for epoch in range(start_epoch, cfg.epochs + 1):
-            epoch_start = time.perf_counter()
-            lr = optimizer.param_groups[0]["lr"]
-            train_batches = train_input.batches(epoch, limit=cfg.max_batches_per_epoch)
-            train_sums = run_train_epoch(ddp_model, train_batches, optimizer, device, cfg,
-                                         epoch=epoch, guard=guard)  # fmt: skip
-            scheduler.step()
-            val_sums = run_validation(model, val_input.batches(epoch))
-            metrics = _group_metrics(epoch, train_sums, val_sums, epoch_start, lr, device)
-            metrics["train/skipped_steps_total"] = float(guard.skipped)
-            objectives_start = time.perf_counter()
-            metrics.update(_epoch_objectives(model, loop_cfg, rank, device))
-            if loop_cfg.get("epoch_eval"):
-                metrics["perf/objectives_time_s"] = time.perf_counter() - objectives_start
-            bad = nonfinite_values(metrics)
-            # Losses are all-reduced, the objectives rank 0's: agree before stopping together.
-            if _all_reduce({"bad": float(bool(bad))}, device, op="max")["bad"] > 0:
-                raise NonFiniteError(epoch, None, bad or {"(rank 0's objectives)": float("nan")})
-            report_start = time.perf_counter()
-            epoch_tracker = None if epoch in logged else tracker
-            _report(metrics, epoch, host, model, optimizer, scheduler, cfg, epoch_tracker,
-                    checkpoint_dir_name(epoch, dir_suffix), loop_cfg.get("run_id"))  # fmt: skip
-            if epoch_tracker is not None:
-                images_start = time.perf_counter()
-                _log_epoch_images(model, loop_cfg, epoch_tracker, epoch, device)
-                # After the report, so logged beside it: what checkpointing and images cost.
-                epoch_tracker.log_metrics({"perf/report_s": images_start - report_start,
-                                           "perf/images_s": time.perf_counter() - images_start},
-                                          epoch)  # fmt: skip
-    except NonFiniteError as err:
+        run = _start(plan, host, device, tracker)
+        if run is None:
+            return
+        ddp_model = host.wrap_model(run.model)
+        cfg = plan.train
+        guard = StepGuard(
+            cfg.on_nonfinite, cfg.max_nonfinite_steps, _min_over_workers, run.skipped_steps
+        )
+        train_input, val_input = _inputs(plan, manifest, device, host)
         if tracker is not None:
-            logger.error("%s", err)
-            tracker.set_tags({"mvtcae.nonfinite": str(err)})
-        # The objectives are undefined for this epoch; a sweep records the trial as failed here.
-        nan_objectives = dict.fromkeys(loop_cfg.get("objectives") or [], float("nan"))
-        _stop(loop_cfg, host, err.to_report() | nan_objectives)
+            tracker.set_tags(
+                {
+                    "mvtcae.data.input": "held" if plan.held_splits else "ray data",
+                    "mvtcae.train.host": host.kind,
+                }
+            )
+        for epoch in range(run.first_epoch, cfg.epochs + 1):
+            metrics = _train_epoch(run, epoch, ddp_model, guard, train_input, val_input)
+            _check_finite(metrics, epoch, device)
+            _report_epoch(run, epoch, metrics)
+    except NonFiniteError as err:
+        _stop_nonfinite(plan, host, tracker, err)
     finally:
         if tracker is not None:
-            tracker.close(float(loop_cfg["tracking_grace_s"]))
+            tracker.close(plan.tracking_grace_s)
+
+
+def _start(
+    plan: LoopPlan, host: LoopHost, device: torch.device, tracker: RunLogger | None
+) -> _WorkerRun | None:
+    """The run restored from its newest intact checkpoint, or a fresh model; None (the workers
+    stopped) when it has checkpoints but none is intact."""
+    cfg = plan.train
+    checkpoint = host.restore_point()
+    if checkpoint is None:
+        # The worker's own copy: a model records its custom networks in its config.
+        model = MVTCAE(copy.deepcopy(plan.model)).to(device)
+        optimizer = build_optimizer(model.named_parameters(), cfg)
+        return _WorkerRun(
+            plan, host, device, tracker, model, optimizer, build_scheduler(optimizer, cfg)
+        )
+    try:
+        restored = _restore(checkpoint, cfg, device, host.rank, host.world, cfg.seed + host.rank)
+    except CorruptCheckpointError as err:  # a restart would meet the same files: stop
+        _stop(plan.run_dir, host, {CORRUPT_REPORT_KEY: str(err)})
+        return None
+    first = restored.state.epoch + 1
+    run = _WorkerRun(
+        plan,
+        host,
+        device,
+        tracker,
+        restored.model,
+        restored.optimizer,
+        restored.scheduler,
+        first_epoch=first,
+        skipped_steps=int(restored.state.metrics.get("train/skipped_steps_total", 0)),
+        dir_suffix=uuid.uuid4().hex[:6] if restored.skipped else "",
+    )
+    if tracker is not None:
+        _announce_restore(tracker, restored)
+        run.logged = frozenset(s for s in tracker.logged_steps("val/loss") if s >= first)
+    return run
+
+
+def _inputs(
+    plan: LoopPlan, manifest: Any, device: torch.device, host: LoopHost
+) -> tuple[_EpochInput, _EpochInput]:
+    """The worker's training and validation input (its share of the global batch)."""
+    held = plan.held_splits or {}
+    local_batch = max(1, plan.train.batch_size // host.world)
+    train_input = _EpochInput(
+        "train",
+        held.get("train"),
+        manifest,
+        local_batch,
+        device,
+        host,
+        shuffle_buffer=plan.shuffle_buffer,
+        seed=plan.train.seed,
+    )
+    val_input = _EpochInput("val", held.get("val"), manifest, local_batch, device, host)
+    return train_input, val_input
+
+
+def _train_epoch(
+    run: _WorkerRun,
+    epoch: int,
+    ddp_model: torch.nn.Module,
+    guard: StepGuard,
+    train_input: _EpochInput,
+    val_input: _EpochInput,
+) -> dict[str, float]:
+    """Train and validate one epoch; its metrics over the worker group (and rank 0's
+    objectives in a sweep trial)."""
+    cfg, device = run.plan.train, run.device
+    epoch_start = time.perf_counter()
+    lr = run.optimizer.param_groups[0]["lr"]
+    train_batches = train_input.batches(epoch, limit=cfg.max_batches_per_epoch)
+    train_sums = run_train_epoch(
+        ddp_model, train_batches, run.optimizer, device, cfg, epoch=epoch, guard=guard
+    )
+    run.scheduler.step()
+    val_sums = run_validation(run.model, val_input.batches(epoch))
+    metrics = _group_metrics(epoch, train_sums, val_sums, epoch_start, lr, device)
+    metrics["train/skipped_steps_total"] = float(guard.skipped)
+    if run.plan.objectives is not None:
+        objectives_start = time.perf_counter()
+        metrics.update(_epoch_objectives(run.model, run.plan, run.host.rank, device))
+        metrics["perf/objectives_time_s"] = time.perf_counter() - objectives_start
+    return metrics
+
+
+def _check_finite(metrics: dict[str, float], epoch: int, device: torch.device) -> None:
+    """Raise NonFiniteError on every rank when any rank's metrics hold a non-finite value."""
+    bad = nonfinite_values(metrics)
+    # Losses are all-reduced, the objectives rank 0's: agree before stopping together.
+    if _all_reduce({"bad": float(bool(bad))}, device, op="max")["bad"] > 0:
+        raise NonFiniteError(epoch, None, bad or {"(rank 0's objectives)": float("nan")})
+
+
+def _report_epoch(run: _WorkerRun, epoch: int, metrics: dict[str, float]) -> None:
+    """Report and checkpoint the epoch; rank 0 logs it (unless logged before a restore) with
+    its image grids and what the report and the images cost."""
+    report_start = time.perf_counter()
+    tracker = None if epoch in run.logged else run.tracker
+    _report(run, metrics, epoch, tracker)
+    if tracker is not None:
+        images_start = time.perf_counter()
+        _log_epoch_images(run.model, run.plan, tracker, epoch, run.device)
+        # After the report, so logged beside it: what checkpointing and images cost.
+        tracker.log_metrics(
+            {
+                "perf/report_s": images_start - report_start,
+                "perf/images_s": time.perf_counter() - images_start,
+            },
+            epoch,
+        )
+
+
+def _stop_nonfinite(
+    plan: LoopPlan, host: LoopHost, tracker: RunLogger | None, err: NonFiniteError
+) -> None:
+    """Stop every rank on a non-finite value; rank 0 tags the run with it."""
+    if tracker is not None:
+        logger.error("%s", err)
+        tracker.set_tags({"mvtcae.nonfinite": str(err)})
+    # The objectives are undefined for this epoch; a sweep records the trial as failed here.
+    names = plan.objectives.names if plan.objectives is not None else ()
+    _stop(plan.run_dir, host, err.to_report() | dict.fromkeys(names, float("nan")))
 
 
 def to_val_names(metrics: dict[str, float]) -> dict[str, float]:
@@ -362,20 +487,22 @@ def to_val_names(metrics: dict[str, float]) -> dict[str, float]:
     return {"val/" + k.removeprefix("eval/"): float(v) for k, v in metrics.items()}
 
 
-def _epoch_objectives(model: MVTCAE, loop_cfg: dict[str, Any], rank: int,
-                      device: torch.device) -> dict[str, float]:  # fmt: skip
+def _epoch_objectives(
+    model: MVTCAE, plan: LoopPlan, rank: int, device: torch.device
+) -> dict[str, float]:
     """Rank 0, in a sweep trial: the objectives' measures of this epoch's model on the validation
     split (the evaluation forks the generators, so training's random stream is untouched)."""
-    if rank != 0 or not loop_cfg.get("epoch_eval"):
+    objectives = plan.objectives
+    if rank != 0 or objectives is None:
         return {}
-    cfg = EvaluationSection.model_validate(loop_cfg["epoch_eval"])
     try:
-        report = evaluate(model, loop_cfg["dataset_dir"], cfg, split=loop_cfg["val_split"],
-                          device=device)  # fmt: skip
+        report = evaluate(
+            model, plan.dataset_dir, objectives.measures, split=objectives.split, device=device
+        )
         return to_val_names(report.metrics)
     except Exception as err:  # noqa: BLE001 - a diverged model can break the probe or the NLL
         logger.warning("validation measures failed: %s: %s", type(err).__name__, err)
-        return dict.fromkeys(loop_cfg.get("objectives") or [], float("nan"))
+        return dict.fromkeys(objectives.names, float("nan"))
     finally:
         model.train()
 
@@ -386,18 +513,19 @@ def _grid_split(dataset_dir: str, split: str, max_rows: int) -> Any:
     return load_eval_split(dataset_dir, split, max_rows=max_rows)
 
 
-def _log_epoch_images(model: MVTCAE, loop_cfg: dict[str, Any], tracker: RunLogger, epoch: int,
-                      device: torch.device) -> None:  # fmt: skip
+def _log_epoch_images(
+    model: MVTCAE, plan: LoopPlan, tracker: RunLogger, epoch: int, device: torch.device
+) -> None:
     """Rank 0, every ``images.every`` epochs: reconstruction and cross-modal grids of the same
     validation samples, as MLflow images at this epoch (image modalities only)."""
-    images = loop_cfg.get("images") or {}
-    every = int(images.get("every") or 0)
+    grids_plan = plan.images
+    every = grids_plan.every
     if every <= 0 or epoch % every or not image_modalities(model):
         return
     try:
-        split = _grid_split(loop_cfg["dataset_dir"], images["split"], 16 * int(images["samples"]))
+        split = _grid_split(plan.dataset_dir, grids_plan.split, 16 * grids_plan.samples)
         with tempfile.TemporaryDirectory(prefix="mvtcae-grids-") as scratch:
-            grids = image_grids(model, split, int(images["samples"]), Path(scratch), device)
+            grids = image_grids(model, split, grids_plan.samples, Path(scratch), device)
             tracker.log_images(grids, epoch)
     except Exception as err:  # noqa: BLE001 - a picture must not stop training
         logger.warning("epoch %d: image grids not made: %s: %s", epoch, type(err).__name__, err)
@@ -405,12 +533,12 @@ def _log_epoch_images(model: MVTCAE, loop_cfg: dict[str, Any], tracker: RunLogge
         model.train()
 
 
-def _stop(loop_cfg: dict[str, Any], host: LoopHost, record: dict[str, Any]) -> None:
+def _stop(run_dir: str, host: LoopHost, record: dict[str, Any]) -> None:
     """End training on every rank: rank 0 records why for the driver; all ranks report it (so
     that a Tune callback sees it at this epoch) and return instead of raising, which Ray would
     answer by restarting the workers."""
-    if host.rank == 0 and loop_cfg.get("run_dir"):
-        storage.write_text(storage.join(loop_cfg["run_dir"], STOP_FILE), json.dumps(record))
+    if host.rank == 0:
+        storage.write_text(storage.join(run_dir, STOP_FILE), json.dumps(record))
     host.report(record)
 
 
@@ -439,8 +567,14 @@ def clear_stop_record(run_dir: str) -> None:
         fs.delete_file(path)
 
 
-def _group_metrics(epoch: int, train_sums: dict[str, float], val_sums: dict[str, float],
-                   epoch_start: float, lr: float, device: torch.device) -> dict[str, float]:  # fmt: skip
+def _group_metrics(
+    epoch: int,
+    train_sums: dict[str, float],
+    val_sums: dict[str, float],
+    epoch_start: float,
+    lr: float,
+    device: torch.device,
+) -> dict[str, float]:
     """The epoch's metrics from every rank's sums (sums added, times the slowest rank's)."""
     slowest = {"time_s": train_sums.pop("time_s"), "first_batch_s": train_sums.pop("first_batch_s")}
     slowest = _all_reduce(slowest, device, op="max")
@@ -450,12 +584,11 @@ def _group_metrics(epoch: int, train_sums: dict[str, float], val_sums: dict[str,
     return epoch_metrics(epoch, train_sums, val_sums, slowest["time_s"], epoch_time, lr)
 
 
-def _rank0_logger(loop_cfg: dict[str, Any]) -> RunLogger | None:
+def _rank0_logger(plan: LoopPlan) -> RunLogger | None:
     """Rank 0's MLflow logger for the driver's run (None when the run is not tracked)."""
-    if not loop_cfg.get("run_id") or not loop_cfg.get("tracking_uri"):
+    if not plan.tracked:
         return None
-    spool = storage.join(loop_cfg["run_dir"], SPOOL_DIR) if loop_cfg.get("run_dir") else None
-    return RunLogger(loop_cfg["tracking_uri"], loop_cfg["run_id"], spool=spool)
+    return RunLogger(plan.tracking_uri, plan.run_id, spool=storage.join(plan.run_dir, SPOOL_DIR))
 
 
 def _announce_restore(tracker: RunLogger, restored: _Restored) -> None:
@@ -481,20 +614,57 @@ class _WorkerHandler(logging.StreamHandler):
         return f"[mvtcae] {level}{record.getMessage()}"
 
 
-def _worker_logging() -> None:
-    """Send the ``mvtcae`` loggers' INFO and above to the driver's output, once per process."""
+_open_log: list[console.RunLog] = []
+"""The run log this worker process writes now (a reused Tune actor trains one run after another)."""
+
+
+def _worker_logging(
+    run_dir: str | None, rank: int, *, uses_mlflow: bool = False
+) -> contextlib.AbstractContextManager[Any]:
+    """The worker's console and run log: the ``mvtcae`` loggers' INFO and above go to the
+    driver's output (once per process); Ray's, MLflow's and Optuna's INFO lines only to
+    ``<run_dir>/logs/rank<k>.log`` unless verbose (`mvtcae.storage.console`), where this
+    package's lines go too. Returns what closes the log (a no-op without a run directory).
+
+    ``uses_mlflow``: this worker logs to MLflow (rank 0, a node's system-metrics sampler);
+    MLflow replaces its loggers' handlers on import, so it is imported before they are set."""
+    if uses_mlflow:
+        import mlflow  # noqa: F401 - configures its loggers now, not after the filter below
     package = logging.getLogger("mvtcae")
     if not any(isinstance(h, _WorkerHandler) for h in package.handlers):
         package.addHandler(_WorkerHandler(sys.stdout))
         package.setLevel(logging.INFO)
         package.propagate = False
+    console.quiet_console()  # after Ray Train's logging set-up and MLflow's import
+    while _open_log:  # an earlier run of this process that ended without closing its log
+        _open_log.pop().close()
+    if not run_dir:
+        return contextlib.nullcontext()
+    try:
+        log = console.RunLog(run_dir, f"rank{rank}").attach()
+    except OSError as err:  # the console still has every line that matters
+        logger.warning("no log file in %s: %s: %s", run_dir, type(err).__name__, err)
+        return contextlib.nullcontext()
+    _open_log.append(log)
+
+    @contextlib.contextmanager
+    def closing_log() -> Iterator[None]:
+        try:
+            yield
+        finally:
+            if log in _open_log:
+                _open_log.remove(log)
+            log.close()
+
+    return closing_log()
 
 
-def _report(metrics: dict[str, float], epoch: int, host: LoopHost, model: MVTCAE,
-            optimizer: Any, scheduler: Any, cfg: TrainSection, tracker: RunLogger | None,
-            dir_name: str, run_id: str | None) -> None:  # fmt: skip
+def _report(
+    run: _WorkerRun, metrics: dict[str, float], epoch: int, tracker: RunLogger | None
+) -> None:
     """Every rank reports; rank 0 alone logs to MLflow and passes a checkpoint (and names its
     MLflow run, so that a sweep can link the trial to it)."""
+    host, cfg, run_id = run.host, run.plan.train, run.plan.run_id
     rank, world = host.rank, host.world
     rng_states = _gather_rng_states(world)
     if rank != 0:
@@ -513,5 +683,6 @@ def _report(metrics: dict[str, float], epoch: int, host: LoopHost, model: MVTCAE
         state = TrainerState(
             epoch=epoch, metrics=metrics, precision=cfg.precision, world_size=world
         )
-        save_checkpoint(tmp, model, optimizer, scheduler, state, rng_states)
+        save_checkpoint(tmp, run.model, run.optimizer, run.scheduler, state, rng_states)
+        dir_name = checkpoint_dir_name(epoch, run.dir_suffix)
         host.report(reported, checkpoint_dir=tmp, dir_name=dir_name)

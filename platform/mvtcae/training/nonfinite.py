@@ -115,11 +115,16 @@ class StepGuard:
         self.skipped += 1
         if self.skipped > self.budget:
             raise NonFiniteError(
-                epoch, step, terms,
+                epoch,
+                step,
+                terms,
                 f"{self.skipped} steps skipped, over train.max_nonfinite_steps={self.budget}",
-            )  # fmt: skip
+            )
         logger.warning(
             "epoch %d, step %d: non-finite %s; update skipped (%d of %d allowed)",
-            epoch, step, ", ".join(f"{k}={v}" for k, v in terms.items()),
-            self.skipped, self.budget,
-        )  # fmt: skip
+            epoch,
+            step,
+            ", ".join(f"{k}={v}" for k, v in terms.items()),
+            self.skipped,
+            self.budget,
+        )

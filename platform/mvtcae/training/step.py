@@ -16,7 +16,7 @@ import torch
 
 from mvtcae import MVTCAE, MultimodalBatch, MVTCAEConfig
 from mvtcae.config import ModelSection, ScheduleSection, TrainSection
-from mvtcae.model.config import ConfigError
+from mvtcae.model.model_config import ConfigError
 from mvtcae.training.nonfinite import StepGuard
 
 
@@ -212,8 +212,14 @@ def _per_sample(prefix: str, sums: dict[str, float]) -> dict[str, float]:
     return {f"{prefix}/{k}": v / rows for k, v in sums.items() if k not in skip}
 
 
-def epoch_metrics(epoch: int, train: dict[str, float], val: dict[str, float], train_time: float,
-                  epoch_time: float, lr: float) -> dict[str, float]:  # fmt: skip
+def epoch_metrics(
+    epoch: int,
+    train: dict[str, float],
+    val: dict[str, float],
+    train_time: float,
+    epoch_time: float,
+    lr: float,
+) -> dict[str, float]:
     """The metrics reported for an epoch from group-wide sums."""
     metrics = {"epoch": float(epoch), "lr": lr}
     metrics.update(_per_sample("train", train))

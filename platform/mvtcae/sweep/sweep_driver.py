@@ -39,6 +39,7 @@ from mvtcae.training import (
     scaling_config,
     val_split_name,
 )
+from mvtcae.training.console import sweep_console, tune_verbosity
 from mvtcae.training.loop import RUN_ID_KEY
 
 logger = logging.getLogger(__name__)
@@ -79,7 +80,8 @@ def run_sweep(spec: SweepSpec, *, resume: bool | None = None) -> SweepResult:
     study_storage = sweep_study.open_storage(spec.tune.storage)
     parent_run_id = _open_parent_run(spec, resume)
     context = _context(spec, dataset_dir, manifest, parent_run_id)
-    grid = _tuner(spec, context, study_storage, resume).fit()
+    with sweep_console(spec, parent_run_id):  # header; the sweep's log, Tune's lines in it
+        grid = _tuner(spec, context, study_storage, resume).fit()
     study = optuna.load_study(study_name=spec.study_name, storage=study_storage)
     finished = sweep_study.sweep_done(
         study, spec.tune.num_samples, spec.tune.max_infra_replacements
@@ -87,15 +89,20 @@ def run_sweep(spec: SweepSpec, *, resume: bool | None = None) -> SweepResult:
     if finished:
         sweep_study.fail_orphans(study)
     _flush_trial_spools(spec)
-    _with_tracking(spec, lambda: _close_child_runs(spec, grid, finished, parent_run_id),
-                   "closing trial runs")  # fmt: skip
+    _with_tracking(
+        spec, lambda: _close_child_runs(spec, grid, finished, parent_run_id), "closing trial runs"
+    )
     result = SweepResult(
-        study_name=spec.study_name, storage=spec.tune.storage,
-        experiment_dir=spec.experiment_dir, parent_run_id=parent_run_id,
-        tracking_uri=str(spec.experiment.tracking.tracking_uri), finished=finished,
-        trials=sweep_study.trial_rows(study), pareto_front=sweep_study.pareto_front(study),
+        study_name=spec.study_name,
+        storage=spec.tune.storage,
+        experiment_dir=spec.experiment_dir,
+        parent_run_id=parent_run_id,
+        tracking_uri=str(spec.experiment.tracking.tracking_uri),
+        finished=finished,
+        trials=sweep_study.trial_rows(study),
+        pareto_front=sweep_study.pareto_front(study),
         trial_time_s=_summed_trial_time(grid),
-    )  # fmt: skip
+    )
     result.best = _best_with_checkpoint(spec, study, grid)
     result.artifacts = _with_tracking(
         spec, lambda: _log_study(spec, study, result), "logging the study"
@@ -119,11 +126,16 @@ def _flush_trial_spools(spec: SweepSpec) -> None:
     runs_dir = storage.join(spec.experiment_dir, TRAIN_RUNS)
     uri = str(spec.experiment.tracking.tracking_uri)
     for name in storage.list_dirs(runs_dir):
-        unsent = flush_spools(storage.join(runs_dir, name, SPOOL_DIR), uri,
-                              spec.experiment.tracking.outage_grace_s)  # fmt: skip
+        unsent = flush_spools(
+            storage.join(runs_dir, name, SPOOL_DIR), uri, spec.experiment.tracking.outage_grace_s
+        )
         if unsent:
-            logger.warning("%d metric values of %s could not be sent to MLflow; kept in %s",
-                           unsent, name, storage.join(runs_dir, name, SPOOL_DIR))  # fmt: skip
+            logger.warning(
+                "%d metric values of %s could not be sent to MLflow; kept in %s",
+                unsent,
+                name,
+                storage.join(runs_dir, name, SPOOL_DIR),
+            )
 
 
 def _with_resolved_tracking(spec: SweepSpec) -> SweepSpec:
@@ -208,7 +220,7 @@ def _context(spec: SweepSpec, dataset_dir: str, manifest: Any, parent_run_id: st
         experiment_id=tracking.ensure_experiment(spec.experiment.tracking),
         parent_run_id=parent_run_id,
         sweep_name=spec.study_name,
-        epoch_eval=trial_eval_config(spec).model_dump(mode="json"),
+        epoch_eval=trial_eval_config(spec),
         objectives=tuple(spec.tune.metrics),
         final_eval=spec.tune.final_eval,
         tracking_grace_s=spec.experiment.tracking.outage_grace_s,
@@ -243,7 +255,7 @@ def _tuner(spec: SweepSpec, context: SweepContext, study_storage: Any, resume: b
         name=spec.study_name,
         storage_path=str(spec.experiment.train.storage_path),
         failure_config=tune.FailureConfig(max_failures=0),
-        verbose=1,
+        verbose=tune_verbosity(),  # status tables with --verbose; the header says the rest
     )
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -65,15 +66,19 @@ def evaluate(
     test = load_eval_split(dataset_dir, split, cfg.max_samples, cfg.seed)
     check_modalities(model, test, dataset_dir)
     cost = evaluation_cost(cfg, len(model.modalities), len(test))
-    logger.info("evaluation on %d %s rows: %s", len(test), split,
-                ", ".join(f"{k} {v:,}" for k, v in cost.items()))  # fmt: skip
+    logger.info(
+        "evaluation on %d %s rows: %s",
+        len(test),
+        split,
+        ", ".join(f"{k} {v:,}" for k, v in cost.items()),
+    )
     report = EvalReport(
         details={
             "split": split,
             "rows": len(test),
             "config": cfg.model_dump(mode="json"),
             "cost": cost,
-        }  # fmt: skip
+        }
     )
     fork_devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):
@@ -101,6 +106,20 @@ def _trend_plot(metrics: dict[str, float], dataset_dir: str | Path, plots_dir: P
     return save_trend_plot(metrics, manifest.num_classes, plots_dir / "trend.png", title)
 
 
+@dataclass
+class CheckpointEvaluation:
+    """What `evaluate_checkpoint` measured, and on which checkpoint."""
+
+    report: EvalReport
+    out_dir: str | None
+    """The local directory the report and plots were written in (None without an output
+    location); the paths in ``report.plots`` lie under it."""
+    checkpoint: str
+    """The storage location of the checkpoint evaluated (the first intact candidate)."""
+    skipped: list[str] = field(default_factory=list)
+    """A note on each corrupt candidate passed over."""
+
+
 def evaluate_checkpoint(
     candidates: Sequence[str],
     dataset_dir: str,
@@ -109,14 +128,12 @@ def evaluate_checkpoint(
     split: str = "test",
     out_location: str | None = None,
     threads: int | None = None,
-) -> tuple[EvalReport, str | None, str, list[str]]:
+) -> CheckpointEvaluation:
     """Evaluate the first intact checkpoint of ``candidates`` (storage locations, best first).
 
     The one way the platform evaluates a checkpoint, in a Ray task or in-process: model files
     are downloaded (never the optimizer state) and verified against the checkpoint's checksums;
-    the report and plots go to ``out_location`` in run storage when given. Returns the report,
-    the local directory it was written in (None without ``out_location``), the checkpoint used
-    and notes on skipped corrupt ones.
+    the report and plots go to ``out_location`` in run storage when given.
     """
     config = EvaluationSection.model_validate(cfg) if isinstance(cfg, dict) else cfg
     before = torch.get_num_threads()
@@ -134,7 +151,7 @@ def _evaluate_first_intact(
     config: EvaluationSection,
     split: str,
     out_location: str | None,
-) -> tuple[EvalReport, str | None, str, list[str]]:
+) -> CheckpointEvaluation:
     """`evaluate_checkpoint` with the thread count set."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     skipped: list[str] = []
@@ -148,12 +165,12 @@ def _evaluate_first_intact(
             model = load_model(checkpoint_dir).to(device)
         if out_location is None:
             report = evaluate(model, dataset_dir, config, split=split, device=device)
-            return report, None, location, skipped
+            return CheckpointEvaluation(report, None, location, skipped)
         with storage.staged_directory(out_location) as out_dir:
             report = evaluate(
                 model, dataset_dir, config, split=split, device=device, out_dir=out_dir
             )
-        return report, str(out_dir), location, skipped
+        return CheckpointEvaluation(report, str(out_dir), location, skipped)
     raise CorruptCheckpointError("no intact checkpoint to evaluate: " + "; ".join(skipped))
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from mvtcae import storage
 from mvtcae.safety.redaction import redact_text
-from mvtcae.training.driver import TrainResult
+from mvtcae.storage.console import LOG_DIR
+from mvtcae.training.lifecycle import TrainResult
 
 
 def format_summary(result: TrainResult) -> str:
@@ -23,6 +25,7 @@ def format_summary(result: TrainResult) -> str:
         rows.append((key, f"{value:.4g}"))
     if result.trend_plot is not None:
         rows.append(("trend plot", f"{result.trend_plot}  (MLflow: evaluation/plots/trend.png)"))
+    rows.append(("log files", f"{storage.join(result.run_dir, LOG_DIR)}  (MLflow: {LOG_DIR}/)"))
     reg = result.registered
     if reg is not None:
         rows.append(("registered model", f"{reg.name} v{reg.version}"))

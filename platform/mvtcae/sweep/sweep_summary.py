@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from mvtcae.safety.redaction import redact_text
-from mvtcae.sweep.driver import SweepResult
+from mvtcae.sweep.sweep_driver import SweepResult
 
 
 def format_sweep_summary(result: SweepResult) -> str:
