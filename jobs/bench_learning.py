@@ -162,9 +162,12 @@ def run_setting(name: str, overrides: list[str], args: argparse.Namespace) -> di
     scales = {m: spec.scale for m, spec in manifest.modalities.items()}
     val_split = "val" if "val" in manifest.splits else "test"
     eval_cfg = EvaluationSection(
-        max_samples=args.eval_rows, max_subsets_per_size=3, probe_train_samples=2000,
-        probe_max_iter=300, classifier_epochs=cfg.eval.classifier_epochs,
-    )  # fmt: skip
+        max_samples=args.eval_rows,
+        max_subsets_per_size=3,
+        probe_train_samples=2000,
+        probe_max_iter=300,
+        classifier_epochs=cfg.eval.classifier_epochs,
+    )
     val = load_eval_split(dataset, val_split, args.eval_rows, 0)
     classifiers, accuracies = modality_classifiers(dataset, eval_cfg)
     rng = np.random.default_rng(args.seed)
@@ -173,25 +176,49 @@ def run_setting(name: str, overrides: list[str], args: argparse.Namespace) -> di
     next_eval = 0.0
     while trained < args.budget:
         if trained >= next_eval:
-            point = {"train_s": trained, "samples": samples, "epoch": epoch,
-                     **measure(model, dataset, eval_cfg, val, classifiers)}  # fmt: skip
+            point = {
+                "train_s": trained,
+                "samples": samples,
+                "epoch": epoch,
+                **measure(model, dataset, eval_cfg, val, classifiers),
+            }
             points.append(point)
-            print(f"[{name}] {trained:6.1f}s  " + "  ".join(
-                f"{k.removeprefix('eval/')}={v:.3f}" for k, v in point.items()
-                if k.startswith("eval/coherence_") or k == "eval/latent_acc_1"))  # fmt: skip
+            print(
+                f"[{name}] {trained:6.1f}s  "
+                + "  ".join(
+                    f"{k.removeprefix('eval/')}={v:.3f}"
+                    for k, v in point.items()
+                    if k.startswith("eval/coherence_") or k == "eval/latent_acc_1"
+                )
+            )
             next_eval += args.eval_every
         start = time.perf_counter()
         sums = run_train_epoch(
-            model, _batches(arrays, scales, rng.permutation(n), cfg.train.batch_size),
-            optimizer, torch.device("cpu"), cfg.train, epoch=epoch + 1,
-        )  # fmt: skip
+            model,
+            _batches(arrays, scales, rng.permutation(n), cfg.train.batch_size),
+            optimizer,
+            torch.device("cpu"),
+            cfg.train,
+            epoch=epoch + 1,
+        )
         trained += time.perf_counter() - start
         samples += int(sums["rows"])
         epoch += 1
-    points.append({"train_s": trained, "samples": samples, "epoch": epoch,
-                   **measure(model, dataset, eval_cfg, val, classifiers)})  # fmt: skip
-    return {"setting": name, "overrides": overrides, "classifier_acc": accuracies,
-            "modalities": len(manifest.modalities), "points": points}  # fmt: skip
+    points.append(
+        {
+            "train_s": trained,
+            "samples": samples,
+            "epoch": epoch,
+            **measure(model, dataset, eval_cfg, val, classifiers),
+        }
+    )
+    return {
+        "setting": name,
+        "overrides": overrides,
+        "classifier_acc": accuracies,
+        "modalities": len(manifest.modalities),
+        "points": points,
+    }
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -204,10 +231,18 @@ def plot(results: list[dict], path: Path) -> None:
     for result in results:
         top = result["modalities"] - 1
         xs = [p["train_s"] for p in result["points"]]
-        left.plot(xs, [p.get(f"eval/coherence_{top}", math.nan) for p in result["points"]],
-                  marker="o", label=result["setting"])  # fmt: skip
-        right.plot(xs, [p.get("eval/latent_acc_1", math.nan) for p in result["points"]],
-                   marker="o", label=result["setting"])  # fmt: skip
+        left.plot(
+            xs,
+            [p.get(f"eval/coherence_{top}", math.nan) for p in result["points"]],
+            marker="o",
+            label=result["setting"],
+        )
+        right.plot(
+            xs,
+            [p.get("eval/latent_acc_1", math.nan) for p in result["points"]],
+            marker="o",
+            label=result["setting"],
+        )
     left.set(title="coherence given M-1 modalities", xlabel="training seconds (2 CPU threads)")
     right.set(title="latent probe given 1 modality", xlabel="training seconds (2 CPU threads)")
     for axis, target in ((left, 0.5), (right, 0.8)):

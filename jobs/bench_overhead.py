@@ -51,12 +51,35 @@ from typing import Any  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 OUT_DIR = REPO / "outputs" / "bench_overhead"
-PHASES = ["process_start", "imports", "dataset", "ray_start", "run_setup", "validation",
-          "dataset_open", "fit_outside_epochs", "epochs_data_start", "epochs_training",
-          "epochs_validation", "epochs_objectives", "epochs_checkpoint_report", "epochs_images", "evaluation", "mlflow_evaluation",
-          "registration", "exit", "total"]  # fmt: skip
-EPOCH_METRICS = ("perf/epoch_time_s", "perf/train_time_s", "perf/first_batch_s",
-                 "perf/objectives_time_s", "perf/report_s", "perf/images_s")  # fmt: skip
+PHASES = [
+    "process_start",
+    "imports",
+    "dataset",
+    "ray_start",
+    "run_setup",
+    "validation",
+    "dataset_open",
+    "fit_outside_epochs",
+    "epochs_data_start",
+    "epochs_training",
+    "epochs_validation",
+    "epochs_objectives",
+    "epochs_checkpoint_report",
+    "epochs_images",
+    "evaluation",
+    "mlflow_evaluation",
+    "registration",
+    "exit",
+    "total",
+]
+EPOCH_METRICS = (
+    "perf/epoch_time_s",
+    "perf/train_time_s",
+    "perf/first_batch_s",
+    "perf/objectives_time_s",
+    "perf/report_s",
+    "perf/images_s",
+)
 
 
 def _isolated(root: Path, name: str, store: Path | None = None) -> list[str]:
@@ -77,8 +100,7 @@ def _run_logged(command: list[str], log: Path, verbose: bool, **kwargs: Any) -> 
         subprocess.run(command, check=True, cwd=REPO, **kwargs)
         return
     with log.open("wb") as handle:
-        done = subprocess.run(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
-                              **kwargs)  # fmt: skip
+        done = subprocess.run(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, **kwargs)
     if done.returncode:
         raise SystemExit(f"{command[1:4]} failed ({done.returncode}); its output: {log}")
 
@@ -96,9 +118,19 @@ def _breakdown(phases: dict[str, float], sums: dict[str, float]) -> dict[str, fl
     """The table's phases from the driver's (or trial's) phases and the per-epoch sums."""
     epoch, train = sums["perf/epoch_time_s"], sums["perf/train_time_s"]
     first, objectives = sums["perf/first_batch_s"], sums["perf/objectives_time_s"]
-    out = {k: phases.get(k, 0.0) for k in ("dataset", "ray_start", "run_setup", "validation",
-                                            "dataset_open", "evaluation", "mlflow_evaluation",
-                                            "registration")}  # fmt: skip
+    out = {
+        k: phases.get(k, 0.0)
+        for k in (
+            "dataset",
+            "ray_start",
+            "run_setup",
+            "validation",
+            "dataset_open",
+            "evaluation",
+            "mlflow_evaluation",
+            "registration",
+        )
+    }
     reports, images = sums["perf/report_s"], sums["perf/images_s"]
     out["fit_outside_epochs"] = (
         phases.get("trainer_fit", 0.0) - epoch - objectives - reports - images
@@ -131,8 +163,9 @@ def child_train(config: str, overrides: list[str], out: Path) -> None:
     out.write_text(json.dumps(row))
 
 
-def run_train_repeat(args: argparse.Namespace, index: int, source: Path | None = None
-                     ) -> dict[str, float]:  # fmt: skip
+def run_train_repeat(
+    args: argparse.Namespace, index: int, source: Path | None = None
+) -> dict[str, float]:
     """One training job in a fresh process; ``source`` runs another checkout's ``platform/``
     (its modules first on PYTHONPATH, which Ray's workers inherit)."""
     root = OUT_DIR / f"train-{'baseline-' if source else ''}{index}"
@@ -158,21 +191,31 @@ def _checkout_env(source: Path | None) -> dict[str, str]:
     modules first on PYTHONPATH, which Ray's workers inherit)."""
     env = dict(os.environ)
     if source is not None:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source / "platform"),
-                                                          os.environ.get("PYTHONPATH")]))  # fmt: skip
+        env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(source / "platform"), os.environ.get("PYTHONPATH")])
+        )
     return env
 
 
-def run_sweep_once(args: argparse.Namespace, extra: list[str] | None = None,
-                   name: str = "sweep", source: Path | None = None) -> dict[str, Any]:  # fmt: skip
+def run_sweep_once(
+    args: argparse.Namespace,
+    extra: list[str] | None = None,
+    name: str = "sweep",
+    source: Path | None = None,
+) -> dict[str, Any]:
     """Run the shrunk sweep (with ``extra`` overrides, from checkout ``source``) in a child
     process, then read its trials' phases from MLflow."""
     root = OUT_DIR / name
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    overrides = [f"tune.num_samples={args.trials}", f"tune.storage=sqlite:///{root / 'optuna.db'}",
-                 "tune.asha.enabled=false", *args.tune_overrides, *(extra or []),
-                 *_isolated(root, f"bench-overhead-{name}")]  # fmt: skip
+    overrides = [
+        f"tune.num_samples={args.trials}",
+        f"tune.storage=sqlite:///{root / 'optuna.db'}",
+        "tune.asha.enabled=false",
+        *args.tune_overrides,
+        *(extra or []),
+        *_isolated(root, f"bench-overhead-{name}"),
+    ]
     command = [sys.executable, "-m", "mvtcae.cli", "tune", "--config", args.tune_config]
     command += [arg for o in overrides for arg in ("--set", o)]
     spawned = time.time()
@@ -189,8 +232,11 @@ def run_sweep_once(args: argparse.Namespace, extra: list[str] | None = None,
     rows = []
     for trial in report["trials"]:
         run = client.get_run(_trial_run_id(spec, trial["trial"]))
-        phases = {k.removeprefix("time/").removesuffix("_s"): v
-                  for k, v in run.data.metrics.items() if k.startswith("time/")}  # fmt: skip
+        phases = {
+            k.removeprefix("time/").removesuffix("_s"): v
+            for k, v in run.data.metrics.items()
+            if k.startswith("time/")
+        }
         row = _breakdown(phases, _epoch_sums(client, run.info.run_id))
         # The trial's own clock: Tune's time_total_s stops at the last report, before the
         # trial's final evaluation.
@@ -220,8 +266,12 @@ def spread(values: list[float]) -> dict[str, float]:
     """Median, min and max of the values (NaN when there are none)."""
     if not values:
         return {"median": math.nan, "min": math.nan, "max": math.nan, "n": 0}
-    return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "n": len(values)}  # fmt: skip
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
 
 
 def table(rows: list[dict[str, float]], names: list[str]) -> str:
@@ -233,8 +283,10 @@ def table(rows: list[dict[str, float]], names: list[str]) -> str:
         if not values:
             continue
         s = spread(values)
-        lines.append(f"  {name:22s} {s['median']:9.2f}  [{s['min']:6.2f}, {s['max']:6.2f}]  "
-                     f"{s['median'] / total:5.1%}")  # fmt: skip
+        lines.append(
+            f"  {name:22s} {s['median']:9.2f}  [{s['min']:6.2f}, {s['max']:6.2f}]  "
+            f"{s['median'] / total:5.1%}"
+        )
     return "\n".join(lines)
 
 
@@ -249,8 +301,10 @@ def compare(before: list[dict[str, float]], after: list[dict[str, float]], names
         if not a["n"]:
             continue
         ratio = b["median"] / a["median"] if a["median"] > 0.005 else math.nan
-        lines.append(f"  {name:22s} {a['median']:7.2f} [{a['min']:6.2f},{a['max']:6.2f}]  "
-                     f"{b['median']:7.2f} [{b['min']:6.2f},{b['max']:6.2f}]  {ratio:8.2f}")  # fmt: skip
+        lines.append(
+            f"  {name:22s} {a['median']:7.2f} [{a['min']:6.2f},{a['max']:6.2f}]  "
+            f"{b['median']:7.2f} [{b['min']:6.2f},{b['max']:6.2f}]  {ratio:8.2f}"
+        )
     return "\n".join(lines)
 
 
@@ -259,14 +313,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--part", choices=["train", "sweep", "both"], default="both")
     parser.add_argument("--repeats", type=int, default=3, help="training jobs to time")
     parser.add_argument("--train-config", default="jobs/configs/demo.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        help="override for the training job (repeatable)")  # fmt: skip
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        help="override for the training job (repeatable)",
+    )
     parser.add_argument("--tune-config", default="jobs/configs/tune_mfeat.yaml")
     parser.add_argument("--tune-set", dest="tune_overrides", action="append", default=[])
     parser.add_argument("--trials", type=int, default=4)
-    parser.add_argument("--sweep-baseline-set", dest="sweep_baseline", action="append",
-                        default=[], help="run the sweep first with these overrides as well "
-                        "(repeatable), for a side-by-side table of the trials' phases")  # fmt: skip
+    parser.add_argument(
+        "--sweep-baseline-set",
+        dest="sweep_baseline",
+        action="append",
+        default=[],
+        help="run the sweep first with these overrides as well "
+        "(repeatable), for a side-by-side table of the trials' phases",
+    )
     parser.add_argument("--verbose", action="store_true", help="show the jobs' own output")
     parser.add_argument(
         "--baseline",
@@ -290,8 +354,10 @@ def main(argv: list[str] | None = None) -> None:
             if args.baseline:
                 baseline.append(run_train_repeat(args, i, args.baseline.resolve()))
             rows.append(run_train_repeat(args, i))
-        report["train"] = {"rows": rows, "phases": {p: spread([r[p] for r in rows if p in r])
-                                                    for p in PHASES}}  # fmt: skip
+        report["train"] = {
+            "rows": rows,
+            "phases": {p: spread([r[p] for r in rows if p in r]) for p in PHASES},
+        }
         print(f"training job ({args.train_config}, {args.repeats} runs, one process each):")
         print(table(rows, PHASES))
         if baseline:
@@ -299,15 +365,16 @@ def main(argv: list[str] | None = None) -> None:
             print(f"\nbaseline {args.baseline} against this checkout:")
             print(compare(baseline, rows, PHASES))
     if args.part in ("sweep", "both"):
-        trial_phases = [p for p in PHASES if p not in ("process_start", "imports", "exit",
-                                                       "total")]  # fmt: skip
+        trial_phases = [p for p in PHASES if p not in ("process_start", "imports", "exit", "total")]
         trial_phases += ["overhead", "overhead_with_objectives", "tune_time_total", "trial_wall"]
         before = None
         if args.sweep_baseline or args.baseline:
             source = args.baseline.resolve() if args.baseline else None
             before = run_sweep_once(args, args.sweep_baseline, "sweep-baseline", source)
-            report["sweep_baseline"] = before | {"overrides": args.sweep_baseline,
-                                                 "source": str(source or REPO)}  # fmt: skip
+            report["sweep_baseline"] = before | {
+                "overrides": args.sweep_baseline,
+                "source": str(source or REPO),
+            }
         sweep = run_sweep_once(args)
         report["sweep"] = sweep
         print(f"\nsweep trials ({args.tune_config}, {len(sweep['trials'])} trials):")
@@ -317,10 +384,12 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             o = run["overhead"]
             summed = sum(r["trial_wall"] for r in run["trials"])
-            print(f"  {label}: sweep wall {o['sweep_wall_s']:.1f} s; summed trial walls "
-                  f"{summed:.1f} s; wall / (summed / {o['max_concurrent']}) = "
-                  f"{o['wall_over_ideal_trial_clock']:.2f} ({o['wall_over_ideal']:.2f} by "
-                  f"Tune's time_total_s)")  # fmt: skip
+            print(
+                f"  {label}: sweep wall {o['sweep_wall_s']:.1f} s; summed trial walls "
+                f"{summed:.1f} s; wall / (summed / {o['max_concurrent']}) = "
+                f"{o['wall_over_ideal_trial_clock']:.2f} ({o['wall_over_ideal']:.2f} by "
+                f"Tune's time_total_s)"
+            )
         if before is not None:
             print(
                 f"\nsweep trials: baseline ({args.baseline or 'this checkout'}, "

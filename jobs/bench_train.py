@@ -60,10 +60,12 @@ def _args() -> argparse.Namespace:
     p.add_argument("--data-dir", type=Path, default=REPO / "data" / "bench-polymnist")
     p.add_argument("--out", type=Path, default=REPO / "outputs" / "bench" / "bench_train.json")
     p.add_argument(
-        "--seeds", type=int, default=1,
+        "--seeds",
+        type=int,
+        default=1,
         help="with N > 1, Ray Train 1 worker fp32 and bf16 also run with seeds 1..N-1, to set "
         "bf16's validation loss against fp32's run-to-run spread over N seeds",
-    )  # fmt: skip
+    )
     return p.parse_args()
 
 
@@ -113,25 +115,44 @@ def step_flops_per_sample(cfg: Any, manifest: Any) -> float:
     return counter.get_total_flops() / n
 
 
-def _config(data_dir: Path, rows: int, networks: str, latent: int, batch: int, epochs: int,
-            storage: Path, workers: int, precision: str, seed: int = 0) -> Any:  # fmt: skip
+def _config(
+    data_dir: Path,
+    rows: int,
+    networks: str,
+    latent: int,
+    batch: int,
+    epochs: int,
+    storage: Path,
+    workers: int,
+    precision: str,
+    seed: int = 0,
+) -> Any:
     cpus = 2 // workers
     return load_config(
         DEMO_CONFIG,
         [
             f"name=bench-{networks}-{workers}w-{precision}" + (f"-seed{seed}" if seed else ""),
             f"train.seed={seed}",
-            "data.dataset=polymnist", f"data.dir={data_dir}", "data.prepare_if_missing=true",
+            "data.dataset=polymnist",
+            f"data.dir={data_dir}",
+            "data.prepare_if_missing=true",
             f"data.n_train={rows}",
             "data.n_test=512",
-            f"model.latent_dim={latent}", f"model.networks={networks}",
-            f"train.epochs={epochs}", f"train.batch_size={batch}", f"train.num_workers={workers}",
-            "train.use_gpu=false", f"train.resources_per_worker={{CPU: {cpus}}}",
-            f"train.threads_per_worker={cpus}", f"train.precision={precision}",
-            "train.grad_clip_norm=null", f"train.checkpoint.num_to_keep={epochs}",
-            f"train.storage_path={storage}", "train.local_num_cpus=4",
+            f"model.latent_dim={latent}",
+            f"model.networks={networks}",
+            f"train.epochs={epochs}",
+            f"train.batch_size={batch}",
+            f"train.num_workers={workers}",
+            "train.use_gpu=false",
+            f"train.resources_per_worker={{CPU: {cpus}}}",
+            f"train.threads_per_worker={cpus}",
+            f"train.precision={precision}",
+            "train.grad_clip_norm=null",
+            f"train.checkpoint.num_to_keep={epochs}",
+            f"train.storage_path={storage}",
+            "train.local_num_cpus=4",
         ],
-    )  # fmt: skip
+    )
 
 
 def _train_tensors(dataset_dir: Path, manifest: Any) -> dict[str, torch.Tensor]:
@@ -322,8 +343,11 @@ def bench_network(args: argparse.Namespace, networks: str, storage: Path) -> dic
     )
     dataset_dir, manifest = prepare_dataset(base)
     out: dict[str, Any] = {"rows": rows, "flops_per_sample": step_flops_per_sample(base, manifest)}
-    print(f"\n== {networks}: {rows} tuples, latent {args.latent}, batch {args.batch_size}, "
-          f"{args.epochs} epochs (first = warm-up)", flush=True)  # fmt: skip
+    print(
+        f"\n== {networks}: {rows} tuples, latent {args.latent}, batch {args.batch_size}, "
+        f"{args.epochs} epochs (first = warm-up)",
+        flush=True,
+    )
     for precision in ("fp32", "bf16"):
         out[f"plain_{precision}"] = plain_loop(base, dataset_dir, manifest, precision)
         print(
@@ -334,20 +358,35 @@ def bench_network(args: argparse.Namespace, networks: str, storage: Path) -> dic
     if "skipped" in r:
         print(f"  multivae BaseTrainer fp32: skipped, {r['skipped']}", flush=True)
     else:
-        print(f"  multivae BaseTrainer fp32: {_fmt(r['samples_per_s'])} samples/s steady "
-              f"({r['epoch_samples_per_s']['median']:.0f} over whole epochs), "
-              f"{r['params']:,} parameters (ours {r['params_ours']:,})", flush=True)  # fmt: skip
+        print(
+            f"  multivae BaseTrainer fp32: {_fmt(r['samples_per_s'])} samples/s steady "
+            f"({r['epoch_samples_per_s']['median']:.0f} over whole epochs), "
+            f"{r['params']:,} parameters (ours {r['params_ours']:,})",
+            flush=True,
+        )
     for workers in (1, 2):
         for precision in ("fp32", "bf16"):
-            cfg = _config(data_dir, rows, networks, args.latent, args.batch_size, args.epochs,
-                          storage, workers, precision)  # fmt: skip
+            cfg = _config(
+                data_dir,
+                rows,
+                networks,
+                args.latent,
+                args.batch_size,
+                args.epochs,
+                storage,
+                workers,
+                precision,
+            )
             key = f"ray_{workers}w_{precision}"
             out[key] = ray_run(cfg)
             r = out[key]
-            print(f"  ray {workers}w {precision}: {_fmt(r['samples_per_s'])} samples/s steady "
-                  f"({r['epoch_samples_per_s']['median']:.0f} over whole epochs, first-batch wait "
-                  f"{r['first_batch_wait_s']['median']:.2f} s/epoch), start-up "
-                  f"{r['startup_overhead_s']:.1f} s, val/loss {r['val_loss']:.2f}", flush=True)  # fmt: skip
+            print(
+                f"  ray {workers}w {precision}: {_fmt(r['samples_per_s'])} samples/s steady "
+                f"({r['epoch_samples_per_s']['median']:.0f} over whole epochs, first-batch wait "
+                f"{r['first_batch_wait_s']['median']:.2f} s/epoch), start-up "
+                f"{r['startup_overhead_s']:.1f} s, val/loss {r['val_loss']:.2f}",
+                flush=True,
+            )
     bracket_plain_fp32(out, base, dataset_dir, manifest)
     if args.seeds > 1:
         out["seeds"] = seed_spread(args, data_dir, rows, networks, storage, out)
@@ -364,30 +403,57 @@ def bracket_plain_fp32(out: dict[str, Any], cfg: Any, dataset_dir: Path, manifes
     out["plain_fp32"] = {
         "samples_per_s": _summary(before["per_epoch"][1:] + after["per_epoch"][1:]),
         "per_epoch": before["per_epoch"] + after["per_epoch"],
-        "before": before, "after": after,
-    }  # fmt: skip
+        "before": before,
+        "after": after,
+    }
     out["plain_fp32_drift"] = drift
-    print(f"  plain loop fp32 again after the Ray runs: {_fmt(after['samples_per_s'])} samples/s "
-          f"(x{drift:.2f} the first run; the ratios use both)", flush=True)  # fmt: skip
+    print(
+        f"  plain loop fp32 again after the Ray runs: {_fmt(after['samples_per_s'])} samples/s "
+        f"(x{drift:.2f} the first run; the ratios use both)",
+        flush=True,
+    )
 
 
-def seed_spread(args: argparse.Namespace, data_dir: Path, rows: int, networks: str,
-                storage: Path, out: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+def seed_spread(
+    args: argparse.Namespace,
+    data_dir: Path,
+    rows: int,
+    networks: str,
+    storage: Path,
+    out: dict[str, Any],
+) -> dict[str, Any]:
     """Final validation losses of Ray Train 1 worker fp32 and bf16 over ``args.seeds`` seeds
     (seed 0 is the main run): does bf16 stay within fp32's run-to-run spread?"""
     losses: dict[str, list[float]] = {}
     for precision in ("fp32", "bf16"):
         losses[precision] = [out[f"ray_1w_{precision}"]["val_loss"]]
         for seed in range(1, args.seeds):
-            cfg = _config(data_dir, rows, networks, args.latent, args.batch_size, args.epochs,
-                          storage, 1, precision, seed)  # fmt: skip
+            cfg = _config(
+                data_dir,
+                rows,
+                networks,
+                args.latent,
+                args.batch_size,
+                args.epochs,
+                storage,
+                1,
+                precision,
+                seed,
+            )
             losses[precision].append(ray_run(cfg)["val_loss"])
-            print(f"  ray 1w {precision} seed {seed}: val/loss {losses[precision][-1]:.2f}",
-                  flush=True)  # fmt: skip
+            print(
+                f"  ray 1w {precision} seed {seed}: val/loss {losses[precision][-1]:.2f}",
+                flush=True,
+            )
     fp32, bf16 = _summary(losses["fp32"]), _summary(losses["bf16"])
     gap = abs(bf16["median"] - fp32["median"])
-    return {"val_loss": losses, "fp32": fp32, "bf16": bf16, "median_gap": gap,
-            "fp32_spread": fp32["max"] - fp32["min"]}  # fmt: skip
+    return {
+        "val_loss": losses,
+        "fp32": fp32,
+        "bf16": bf16,
+        "median_gap": gap,
+        "fp32_spread": fp32["max"] - fp32["min"],
+    }
 
 
 def _median(r: dict[str, Any], key: str) -> float:
@@ -415,8 +481,10 @@ def report(results: dict[str, Any]) -> str:
     lines = []
     peaks = results.get("matmul_gflops", {})
     if peaks:
-        lines.append(f"\nmatmul ceiling (2048^3, 2 threads): fp32 {peaks['fp32']:.0f} GFLOP/s, "
-                     f"bf16 {peaks['bf16']:.0f} GFLOP/s")  # fmt: skip
+        lines.append(
+            f"\nmatmul ceiling (2048^3, 2 threads): fp32 {peaks['fp32']:.0f} GFLOP/s, "
+            f"bf16 {peaks['bf16']:.0f} GFLOP/s"
+        )
     for networks, r in results.items():
         if networks == "matmul_gflops":
             continue
@@ -445,8 +513,10 @@ def report(results: dict[str, Any]) -> str:
         gap = abs(r["ray_1w_bf16"]["val_loss"] - r["ray_1w_fp32"]["val_loss"])
         lines.append(f"  bf16 vs fp32 val/loss gap {gap:.3f}; fp32 run-to-run gap {noise:.3f}")
         if "plain_fp32_drift" in r:
-            lines.append(f"  plain fp32 after the Ray runs / before: {r['plain_fp32_drift']:.2f} "
-                         "(the machine's drift over the run)")  # fmt: skip
+            lines.append(
+                f"  plain fp32 after the Ray runs / before: {r['plain_fp32_drift']:.2f} "
+                "(the machine's drift over the run)"
+            )
         if "seeds" in r:
             sd = r["seeds"]
             within = "within" if sd["median_gap"] <= sd["fp32_spread"] else "OUTSIDE"
@@ -470,8 +540,11 @@ def main() -> None:
     print(f"ray.init: {time.perf_counter() - t0:.1f} s (fixed cost, once per process)")
     results: dict[str, Any] = {}
     peaks = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}
-    print(f"matmul 2048^3 at 2 threads: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 "
-          f"{peaks['bf16']:.0f} GFLOP/s", flush=True)  # fmt: skip
+    print(
+        f"matmul 2048^3 at 2 threads: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 "
+        f"{peaks['bf16']:.0f} GFLOP/s",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory(prefix="mvtcae-bench-") as storage:
         for networks in args.networks.split(","):
             results[networks] = bench_network(args, networks, Path(storage) / networks)

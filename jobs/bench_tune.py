@@ -50,8 +50,15 @@ def sweep_overhead(spec: Any) -> dict[str, Any]:
         epochs = client.get_metric_history(run_id, "perf/epoch_time_s")
         in_epochs = sum(m.value for m in epochs)
         total = float(last["time_total_s"])
-        trials.append({"trial": trial.trial_id, "time_s": total, "epoch_s": in_epochs,
-                       "epochs": len(epochs), "fixed_s": total - in_epochs})  # fmt: skip
+        trials.append(
+            {
+                "trial": trial.trial_id,
+                "time_s": total,
+                "epoch_s": in_epochs,
+                "epochs": len(epochs),
+                "fixed_s": total - in_epochs,
+            }
+        )
     summed = sum(t["time_s"] for t in trials)
     wall = parent.get("sweep/wall_time_s", math.nan)
     concurrency = spec.tune.max_concurrent
@@ -73,8 +80,14 @@ def _spread(values: list[float]) -> dict[str, float]:
     if not values:
         return {"median": math.nan, "q25": math.nan, "q75": math.nan, "n": 0}
     q25, q75 = np.percentile(values, [25, 75])
-    return {"median": statistics.median(values), "q25": float(q25), "q75": float(q75),
-            "min": min(values), "max": max(values), "n": len(values)}  # fmt: skip
+    return {
+        "median": statistics.median(values),
+        "q25": float(q25),
+        "q75": float(q75),
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -83,8 +96,15 @@ def _spread(values: list[float]) -> dict[str, float]:
 class CheapTask:
     """A small MVTCAE on mfeat, trained in-process; the objective is validation joint NLL."""
 
-    def __init__(self, dataset_dir: Path, steps: int, batch_size: int, latent_dim: int,
-                 nll_K: int, val_rows: int) -> None:  # fmt: skip
+    def __init__(
+        self,
+        dataset_dir: Path,
+        steps: int,
+        batch_size: int,
+        latent_dim: int,
+        nll_K: int,
+        val_rows: int,
+    ) -> None:
         from mvtcae.data import load_manifest
         from mvtcae.evaluation.split import load_eval_split
 
@@ -123,8 +143,12 @@ class CheapTask:
             model(batch).loss.backward()
             optimizer.step()
         model.eval()
-        cfg = EvaluationSection(nll_K=self.nll_K, nll_batch_size_K=self.nll_K,
-                         nll_max_samples=len(self.val), nll_subsets_per_size=0)  # fmt: skip
+        cfg = EvaluationSection(
+            nll_K=self.nll_K,
+            nll_batch_size_K=self.nll_K,
+            nll_max_samples=len(self.val),
+            nll_subsets_per_size=0,
+        )
         with torch.no_grad():
             return joint_nll(model, self.val, cfg, "cpu")[0]["eval/joint_nll"]
 
@@ -166,22 +190,34 @@ def compare_samplers(task: CheapTask, seeds: int, budget: int, startup: int) -> 
         for sampler in runs:
             values = run_study(task, sampler, seed, budget, startup)
             runs[sampler].append(values)
-            print(f"[bench_tune] seed {seed} {sampler:6s} best {min(values):.3f}  "
-                  f"({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
+            print(
+                f"[bench_tune] seed {seed} {sampler:6s} best {min(values):.3f}  "
+                f"({time.perf_counter() - started:.0f} s)",
+                flush=True,
+            )
     marks = sorted({m for m in (5, 10, budget // 2, budget) if 1 <= m <= budget})
     table = {
         sampler: {str(m): _spread([best_so_far(v)[m - 1] for v in values]) for m in marks}
         for sampler, values in runs.items()
     }
     wins = sum(min(t) < min(r) for t, r in zip(runs["tpe"], runs["random"], strict=True))
-    return {"budget": budget, "seeds": seeds, "tpe_startup_trials": startup, "best_so_far": table, "tpe_wins": wins,
-            "values": runs, "wall_s": time.perf_counter() - started}  # fmt: skip
+    return {
+        "budget": budget,
+        "seeds": seeds,
+        "tpe_startup_trials": startup,
+        "best_so_far": table,
+        "tpe_wins": wins,
+        "values": runs,
+        "wall_s": time.perf_counter() - started,
+    }
 
 
 # --------------------------------------------------------------------------------------------
 def _print_overhead(report: dict[str, Any]) -> None:
-    print(f"\nTune overhead, sweep {report['study']} ({len(report['trials'])} trials, "
-          f"max_concurrent {report['max_concurrent']})")  # fmt: skip
+    print(
+        f"\nTune overhead, sweep {report['study']} ({len(report['trials'])} trials, "
+        f"max_concurrent {report['max_concurrent']})"
+    )
     print(f"  sweep wall time         {report['sweep_wall_s']:.1f} s")
     print(f"  summed trial time       {report['summed_trial_s']:.1f} s")
     print(f"  wall / (summed / conc.) {report['wall_over_ideal']:.2f}")
@@ -194,12 +230,15 @@ def _print_overhead(report: dict[str, Any]) -> None:
 
 
 def _print_search(report: dict[str, Any]) -> None:
-    print(f"\nTPE ({report['tpe_startup_trials']} random start-up trials) vs random, budget "
-          f"{report['budget']}, {report['seeds']} seeds (best validation joint NLL so far; "
-          "median [IQR])")  # fmt: skip
+    print(
+        f"\nTPE ({report['tpe_startup_trials']} random start-up trials) vs random, budget "
+        f"{report['budget']}, {report['seeds']} seeds (best validation joint NLL so far; "
+        "median [IQR])"
+    )
     for sampler, marks in report["best_so_far"].items():
-        cells = "  ".join(f"@{m}: {s['median']:.2f} [{s['q25']:.2f}, {s['q75']:.2f}]"
-                          for m, s in marks.items())  # fmt: skip
+        cells = "  ".join(
+            f"@{m}: {s['median']:.2f} [{s['q25']:.2f}, {s['q75']:.2f}]" for m, s in marks.items()
+        )
         print(f"  {sampler:6s} {cells}")
     print(f"  TPE better than random in {report['tpe_wins']}/{report['seeds']} seeds")
 
@@ -239,8 +278,14 @@ def main(argv: list[str] | None = None) -> None:
             from mvtcae.data import prepare_mfeat
 
             prepare_mfeat(args.dataset)
-        task = CheapTask(args.dataset.resolve(), steps=args.steps, batch_size=args.batch_size,
-                         latent_dim=16, nll_K=32, val_rows=400)  # fmt: skip
+        task = CheapTask(
+            args.dataset.resolve(),
+            steps=args.steps,
+            batch_size=args.batch_size,
+            latent_dim=16,
+            nll_K=32,
+            val_rows=400,
+        )
         report["search"] = compare_samplers(task, args.seeds, args.budget, args.startup)
         _print_search(report["search"])
     for part, body in report.items():

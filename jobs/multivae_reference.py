@@ -66,7 +66,13 @@ def import_multivae() -> types.SimpleNamespace:
         for name in [n for n, m in sys.modules.items() if isinstance(m, _Placeholder)]:
             del sys.modules[name]
     return types.SimpleNamespace(
-        MVTCAE=MVTCAE, Config=MVTCAEConfig, ModelOutput=ModelOutput,
-        BaseEncoder=BaseEncoder, BaseDecoder=BaseDecoder, Dataset=MultimodalBaseDataset,
-        Trainer=BaseTrainer, TrainerConfig=BaseTrainerConfig, Callback=TrainingCallback,
-    )  # fmt: skip
+        MVTCAE=MVTCAE,
+        Config=MVTCAEConfig,
+        ModelOutput=ModelOutput,
+        BaseEncoder=BaseEncoder,
+        BaseDecoder=BaseDecoder,
+        Dataset=MultimodalBaseDataset,
+        Trainer=BaseTrainer,
+        TrainerConfig=BaseTrainerConfig,
+        Callback=TrainingCallback,
+    )

@@ -100,8 +100,11 @@ def run_experiment(key: str, experiment: Experiment, seed: int, protocol: Protoc
 
 
 def _series(metrics: dict[str, float], prefix: str) -> list[float]:
-    ks = sorted(int(k.removeprefix(prefix)) for k in metrics
-                if k.startswith(prefix) and k.removeprefix(prefix).isdigit())  # fmt: skip
+    ks = sorted(
+        int(k.removeprefix(prefix))
+        for k in metrics
+        if k.startswith(prefix) and k.removeprefix(prefix).isdigit()
+    )
     return [metrics[f"{prefix}{k}"] for k in ks]
 
 
@@ -127,7 +130,7 @@ def summarise(runs: list[dict]) -> dict[str, dict[str, Any]]:
                 k.removeprefix("eval/classifier_acc_"): v
                 for k, v in mine[0]["metrics"].items()
                 if k.startswith("eval/classifier_acc_")
-            },  # fmt: skip
+            },
             "wall_time_s": _median([r["wall_time_s"] for r in mine]),
             "epochs": mine[0]["epochs"],
         }
@@ -183,8 +186,13 @@ def plot(summary: dict, path: Path, protocol: Protocol) -> None:
         ks = list(range(1, len(row["coherence"]) + 1))
         ax.plot(ks, row["coherence"], marker="o", label=f"this platform ({key})")
         for ref_label, ref in REFERENCES.get(key, {}).items():
-            ax.plot(ks[: len(ref["coherence"])], ref["coherence"], linestyle="--", marker="x",
-                    label=ref_label)  # fmt: skip
+            ax.plot(
+                ks[: len(ref["coherence"])],
+                ref["coherence"],
+                linestyle="--",
+                marker="x",
+                label=ref_label,
+            )
         ax.axhline(0.1, color="grey", linestyle=":", label="chance (10 classes)")
         title = protocol.experiments[key].label or key
         ax.set(title=title, xlabel="conditioning modalities", ylabel="coherence", ylim=(0, 1))

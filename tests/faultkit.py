@@ -27,8 +27,13 @@ from mvtcae.storage import processes
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "jobs" / "configs"
 MVTCAE = [sys.executable, "-m", "mvtcae.cli"]
-INHERITED_SETTINGS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "RAY_ADDRESS",
-                      "MVTCAE_DATA_DIR", "MVTCAE_STORAGE_PATH")  # fmt: skip
+INHERITED_SETTINGS = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_REGISTRY_URI",
+    "RAY_ADDRESS",
+    "MVTCAE_DATA_DIR",
+    "MVTCAE_STORAGE_PATH",
+)
 """Settings another test may have left in this process's environment: a command here gets
 everything it needs from its own options."""
 
@@ -60,9 +65,13 @@ class Command:
         env.update(RAY_TMPDIR=str(ray_tmp), PYTHONUNBUFFERED="1")
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(
-                argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                argv,
+                cwd=cwd,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
-            )  # fmt: skip
+            )
         self.recorded: set[processes.ProcessRef] = set()
         self._watch = threading.Thread(target=self._record, daemon=True)
         self._watch.start()
@@ -123,8 +132,11 @@ class Command:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         left = {r for r in self.recorded if processes.is_alive(r)}
-        left |= {r for p in processes.all_pids()
-                 if processes.belongs_to(p, [self.ray_tmp]) and (r := processes.ref(p))}  # fmt: skip
+        left |= {
+            r
+            for p in processes.all_pids()
+            if processes.belongs_to(p, [self.ray_tmp]) and (r := processes.ref(p))
+        }
         processes.signal_all({pid for pid, _ in left}, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=30)
@@ -138,8 +150,9 @@ def _cmdline(pid: int) -> str:
     return raw.replace(b"\0", b" ").decode(errors="replace")[:160]
 
 
-def wait_for_checkpoint(run_root: Path, epoch: int, command: Command,
-                        timeout_s: float = 400, registered: bool = True) -> Path:  # fmt: skip
+def wait_for_checkpoint(
+    run_root: Path, epoch: int, command: Command, timeout_s: float = 400, registered: bool = True
+) -> Path:
     """The run directory once its epoch's checkpoint is complete (its checksums written) and,
     with ``registered``, recorded in Ray Train's checkpoint snapshot."""
     name = f"checkpoint_epoch_{epoch:04d}"

@@ -73,9 +73,17 @@ def simulated_wait_fraction(rate_rows_s: float, batch: int, step_s: float, steps
 
 def test_the_prefetching_data_rate_keeps_the_wait_at_five_percent(bench) -> None:
     inputs = bench.ModelInputs(
-        config="x", batch_per_gpu=64, grad_bytes=1e6, row_bytes=100, flops_per_sample=1e9,
-        ops_per_step=1000, gpu_flops=1e14, launch_s=8e-6, alpha_s=1e-5, bucket_bytes=25 * 2**20,
-    )  # fmt: skip
+        config="x",
+        batch_per_gpu=64,
+        grad_bytes=1e6,
+        row_bytes=100,
+        flops_per_sample=1e9,
+        ops_per_step=1000,
+        gpu_flops=1e14,
+        launch_s=8e-6,
+        alpha_s=1e-5,
+        bucket_bytes=25 * 2**20,
+    )
     step_s, batch = 0.01, 64
     need = bench.data_rate_needed(inputs, step_s, batch)
     rate = need["pipelined_rows_per_s"]
@@ -89,9 +97,17 @@ def test_the_prefetching_data_rate_keeps_the_wait_at_five_percent(bench) -> None
 
 def test_predicted_samples_per_s_follow_the_step_times(bench) -> None:
     inputs = bench.ModelInputs(
-        config="x", batch_per_gpu=64, grad_bytes=64e6, row_bytes=100, flops_per_sample=1e9,
-        ops_per_step=1000, gpu_flops=1e14, launch_s=8e-6, alpha_s=1e-5, bucket_bytes=25 * 2**20,
-    )  # fmt: skip
+        config="x",
+        batch_per_gpu=64,
+        grad_bytes=64e6,
+        row_bytes=100,
+        flops_per_sample=1e9,
+        ops_per_step=1000,
+        gpu_flops=1e14,
+        launch_s=8e-6,
+        alpha_s=1e-5,
+        bucket_bytes=25 * 2**20,
+    )
     p = bench.predict(inputs, 8, 100.0, 64)
     compute = max(64 * 1e9 / 1e14, 1000 * 8e-6)
     comm = 2 * 7 / 8 * 64e6 / (100e9 / 8) + 1e-5 * 2 * 7 * math.ceil(64e6 / (25 * 2**20))

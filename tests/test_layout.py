@@ -14,8 +14,11 @@ def test_platform_folder_does_not_shadow_stdlib():
     assert not (ROOT / "platform" / "__init__.py").exists()
     out = subprocess.run(
         [sys.executable, "-c", "import platform, ray; print(platform.system())"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "Linux"
 
@@ -136,8 +139,10 @@ def _upward_imports(package: Path = PACKAGE) -> list[str]:
                 continue
             if LAYERS[target] >= own_layer:
                 where = f"{path.relative_to(package)}:{line}"
-                upward.append(f"{where} ({own}, layer {own_layer}) imports {name} "
-                              f"({target}, layer {LAYERS[target]})")  # fmt: skip
+                upward.append(
+                    f"{where} ({own}, layer {own_layer}) imports {name} "
+                    f"({target}, layer {LAYERS[target]})"
+                )
     return upward
 
 

@@ -142,9 +142,13 @@ def create_bucket(endpoint: str, bucket: str) -> None:
 
     host = endpoint.split("://", 1)[1]
     fs = pafs.S3FileSystem(
-        endpoint_override=host, scheme="http", allow_bucket_creation=True,
-        access_key="testing", secret_key="testing", region="us-east-1",
-    )  # fmt: skip
+        endpoint_override=host,
+        scheme="http",
+        allow_bucket_creation=True,
+        access_key="testing",
+        secret_key="testing",
+        region="us-east-1",
+    )
     fs.create_dir(bucket)
 
 
@@ -173,11 +177,25 @@ class MlflowServer:
         (self.root / "artifacts").mkdir(parents=True, exist_ok=True)
         log = open(self.root / "mlflow-server.log", "ab")  # noqa: SIM115 - owned by the process
         self.proc = subprocess.Popen(
-            [str(bin_dir / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-             "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-        )  # fmt: skip
+            [
+                str(bin_dir / "mlflow"),
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--backend-store-uri",
+                f"sqlite:///{self.root / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(self.root / "artifacts"),
+                "--workers",
+                "1",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + timeout_s
         while True:
             if self.proc.poll() is not None:

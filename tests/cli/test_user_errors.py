@@ -116,9 +116,14 @@ def mvtcae(cwd: Path, *args: str, timeout: float = FAST_TIMEOUT_S) -> Outcome:
     command = [sys.executable, "-m", "mvtcae.cli", *args]
     started = time.monotonic()
     proc = subprocess.Popen(
-        command, cwd=cwd, env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, start_new_session=True,
-    )  # fmt: skip
+        command,
+        cwd=cwd,
+        env=_environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -182,9 +187,14 @@ def no_run_started(root: Path) -> bool:
 # --------------------------------------------------------------------------------------------
 def _tiny(directory: Path, *, width: int = 12, n_views: int = 3) -> Path:
     write_tiny_views(
-        directory, n_train=64, n_test=32, classes=4, width=width, name="tiny-views",
+        directory,
+        n_train=64,
+        n_test=32,
+        classes=4,
+        width=width,
+        name="tiny-views",
         n_views=n_views,
-    )  # fmt: skip
+    )
     return directory
 
 
@@ -263,8 +273,13 @@ def test_custom_dataset_under_a_built_in_name_is_refused(tmp_path: Path, views: 
 def test_model_options_naming_modalities_the_dataset_lacks(tmp_path: Path, views: Path):
     """model.decoders_dist naming a modality the dataset does not have: a config error naming
     the option and the modality, before Ray or an MLflow run (it came after both)."""
-    result = mvtcae(tmp_path, "train", *stores(tmp_path), *custom(views),
-                    *sets("model.decoders_dist={zz: normal}"))  # fmt: skip
+    result = mvtcae(
+        tmp_path,
+        "train",
+        *stores(tmp_path),
+        *custom(views),
+        *sets("model.decoders_dist={zz: normal}"),
+    )
     assert_usage_error(result, "model.decoders_dist", "'zz'")
     assert_before_ray(result)
     assert no_run_started(tmp_path) and not (tmp_path / "mlflow.db").exists()
@@ -294,9 +309,13 @@ def test_corrupt_shard_is_named(tmp_path: Path, views: Path):
     raw[middle : middle + 256] = bytes(256)
     shard.write_bytes(bytes(raw))
     result = mvtcae(
-        tmp_path, "train", *stores(tmp_path), *custom(dataset), *sets(*ONE_SHORT_EPOCH),
+        tmp_path,
+        "train",
+        *stores(tmp_path),
+        *custom(dataset),
+        *sets(*ONE_SHORT_EPOCH),
         timeout=RAY_TIMEOUT_S,
-    )  # fmt: skip
+    )
     assert_user_error(result, "train/part-00000.parquet")
 
 
@@ -332,19 +351,28 @@ def test_resume_onto_another_dataset_is_refused(tmp_path: Path, views: Path, nar
     from mvtcae.data import load_manifest
 
     quick = sets(
-        *ONE_SHORT_EPOCH, "tracking.log_model=false", "eval.latent_accuracy=false",
-        "eval.coherence=false", "eval.joint_nll=false", "eval.plots=false",
+        *ONE_SHORT_EPOCH,
+        "tracking.log_model=false",
+        "eval.latent_accuracy=false",
+        "eval.coherence=false",
+        "eval.joint_nll=false",
+        "eval.plots=false",
         "eval.images_every_n_epochs=0",
-    )  # fmt: skip
+    )
     trained = mvtcae(
         tmp_path, "train", *stores(tmp_path), *custom(views), *quick, timeout=RAY_TIMEOUT_S
     )
     assert trained.status == 0, str(trained)
     result = mvtcae(tmp_path, "train", *stores(tmp_path), *custom(narrow_views), *quick, "--resume")
     assert_user_error(
-        result, "--resume", str(views), load_manifest(str(views)).digest()[:12],
-        str(narrow_views), load_manifest(str(narrow_views)).digest()[:12], before_ray=True,
-    )  # fmt: skip
+        result,
+        "--resume",
+        str(views),
+        load_manifest(str(views)).digest()[:12],
+        str(narrow_views),
+        load_manifest(str(narrow_views)).digest()[:12],
+        before_ray=True,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -382,9 +410,15 @@ def test_gpu_config_on_a_machine_without_gpus(tmp_path: Path):
 def _evaluate(tmp_path: Path, model: Path, dataset: Path) -> Outcome:
     store = f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"
     return mvtcae(
-        tmp_path, "evaluate", str(model), "--data", str(dataset), "--out",
-        str(tmp_path / "evaluation"), *sets(store),
-    )  # fmt: skip
+        tmp_path,
+        "evaluate",
+        str(model),
+        "--data",
+        str(dataset),
+        "--out",
+        str(tmp_path / "evaluation"),
+        *sets(store),
+    )
 
 
 def test_evaluate_on_a_dataset_without_a_model_modality(
@@ -420,8 +454,16 @@ def test_evaluate_garbage_weights(tmp_path: Path, model_dir: Path, views: Path):
 def test_evaluate_a_registered_model_that_does_not_exist(tmp_path: Path, views: Path):
     """models:/NAME@champion of a name the store does not hold: exit 1, naming the URI and
     the store (it was MLflow's 59-line traceback)."""
-    result = mvtcae(tmp_path, "evaluate", "models:/no-such-model@champion", "--data", str(views),
-                    "--out", str(tmp_path / "eval"), *stores(tmp_path))  # fmt: skip
+    result = mvtcae(
+        tmp_path,
+        "evaluate",
+        "models:/no-such-model@champion",
+        "--data",
+        str(views),
+        "--out",
+        str(tmp_path / "eval"),
+        *stores(tmp_path),
+    )
     assert_user_error(result, "models:/no-such-model@champion", "mlflow.db", before_ray=True)
 
 

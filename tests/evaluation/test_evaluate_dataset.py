@@ -236,9 +236,15 @@ def test_trend_plot_marks_chance_and_needs_a_measure(tmp_path):
 
     from mvtcae.evaluation.plots import save_trend_plot
 
-    metrics = {"eval/coherence_1": 0.4, "eval/coherence_2": 0.6, "eval/latent_acc_1": 0.7,
-               "eval/latent_acc_2": 0.8, "eval/latent_acc_3": 0.85, "eval/joint_nll": 12.0,
-               "eval/coherence_mean": 0.5}  # fmt: skip
+    metrics = {
+        "eval/coherence_1": 0.4,
+        "eval/coherence_2": 0.6,
+        "eval/latent_acc_1": 0.7,
+        "eval/latent_acc_2": 0.8,
+        "eval/latent_acc_3": 0.85,
+        "eval/joint_nll": 12.0,
+        "eval/coherence_mean": 0.5,
+    }
     path = save_trend_plot(metrics, 4, tmp_path / "trend.png")
     assert path is not None and imread(path).shape[2] in (3, 4)
     assert save_trend_plot({"eval/joint_nll": 1.0}, 4, tmp_path / "none.png") is None
@@ -249,8 +255,13 @@ def test_evaluation_cost_counts_the_work_of_each_measure():
     from mvtcae.config import EvaluationSection
     from mvtcae.evaluation import evaluation_cost
 
-    cfg = EvaluationSection(max_subsets_per_size=None, probe_train_samples=100, nll_K=10,
-                     nll_max_samples=20, nll_subsets_per_size=1)  # fmt: skip
+    cfg = EvaluationSection(
+        max_subsets_per_size=None,
+        probe_train_samples=100,
+        nll_K=10,
+        nll_max_samples=20,
+        nll_subsets_per_size=1,
+    )
     cost = evaluation_cost(cfg, modalities=3, rows=50)
     # coherence: k=1 -> 3 subsets x 2 targets, k=2 -> 3 subsets x 1 target, per row
     assert cost["coherence decoder passes"] == 50 * (3 * 2 + 3 * 1)
@@ -272,15 +283,13 @@ def test_evaluate_checkpoint_in_process_leaves_the_callers_thread_count(dataset,
     before = torch.get_num_threads()
     target = 1 if before > 1 else 2
     try:
-        report, out_dir, chosen, skipped = evaluate_checkpoint(
-            [str(checkpoint)], str(dataset), cfg, threads=target
-        )
+        done = evaluate_checkpoint([str(checkpoint)], str(dataset), cfg, threads=target)
         # A driver or trial that evaluates in its own process goes on with its own threads.
         assert torch.get_num_threads() == before
     finally:
         torch.set_num_threads(before)
-    assert chosen == str(checkpoint) and skipped == [] and out_dir is None
-    assert report.metrics["eval/joint_nll"] == pytest.approx(
+    assert done.checkpoint == str(checkpoint) and done.skipped == [] and done.out_dir is None
+    assert done.report.metrics["eval/joint_nll"] == pytest.approx(
         evaluate(trained, dataset, cfg).metrics["eval/joint_nll"]
     )
 
@@ -312,13 +321,19 @@ def test_latent_probe_from_experts_encoded_once_matches_encoding_each_subset(dat
         for subset in subsets_of_size(mods, k, None, np.random.default_rng(0)):
             rows = test.rows_with(subset)
             np.testing.assert_allclose(
-                subset_means(table, mods, subset, rows), encoded(test, subset, rows),
-                rtol=1e-5, atol=1e-6,
-            )  # fmt: skip
+                subset_means(table, mods, subset, rows),
+                encoded(test, subset, rows),
+                rtol=1e-5,
+                atol=1e-6,
+            )
             train_rows = train.rows_with(subset)
             expected["+".join(subset)] = linear_probe_accuracy(
-                encoded(train, subset, train_rows), train.labels[train_rows],
-                encoded(test, subset, rows), test.labels[rows], cfg.probe_max_iter, cfg.seed,
-            )  # fmt: skip
+                encoded(train, subset, train_rows),
+                train.labels[train_rows],
+                encoded(test, subset, rows),
+                test.labels[rows],
+                cfg.probe_max_iter,
+                cfg.seed,
+            )
     _, details = latent_accuracy(trained, train, test, cfg, "cpu")
     assert details == pytest.approx(expected)

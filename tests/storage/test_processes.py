@@ -64,10 +64,15 @@ def test_a_killed_drivers_watched_tree_is_stopped_and_nothing_else(tmp_path: Pat
 
 
 def test_stop_terms_then_kills_only_the_very_processes_given(tmp_path: Path) -> None:
-    stubborn = subprocess.Popen([sys.executable, "-c",
-                                 "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN);"
-                                 " print(1, flush=True); time.sleep(300)"],
-                                stdout=subprocess.PIPE)  # fmt: skip
+    stubborn = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN);"
+            " print(1, flush=True); time.sleep(300)",
+        ],
+        stdout=subprocess.PIPE,
+    )
     try:
         stubborn.stdout.readline()  # its SIGTERM handler is set
         target = processes.ref(stubborn.pid)

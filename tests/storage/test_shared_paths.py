@@ -28,8 +28,7 @@ UNSHARE = shutil.which("unshare")
 def _can_hide_a_directory(tmp_path: Path) -> bool:
     target = tmp_path / "probe"
     target.mkdir()
-    argv = [UNSHARE, "-m", "--propagation", "private", "sh", "-c",
-            f"mount -t tmpfs tmpfs {target}"]  # fmt: skip
+    argv = [UNSHARE, "-m", "--propagation", "private", "sh", "-c", f"mount -t tmpfs tmpfs {target}"]
     return bool(UNSHARE) and subprocess.run(argv, capture_output=True).returncode == 0
 
 
@@ -47,9 +46,16 @@ def two_nodes(tmp_path: Path) -> Iterator[tuple[cluster.ClusterSpec, Path]]:
         pytest.skip("needs `unshare -m` and mount rights (root in a container) to hide a path")
     base = free_port_block()
     short = f"/tmp/mvs-{os.getpid()}"
-    spec = cluster.ClusterSpec(tmp_path / "state", Path(f"{short}-h"), Path(f"{short}-n"),
-                               base, base + 8, base + 9, cpus_per_node=1,
-                               object_store_bytes=128 * 1024**2)  # fmt: skip
+    spec = cluster.ClusterSpec(
+        tmp_path / "state",
+        Path(f"{short}-h"),
+        Path(f"{short}-n"),
+        base,
+        base + 8,
+        base + 9,
+        cpus_per_node=1,
+        object_store_bytes=128 * 1024**2,
+    )
     hidden = tmp_path / "hidden"
     hidden.mkdir()
     cluster.ensure_token(spec)  # Ray's token auth, as `mvtcae cluster up` sets it up
@@ -64,8 +70,11 @@ def two_nodes(tmp_path: Path) -> Iterator[tuple[cluster.ClusterSpec, Path]]:
                 script = f'mount -t tmpfs tmpfs "{hidden}" && exec "$@"'
                 argv = [UNSHARE, "-m", "--propagation", "private", "sh", "-c", script, "sh", *argv]
             with open(logs / f"node{index}.log", "wb") as log:
-                procs.append(subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                              start_new_session=True))  # fmt: skip
+                procs.append(
+                    subprocess.Popen(
+                        argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                    )
+                )
             if index == 0:
                 time.sleep(3)
         yield spec, hidden
@@ -106,21 +115,30 @@ print(json.dumps(answers + [largest_node_cpus(), largest_node_cpus(with_gpu=True
 
 def test_node_local_dataset_and_storage_are_refused_shared_ones_pass(two_nodes, tmp_path: Path):
     spec, hidden = two_nodes
-    node_local_data = write_tiny_views(hidden / "data", n_train=20, n_test=10, classes=2,
-                                       width=3, name="hidden")  # fmt: skip
-    shared_data = write_tiny_views(tmp_path / "shared" / "data", n_train=20, n_test=10,
-                                   classes=2, width=3, name="shared")  # fmt: skip
+    node_local_data = write_tiny_views(
+        hidden / "data", n_train=20, n_test=10, classes=2, width=3, name="hidden"
+    )
+    shared_data = write_tiny_views(
+        tmp_path / "shared" / "data", n_train=20, n_test=10, classes=2, width=3, name="shared"
+    )
     cases = [
-        ({"data.dir": str(node_local_data / "manifest.json")},
-         {"train.storage_path": str(hidden / "runs")}),
-        ({"data.dir": str(shared_data / "manifest.json")},
-         {"train.storage_path": str(tmp_path / "shared" / "runs")}),
+        (
+            {"data.dir": str(node_local_data / "manifest.json")},
+            {"train.storage_path": str(hidden / "runs")},
+        ),
+        (
+            {"data.dir": str(shared_data / "manifest.json")},
+            {"train.storage_path": str(tmp_path / "shared" / "runs")},
+        ),
         ({}, {"train.storage_path": "s3://bucket/runs"}),
-    ]  # fmt: skip
+    ]
     out = subprocess.run(
         [sys.executable, "-c", DRIVER, spec.gcs_address, json.dumps(cases)],
-        env=cluster.client_env(spec), capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
+        env=cluster.client_env(spec),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     refused, shared, bucket, largest, largest_gpu = json.loads(out.stdout.strip().splitlines()[-1])
     # Two CPUs in the cluster, one per node: one task can have at most one (no GPU node: 1).

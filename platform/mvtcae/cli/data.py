@@ -136,7 +136,7 @@ def prepare_arrays_cmd(
     overwrite: bool,
 ) -> None:
     """Your own arrays: NPZ keys SPLIT/MODALITY, SPLIT/MODALITY__present, SPLIT/label."""
-    from mvtcae.data.writer import write_dataset_from_npz
+    from mvtcae.data.npz import write_dataset_from_npz
 
     _run(
         lambda: write_dataset_from_npz(

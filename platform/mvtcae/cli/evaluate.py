@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from mvtcae.cli.outcome import handles_failures
+from mvtcae.cli.outcome import config_options, handles_failures
 
 
 @click.command("evaluate")
@@ -19,19 +19,9 @@ from mvtcae.cli.outcome import handles_failures
     "data.dir).",
 )
 @click.option("--split", default="test", show_default=True, help="Split to evaluate.")
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Experiment YAML whose eval/tracking/data sections apply (default: built-in defaults).",
-)
-@click.option(
-    "--set",
-    "overrides",
-    multiple=True,
-    metavar="SECTION.FIELD=VALUE",
-    help="Override a config value (repeatable), e.g. --set eval.nll_K=100.",
+@config_options(
+    "Experiment YAML whose eval/tracking/data sections apply (default: built-in defaults).",
+    "e.g. --set eval.nll_K=100.",
 )
 @click.option(
     "--out",

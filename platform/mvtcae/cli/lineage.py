@@ -6,24 +6,14 @@ from pathlib import Path
 
 import click
 
-from mvtcae.cli.outcome import handles_failures
+from mvtcae.cli.outcome import config_options, handles_failures
 
 
 @click.command("lineage")
 @click.argument("model_uri", metavar="MODEL_URI")
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Experiment YAML whose tracking section applies (default: built-in defaults).",
-)
-@click.option(
-    "--set",
-    "overrides",
-    multiple=True,
-    metavar="SECTION.FIELD=VALUE",
-    help="Override a config value (repeatable), e.g. --set tracking.tracking_uri=http://...",
+@config_options(
+    "Experiment YAML whose tracking section applies (default: built-in defaults).",
+    "e.g. --set tracking.tracking_uri=http://...",
 )
 @click.option(
     "--verify-files/--no-verify-files",
@@ -31,7 +21,7 @@ from mvtcae.cli.outcome import handles_failures
     show_default=True,
     help="Also re-hash every shard at the dataset's source (off: compare the manifest only).",
 )
-@handles_failures()
+@handles_failures(usage_errors=("mvtcae.tracking.dataset_lineage.LineageError",))
 def lineage_command(
     model_uri: str, config_path: Path | None, overrides: tuple[str, ...], verify_files: bool
 ) -> None:
@@ -42,12 +32,9 @@ def lineage_command(
 
     cfg = load_config(config_path, list(overrides))
     from mvtcae import tracking
-    from mvtcae.tracking.lineage import LineageError, format_lineage, trace
+    from mvtcae.tracking.dataset_lineage import format_lineage, trace
 
-    try:
-        found = trace(model_uri, tracking.client_for(cfg.tracking), verify_files=verify_files)
-    except LineageError as err:
-        raise click.UsageError(str(err)) from None
+    found = trace(model_uri, tracking.client_for(cfg.tracking), verify_files=verify_files)
     click.echo(format_lineage(found))
     if found.dataset_matches is False:
         raise SystemExit(1)

@@ -23,43 +23,112 @@ import threading
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import click
 
-from mvtcae.model.config import ConfigError
 from mvtcae.model.errors import Interrupted, UserError
+from mvtcae.model.model_config import ConfigError
 
 logger = logging.getLogger(__name__)
 
 
-def handles_failures(*, resumable: bool = False) -> Callable[[Callable[..., Any]], Any]:
-    """Decorate a click command callback (below its ``@click.command``): adds ``--verbose``
-    and ends the command as the module docstring says. ``resumable``: an interrupt's line says
-    how to continue (the same command with ``--resume``)."""
+def config_options(config_help: str, set_example: str) -> Callable[[Callable[..., Any]], Any]:
+    """The shared ``--config PATH`` and repeatable ``--set SECTION.FIELD=VALUE`` options (as the
+    callback's ``config_path`` and ``overrides``); ``set_example`` ends the ``--set`` help."""
 
     def decorate(command: Callable[..., Any]) -> Any:
-        @click.option("--verbose", is_flag=True, help="On an error, show its traceback too.")
+        command = click.option(
+            "--set",
+            "overrides",
+            multiple=True,
+            metavar="SECTION.FIELD=VALUE",
+            help=f"Override a config value (repeatable), {set_example}",
+        )(command)
+        return click.option(
+            "--config",
+            "config_path",
+            type=click.Path(dir_okay=False, path_type=Path),
+            default=None,
+            help=config_help,
+        )(command)
+
+    return decorate
+
+
+def handles_failures(
+    *, resumable: bool = False, usage_errors: tuple[str, ...] = ()
+) -> Callable[[Callable[..., Any]], Any]:
+    """Decorate a click command callback (below its ``@click.command``): adds ``--verbose``,
+    sets up the console (`mvtcae.storage.console`) and ends the command as the module
+    docstring says. ``resumable``: an interrupt's line says how to continue (the same command
+    with ``--resume``). ``usage_errors``: dotted names of exception classes that, like a
+    `ConfigError`, end the command with click's usage message (named, not imported, so that
+    ``--help`` stays light)."""
+
+    def decorate(command: Callable[..., Any]) -> Any:
+        @click.option(
+            "--verbose",
+            is_flag=True,
+            help="Also show Ray's, MLflow's and Optuna's INFO lines on the console (the run's "
+            "log file has them anyway), and the traceback of an error.",
+        )
         @functools.wraps(command)
         def run(*args: Any, verbose: bool = False, **kwargs: Any) -> Any:
+            _console(verbose)
             try:
                 with interrupts_raise():
                     return command(*args, **kwargs)
-            except ConfigError as err:
-                raise click.UsageError(str(err)) from None
-            except UserError as err:
-                _explain(err, verbose)
-                raise SystemExit(1) from None
             except KeyboardInterrupt as err:
                 stop = err if isinstance(err, Interrupted) else Interrupted(signal.SIGINT)
                 click.echo(_interrupt_line(stop, resumable), err=True)
                 raise SystemExit(stop.exit_code) from None
+            except Exception as err:
+                if isinstance(err, ConfigError | click.UsageError) or _is_one_of(err, usage_errors):
+                    raise _usage(err) from None
+                if not isinstance(err, UserError):
+                    raise
+                _explain(err, verbose)
+                raise SystemExit(1) from None
             finally:
                 _stop_local_ray()
 
         return run
 
     return decorate
+
+
+def _usage(err: BaseException) -> click.UsageError:
+    """The one place an error becomes click's usage message (exit status 2)."""
+    return err if isinstance(err, click.UsageError) else click.UsageError(str(err))
+
+
+def _is_one_of(err: BaseException, names: tuple[str, ...]) -> bool:
+    return any(f"{c.__module__}.{c.__qualname__}" in names for c in type(err).__mro__)
+
+
+def _console(verbose: bool) -> None:
+    """The platform's log lines on stderr; Ray's, MLflow's and Optuna's INFO lines only with
+    ``--verbose`` (in this process and the Ray processes it starts)."""
+    from mvtcae.cli.logs import configure_logging
+    from mvtcae.storage import console
+
+    configure_logging()
+    console.set_verbose(verbose)
+    console.quiet_console()
+
+
+def quiet_libraries(*modules: str) -> None:
+    """Import ``modules`` (which set up their loggers on import: ray, mlflow, optuna) and keep
+    their INFO lines off the console unless ``--verbose``."""
+    import importlib
+
+    from mvtcae.storage import console
+
+    for name in modules:
+        importlib.import_module(name)
+    console.quiet_console()
 
 
 def _explain(err: BaseException, verbose: bool) -> None:

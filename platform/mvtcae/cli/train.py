@@ -7,23 +7,12 @@ from pathlib import Path
 
 import click
 
-from mvtcae.cli.outcome import handles_failures
+from mvtcae.cli.outcome import config_options, handles_failures, quiet_libraries
 
 
 @click.command("train")
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Experiment YAML (default: the embedded demo defaults).",
-)
-@click.option(
-    "--set",
-    "overrides",
-    multiple=True,
-    metavar="SECTION.FIELD=VALUE",
-    help="Override a config value (repeatable), e.g. --set train.epochs=3.",
+@config_options(
+    "Experiment YAML (default: the embedded demo defaults).", "e.g. --set train.epochs=3."
 )
 @click.option("--resume", is_flag=True, help="Continue the latest run of this config's name.")
 @click.option("--print-config", is_flag=True, help="Print the validated config and exit.")
@@ -32,6 +21,10 @@ def train_command(
     config_path: Path | None, overrides: tuple[str, ...], resume: bool, print_config: bool
 ) -> None:
     """Train MVTCAE on Ray Train, evaluate the best checkpoint and register it in MLflow.
+
+    The console shows a header, one line per epoch, warnings and errors, and a summary; Ray's
+    and MLflow's INFO lines go to the run's log (<run directory>/logs, and the MLflow run's
+    logs/ artifacts), and to the console too with --verbose.
 
     Ctrl-C (or SIGTERM) stops the run's workers and ends its MLflow run KILLED; the same
     command with --resume continues it from its newest checkpoint.
@@ -42,6 +35,7 @@ def train_command(
     if print_config:
         click.echo(cfg.to_yaml(), nl=False)
         return
+    quiet_libraries("ray", "mlflow")
     from mvtcae.training import format_summary, train
 
     result = train(cfg, resume=resume)

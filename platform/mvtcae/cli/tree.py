@@ -2,29 +2,15 @@
 
 from __future__ import annotations
 
-import logging
-import sys
-
 import click
 
 from mvtcae.cli.cluster import cluster_command
 from mvtcae.cli.data import data as data_command
 from mvtcae.cli.evaluate import evaluate_command
 from mvtcae.cli.lineage import lineage_command
+from mvtcae.cli.logs import configure_logging
 from mvtcae.cli.train import train_command
 from mvtcae.cli.tune import tune_command
-
-
-def configure_logging(level: int = logging.INFO) -> None:
-    """Show the platform's log lines (``[mvtcae.<package>] ...``) on stderr."""
-    package = logging.getLogger("mvtcae")
-    if any(getattr(h, "name", "") == "mvtcae-cli" for h in package.handlers):
-        return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.name = "mvtcae-cli"
-    handler.setFormatter(logging.Formatter("[%(name)s] %(levelname)s %(message)s"))
-    package.addHandler(handler)
-    package.setLevel(level)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -17,16 +17,25 @@ if TYPE_CHECKING:
     from mvtcae import MVTCAE
 
 
-def _nll_per_row(model: MVTCAE, split: EvalSplit, rows: np.ndarray, cfg: EvaluationSection,
-                 device: str | torch.device, proposal: str | list[str], desc: str) -> float:  # fmt: skip
+def _nll_per_row(
+    model: MVTCAE,
+    split: EvalSplit,
+    rows: np.ndarray,
+    cfg: EvaluationSection,
+    device: str | torch.device,
+    proposal: str | list[str],
+    desc: str,
+) -> float:
     """−log p(X) per row over ``rows`` (mean), in batches of rows, proposed from ``proposal``."""
     row_batch = max(1, cfg.batch_size // 4)
     total = 0.0
     for start in progress(range(0, len(rows), row_batch), desc):
         batch = split.batch(rows[start : start + row_batch], device=device)
-        total += float(model.compute_joint_nll(
-            batch, K=cfg.nll_K, batch_size_K=cfg.nll_batch_size_K, proposal=proposal
-        ))  # fmt: skip
+        total += float(
+            model.compute_joint_nll(
+                batch, K=cfg.nll_K, batch_size_K=cfg.nll_batch_size_K, proposal=proposal
+            )
+        )
     return total / len(rows) if len(rows) else math.nan
 
 
@@ -46,8 +55,15 @@ def joint_nll(
         values = []
         for subset in subsets_of_size(mods, k, cfg.nll_subsets_per_size, rng):
             subset_rows = np.intersect1d(rows, split.rows_with(subset))
-            value = _nll_per_row(model, split, subset_rows, cfg, device, list(subset),
-                                 f"nll given {'+'.join(subset)}")  # fmt: skip
+            value = _nll_per_row(
+                model,
+                split,
+                subset_rows,
+                cfg,
+                device,
+                list(subset),
+                f"nll given {'+'.join(subset)}",
+            )
             details["+".join(subset)] = value
             values.append(value)
         metrics[f"eval/joint_nll_{k}"] = nanmean(values)

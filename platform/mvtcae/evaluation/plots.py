@@ -132,8 +132,13 @@ def save_trend_plot(
         ks, values = zip(*points, strict=True)
         ax.plot(ks, values, marker=marker, label=name)
     if num_classes:
-        ax.axhline(1.0 / num_classes, color="grey", linestyle="--", linewidth=1,
-                   label=f"chance (1/{num_classes})")  # fmt: skip
+        ax.axhline(
+            1.0 / num_classes,
+            color="grey",
+            linestyle="--",
+            linewidth=1,
+            label=f"chance (1/{num_classes})",
+        )
     ax.set_xlabel("conditioning modalities")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0.0, 1.0)

@@ -126,8 +126,9 @@ def restore_optimizer(
     return read_trainer_state(directory)
 
 
-def _matched_to(optimizer: torch.optim.Optimizer, saved: dict[str, Any],
-                source: Path) -> dict[str, Any]:  # fmt: skip
+def _matched_to(
+    optimizer: torch.optim.Optimizer, saved: dict[str, Any], source: Path
+) -> dict[str, Any]:
     """``saved`` with each group's parameters in ``optimizer``'s order, its shapes checked.
 
     torch restores optimizer state by position and does not check shapes; its fused kernels
@@ -162,8 +163,9 @@ def _matched_to(optimizer: torch.optim.Optimizer, saved: dict[str, Any],
     return dict(saved, param_groups=matched_groups)
 
 
-def _saved_ids_by_name(saved_group: dict[str, Any], names: list[str] | None, count: int,
-                       source: Path, index: int) -> list[Any]:  # fmt: skip
+def _saved_ids_by_name(
+    saved_group: dict[str, Any], names: list[str] | None, count: int, source: Path, index: int
+) -> list[Any]:
     """The saved group's state ids in the order of ``names`` (by position without names)."""
     ids = list(saved_group["params"])
     if len(ids) != count:
@@ -354,8 +356,9 @@ def _local_copy(filesystem: pafs.FileSystem, path: str) -> Iterator[Path]:
         yield Path(path)
         return
     with tempfile.TemporaryDirectory(prefix="mvtcae-restore-") as tmp:
-        pafs.copy_files(path, tmp, source_filesystem=filesystem,
-                        destination_filesystem=pafs.LocalFileSystem())  # fmt: skip
+        pafs.copy_files(
+            path, tmp, source_filesystem=filesystem, destination_filesystem=pafs.LocalFileSystem()
+        )
         yield Path(tmp)
 
 

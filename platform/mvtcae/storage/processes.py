@@ -144,9 +144,12 @@ def start_watch(roots: set[ProcessRef]) -> subprocess.Popen:
     args = [str(p) for r in sorted(roots) for p in r]
     return subprocess.Popen(
         [sys.executable, "-S", __file__, str(me[0]), str(me[1]), *args],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True, close_fds=True,
-    )  # fmt: skip
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        close_fds=True,
+    )
 
 
 def watch(driver: ProcessRef, roots: set[ProcessRef], interval_s: float = 0.5) -> None:

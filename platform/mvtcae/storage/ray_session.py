@@ -14,7 +14,7 @@ import uuid
 
 from mvtcae.config.locations import local_path
 from mvtcae.model.errors import UserError
-from mvtcae.storage import processes
+from mvtcae.storage import console, processes
 
 logger = logging.getLogger(__name__)
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
@@ -37,12 +37,19 @@ def ensure_ray(address: str | None, local_cpus: int) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     handlers = _python_signal_handlers()
+    console.quiet_console()  # Ray's INFO lines go to the run's log (storage.console)
     if address:
-        ray.init(address=address)
+        # The console setting reaches the job's processes (a job's own variables are merged).
+        verbose_env = {} if not console.verbose() else console.ray_env_vars()
+        runtime_env = {"env_vars": verbose_env} if verbose_env else None
+        context = ray.init(address=address, runtime_env=runtime_env)
+        _remember_dashboard(getattr(context, "dashboard_url", None))
     else:
         start_local_ray(local_cpus)
     _connected_here = True
     _restore_signal_handlers(handlers)
+    if _dashboard:
+        logger.info("Ray dashboard: %s", _dashboard)
     # The per-epoch lines are the progress display of a run; Ray Data's operator bars would
     # interleave with them in the driver's output.
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -77,8 +84,12 @@ class CapacityError(UserError):
     """A run asks for more CPUs or GPUs than the machine (or the cluster) has."""
 
 
-def check_capacity(asked: dict[str, float], what: dict[str, str], address: str | None,
-                   local_num_cpus: int | None = None) -> None:  # fmt: skip
+def check_capacity(
+    asked: dict[str, float],
+    what: dict[str, str],
+    address: str | None,
+    local_num_cpus: int | None = None,
+) -> None:
     """Refuse, before any worker is started, a request that cannot fit.
 
     ``asked``: resources by name (``{"CPU": 64, "GPU": 0}``); ``what``: for each, the settings
@@ -141,9 +152,11 @@ def start_local_ray(num_cpus: int) -> str:
                 # Train's preemption watcher (one more actor process per run, seconds of start-up
                 # on a small machine) follows node drains, which a one-machine Ray never has.
                 PREEMPTION_WATCHER_ENV: os.environ.get(PREEMPTION_WATCHER_ENV, "0"),
+                **console.ray_env_vars(),
             }
         },
     )
+    _remember_dashboard(f"http://127.0.0.1:{port}")
     global _started_here, _local_ray
     _started_here = ray.get_runtime_context().gcs_address
     # What ray.init started: this process's new children and, later, everything below them.
@@ -151,8 +164,22 @@ def start_local_ray(num_cpus: int) -> str:
     _local_ray = {r for pid in started if (r := processes.ref(pid)) is not None}
     if _local_ray:
         processes.start_watch(_local_ray)
-    logger.info("Ray dashboard: http://127.0.0.1:%d", port)
     return f"http://127.0.0.1:{port}"
+
+
+_dashboard: str | None = None
+
+
+def _remember_dashboard(url: str | None) -> None:
+    global _dashboard
+    if url and not url.startswith(("http://", "https://")):
+        url = f"http://{url}"
+    _dashboard = url or None
+
+
+def dashboard_url() -> str | None:
+    """The Ray dashboard of the session `ensure_ray` opened (None when unknown)."""
+    return _dashboard
 
 
 def _python_signal_handlers() -> dict[int, object]:

@@ -50,8 +50,13 @@ def new_run_name(prefix: str, now: datetime | None = None) -> str:
     return f"{check_name(prefix, 'run name')}-{stamp}"
 
 
-def create_run(config: Any, run_name: str, mlflow_run_id: str,
-               dataset_digest: str | None = None, dataset_dir: str | None = None) -> RunRecord:  # fmt: skip
+def create_run(
+    config: Any,
+    run_name: str,
+    mlflow_run_id: str,
+    dataset_digest: str | None = None,
+    dataset_dir: str | None = None,
+) -> RunRecord:
     """Write a new run's state file and its index entry; return the record."""
     root = config.train.storage_path
     record = RunRecord(
@@ -85,8 +90,14 @@ def find_latest_run(config: Any) -> RunRecord | None:
     location = storage.join(root, newest["run_name"])
     state = json.loads(storage.read_text(storage.join(location, RUN_STATE_FILE)))
     dataset = state.get("dataset") or {}
-    return RunRecord(location, newest["run_name"], state["mlflow_run_id"], newest["started_at"],
-                     dataset.get("digest"), dataset.get("dir") or None)  # fmt: skip
+    return RunRecord(
+        location,
+        newest["run_name"],
+        state["mlflow_run_id"],
+        newest["started_at"],
+        dataset.get("digest"),
+        dataset.get("dir") or None,
+    )
 
 
 def _index_entry(root: str, prefix: str, run_name: str) -> str:
