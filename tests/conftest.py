@@ -17,6 +17,7 @@ import shutil
 import signal
 import sys
 import tempfile
+from collections.abc import Iterator
 from types import FrameType
 
 import pytest
@@ -74,3 +75,33 @@ def pytest_runtest_call(item: pytest.Item) -> None:
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
     _install()
+
+
+@pytest.fixture(scope="module")
+def own_ray(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A Ray session the test module opens itself, as a notebook would (``ray.init``), and the
+    platform joins: a new local instance with ``RAY_CPUS`` logical CPUs (a module constant, 4 by
+    default), Ray's forwarding of worker output off."""
+    import ray
+
+    ray.init(
+        address="local",
+        num_cpus=getattr(request.module, "RAY_CPUS", 4),
+        include_dashboard=True,
+        log_to_driver=False,
+    )
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def platform_ray(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The local Ray the platform starts for itself (`start_local_ray`: the dashboard address for
+    Train's cleaner, the fate watcher), ``RAY_CPUS`` logical CPUs (4 by default)."""
+    import ray
+
+    from mvtcae.storage.ray_session import start_local_ray
+
+    start_local_ray(num_cpus=getattr(request.module, "RAY_CPUS", 4))
+    yield
+    ray.shutdown()
