@@ -39,8 +39,8 @@ from mvtcae.training import (
     scaling_config,
     val_split_name,
 )
-from mvtcae.training.console import sweep_console, tune_verbosity
 from mvtcae.training.loop import RUN_ID_KEY
+from mvtcae.training.run_console import sweep_console, tune_verbosity
 
 logger = logging.getLogger(__name__)
 

@@ -46,7 +46,6 @@ from mvtcae.safety.redaction import redact_text
 from mvtcae.storage.checkpoints import checkpoint_epoch
 from mvtcae.tracking.run_logger import SPOOL_DIR, RunLogger, mlflow_client, retry_until
 from mvtcae.training import EpochObjectives, plan_loop
-from mvtcae.training.console import logs_to_mlflow
 from mvtcae.training.lifecycle import (
     TrackedRun,
     closing,
@@ -57,6 +56,7 @@ from mvtcae.training.lifecycle import (
 )
 from mvtcae.training.nonfinite import NonFiniteError
 from mvtcae.training.phases import PhaseTimes, timed
+from mvtcae.training.run_console import logs_to_mlflow
 
 logger = logging.getLogger(__name__)
 

@@ -44,7 +44,6 @@ from mvtcae.tracking.run_logger import (
     mlflow_client,
     retry_until,
 )
-from mvtcae.training.console import run_console
 from mvtcae.training.loop import (
     clear_stop_record,
     raise_for_stop,
@@ -60,6 +59,7 @@ from mvtcae.training.preflight import (
     prepare_dataset,
     run_to_resume,
 )
+from mvtcae.training.run_console import run_console
 from mvtcae.training.trainer import evaluation_task, fit_in_thread, ranked_checkpoints, trainer_for
 
 logger = logging.getLogger(__name__)

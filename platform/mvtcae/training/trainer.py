@@ -20,10 +20,10 @@ from mvtcae.config import ExperimentConfig, TrainSection
 from mvtcae.evaluation import evaluate_checkpoint
 from mvtcae.storage import ray_session
 from mvtcae.storage.checkpoints import rank_by_metric
-from mvtcae.training.console import train_logging_config
 from mvtcae.training.loop import train_loop_per_worker
 from mvtcae.training.phases import PhaseTimes
 from mvtcae.training.plan import PLAN_KEY, EpochObjectives, FitPlan, plan_loop, worker_resources
+from mvtcae.training.run_console import train_logging_config
 
 CONTROLLER_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 """Ray Train's environment setting of its controller's poll interval (seconds)."""
