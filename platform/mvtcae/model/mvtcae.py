@@ -1,4 +1,8 @@
-"""MVTCAE (Hwang et al., NeurIPS 2021) in plain PyTorch, with multivae's public API."""
+"""MVTCAE (Hwang et al., NeurIPS 2021) in plain PyTorch, with multivae's public API.
+
+One module, over 400 lines: the class is the public surface multivae's users move over to
+(forward, encode, predict, compute_joint_nll, save and load), kept in one place as there.
+"""
 
 from __future__ import annotations
 

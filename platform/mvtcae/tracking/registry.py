@@ -11,6 +11,9 @@ that is not the champion gets the ``challenger`` alias. The comparison is record
 A registered name holds the versions of one dataset: NLLs on different data are not comparable,
 so `check_registry_dataset` (before training) and `log_model_and_register` (before registering)
 refuse a run whose dataset digest differs from that of the versions already under the name.
+
+One module, over 400 lines: registration, the dataset check and the promotion gate read and
+write the same versions and aliases, and each keeps the others' invariants.
 """
 
 from __future__ import annotations

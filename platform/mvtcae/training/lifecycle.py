@@ -10,6 +10,9 @@ run `mvtcae.training.loop`, evaluates the best intact checkpoint with `mvtcae.ev
 driver when the cluster is the local Ray it started, else in a Ray task, on a GPU when training
 had one), and hands it to the registry's promotion gate. An interrupt (SIGINT, SIGTERM) stops
 the run's workers and ends the run KILLED.
+
+One module, over 400 lines: it is the one place that owns a run's life, from opening its MLflow
+run to closing it, for `train` and every sweep trial alike.
 """
 
 from __future__ import annotations
@@ -44,12 +47,7 @@ from mvtcae.tracking.run_logger import (
     mlflow_client,
     retry_until,
 )
-from mvtcae.training.loop import (
-    clear_stop_record,
-    raise_for_stop,
-    read_stop_record,
-    train_in_process,
-)
+from mvtcae.training.loop import train_in_process
 from mvtcae.training.phases import PhaseTimes, timed
 from mvtcae.training.plan import FitPlan, plan_loop
 from mvtcae.training.preflight import (
@@ -60,6 +58,7 @@ from mvtcae.training.preflight import (
     run_to_resume,
 )
 from mvtcae.training.run_console import run_console
+from mvtcae.training.stop_record import clear_stop_record, raise_for_stop, read_stop_record
 from mvtcae.training.trainer import evaluation_task, fit_in_thread, ranked_checkpoints, trainer_for
 
 logger = logging.getLogger(__name__)

@@ -9,14 +9,17 @@ and, when the run is a sweep trial, measures the objectives on the validation sp
 metrics reported to Ray Train (and through Tune's reporting callback, to the sweep) carry them.
 Errors that a restart cannot fix (non-finite values, no intact checkpoint) end the workers with a
 stop record in run storage instead of an exception Ray would answer with a restart.
+
+Beside it: the worker group's collectives (`collectives`), each split's batches per epoch
+(`epoch_input`), what rank 0 adds to an epoch (`rank_zero`: MLflow, system metrics, objectives,
+image grids) and the stop record (`stop_record`). What stays here is the loop itself: restore,
+the epoch, the report and the checkpoint, which share the worker's state.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import functools
-import json
 import logging
 import random
 import sys
@@ -24,9 +27,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,20 +35,14 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-import torch.distributed as dist
 
-from mvtcae import MVTCAE, MultimodalBatch, storage
+from mvtcae import MVTCAE
 from mvtcae.config import TrainSection
-from mvtcae.data import iter_model_batches, load_manifest
-from mvtcae.data.held import HeldSplit
-from mvtcae.evaluation import evaluate
-from mvtcae.evaluation.plots import image_grids, image_modalities
-from mvtcae.evaluation.split import load_eval_split
+from mvtcae.data import load_manifest
 from mvtcae.storage import console
 from mvtcae.storage.checkpoints import (
     CorruptCheckpointError,
     TrainerState,
-    capture_rng_state,
     checkpoint_dir_name,
     load_model,
     open_intact_checkpoint,
@@ -56,10 +51,19 @@ from mvtcae.storage.checkpoints import (
     restore_rng_state,
     save_checkpoint,
 )
-from mvtcae.tracking.run_logger import SPOOL_DIR, RunLogger, client_uri
+from mvtcae.tracking.run_logger import RunLogger
+from mvtcae.training.collectives import all_reduce, gather_rng_states, min_over_workers
+from mvtcae.training.epoch_input import EpochInput
 from mvtcae.training.hosts import InProcessHost, LoopHost, RayTrainHost
 from mvtcae.training.nonfinite import NonFiniteError, StepGuard, nonfinite_values
 from mvtcae.training.plan import PLAN_KEY, LoopPlan
+from mvtcae.training.rank_zero import (
+    announce_restore,
+    epoch_objectives,
+    log_epoch_images,
+    rank0_logger,
+    system_metrics,
+)
 from mvtcae.training.step import (
     bf16_supported,
     build_optimizer,
@@ -68,119 +72,20 @@ from mvtcae.training.step import (
     run_train_epoch,
     run_validation,
 )
+from mvtcae.training.stop_record import (
+    CORRUPT_REPORT_KEY,
+    stop_workers,
+)
 
 logger = logging.getLogger(__name__)
 
-STOP_FILE = "mvtcae_stop.json"
-"""Written by rank 0 into the run directory when the workers stop on an error that a restart
-cannot fix (non-finite values, no intact checkpoint); the driver raises it after ``fit``.
-Ray Train keeps only the metrics reported with checkpoints, so a report cannot carry it."""
-CORRUPT_REPORT_KEY = "checkpoint/corrupt"
 RUN_ID_KEY = "mlflow_run_id"
-RESUMED_AFTER_KEY = "train/resumed_after_epoch"
-"""Logged at the epoch a run restored from (once per epoch, however often it restored there)."""
-
-
-def _all_reduce(
-    values: dict[str, float], device: torch.device, op: str = "sum"
-) -> dict[str, float]:
-    """Sum (or max) a dict of floats over the worker group; keys are identical on every rank."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return dict(values)
-    keys = sorted(values)
-    reduce_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
-    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=reduce_device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
-    return dict(zip(keys, tensor.tolist(), strict=True))
-
-
-class _EpochInput:
-    """A worker's batches of one split each epoch: its share of the split held in memory
-    (`HeldSplit`, when the driver put the split in the object store), else its Ray Data shard.
-    A held split is fetched inside the first epoch's iteration, so that its cost shows in that
-    epoch's first-batch wait."""
-
-    def __init__(
-        self,
-        split: str,
-        held_ref: Any,
-        manifest: Any,
-        batch_size: int,
-        device: torch.device,
-        host: LoopHost,
-        *,
-        shuffle_buffer: int = 0,
-        seed: int = 0,
-    ) -> None:
-        self.split, self.manifest, self.batch_size = split, manifest, batch_size
-        self.device, self.host, self.rank, self.world = device, host, host.rank, host.world
-        self.shuffle_buffer, self.seed = shuffle_buffer, seed
-        self.held_ref = held_ref
-        self._held: HeldSplit | None = None
-
-    def batches(self, epoch: int, limit: int | None = None) -> Iterator[MultimodalBatch]:
-        """This epoch's batches (at most ``limit``)."""
-        shuffle = self.shuffle_buffer > 0
-        if self.held_ref is not None:
-            if self._held is None:
-                self._held = HeldSplit.fetch(self.held_ref, self.manifest, self.device)
-            # Training shares must be equal (DDP steps in lockstep); validation uses every row.
-            rows = self._held.rank_rows(
-                self.rank,
-                self.world,
-                shuffle=shuffle,
-                seed=self.seed,
-                epoch=epoch,
-                equal=self.split == "train",
-            )
-            batches = self._held.batches(rows, self.batch_size)
-        else:
-            batches = iter_model_batches(
-                self.host.shard(self.split),
-                self.manifest,
-                self.batch_size,
-                device=self.device,
-                shuffle=shuffle,
-                local_shuffle_buffer_size=self.shuffle_buffer or None,
-                seed=data_order_seed(self.seed, self.rank),
-                epoch=epoch,
-            )
-        for i, batch in enumerate(batches):
-            if limit is not None and i >= limit:
-                break
-            yield batch
-
-
-def data_order_seed(seed: int, rank: int) -> int:
-    """The base seed of a rank's row order; epoch ``e`` shuffles with ``data_order_seed + e``,
-    so the order of any epoch depends only on (seed, rank, epoch), also after a resume."""
-    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
 
 
 def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
-
-
-def _min_over_workers(flag: torch.Tensor) -> torch.Tensor:
-    """MIN all-reduce of a one-element tensor (the step guard's "all finite" flag)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    device = flag.device if dist.get_backend() == "nccl" else torch.device("cpu")
-    reduced = flag.detach().reshape(1).to(device)
-    dist.all_reduce(reduced, op=dist.ReduceOp.MIN)
-    return reduced[0]
-
-
-def _gather_rng_states(world: int) -> list[dict[str, Any]]:
-    """Every rank's generator states, in rank order (a collective: all ranks call it)."""
-    mine = capture_rng_state()
-    if world == 1 or not (dist.is_available() and dist.is_initialized()):
-        return [mine]
-    states: list[Any] = [None] * world
-    dist.all_gather_object(states, mine)  # in memory between this run's own workers
-    return states
 
 
 @dataclass
@@ -265,43 +170,9 @@ def run_loop(plan: LoopPlan, host: LoopHost) -> None:
     if cfg.precision == "bf16" and rank == 0 and not bf16_supported(device):
         logger.warning("%s has no native bf16; bf16 autocast will be slow", device)
     manifest = load_manifest(plan.dataset_dir)
-    tracker = _rank0_logger(plan) if rank == 0 else None
-    with run_log, _system_metrics(plan, rank, sampler=host.local_rank == 0):
+    tracker = rank0_logger(plan) if rank == 0 else None
+    with run_log, system_metrics(plan, rank, sampler=host.local_rank == 0):
         _train(plan, host, device, manifest, tracker)
-
-
-@contextmanager
-def _system_metrics(plan: LoopPlan, rank: int, sampler: bool) -> Iterator[None]:
-    """MLflow's system metrics of this worker's machine, into the run as ``system/rank<k>/...``
-    when this worker is its node's ``sampler`` (its first worker): one series per node, named
-    by that worker's rank, so that nodes do not overwrite each other and no machine is sampled
-    twice (each monitor also costs its worker an MLflow client: over a second at start with a
-    SQLite store)."""
-    interval = plan.system_metrics_interval_s
-    if not sampler or interval <= 0 or not plan.tracked:
-        yield
-        return
-    try:  # imported here: it needs psutil, and training goes on without it
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-        monitor = SystemMetricsMonitor(
-            plan.run_id,
-            sampling_interval=interval,
-            node_id=f"rank{rank}",
-            tracking_uri=client_uri(plan.tracking_uri),
-            resume_logging=True,
-        )
-        # Started before training, not beside it: a monitor started in the background missed
-        # every sample of a run shorter than its start-up (a 2-epoch test run lost them all).
-        monitor.start()
-    except Exception as err:  # noqa: BLE001 - e.g. psutil missing: train without them
-        logger.warning("system metrics are off: %s: %s", type(err).__name__, err)
-        yield
-        return
-    try:
-        yield
-    finally:
-        monitor.finish()
 
 
 @dataclass
@@ -336,7 +207,7 @@ def _train(
         ddp_model = host.wrap_model(run.model)
         cfg = plan.train
         guard = StepGuard(
-            cfg.on_nonfinite, cfg.max_nonfinite_steps, _min_over_workers, run.skipped_steps
+            cfg.on_nonfinite, cfg.max_nonfinite_steps, min_over_workers, run.skipped_steps
         )
         train_input, val_input = _inputs(plan, manifest, device, host)
         if tracker is not None:
@@ -374,7 +245,7 @@ def _start(
     try:
         restored = _restore(checkpoint, cfg, device, host.rank, host.world, cfg.seed + host.rank)
     except CorruptCheckpointError as err:  # a restart would meet the same files: stop
-        _stop(plan.run_dir, host, {CORRUPT_REPORT_KEY: str(err)})
+        stop_workers(plan.run_dir, host, {CORRUPT_REPORT_KEY: str(err)})
         return None
     first = restored.state.epoch + 1
     run = _WorkerRun(
@@ -390,18 +261,18 @@ def _start(
         dir_suffix=uuid.uuid4().hex[:6] if restored.skipped else "",
     )
     if tracker is not None:
-        _announce_restore(tracker, restored)
+        announce_restore(tracker, restored.state.epoch, restored.path, restored.skipped)
         run.logged = frozenset(s for s in tracker.logged_steps("val/loss") if s >= first)
     return run
 
 
 def _inputs(
     plan: LoopPlan, manifest: Any, device: torch.device, host: LoopHost
-) -> tuple[_EpochInput, _EpochInput]:
+) -> tuple[EpochInput, EpochInput]:
     """The worker's training and validation input (its share of the global batch)."""
     held = plan.held_splits or {}
     local_batch = max(1, plan.train.batch_size // host.world)
-    train_input = _EpochInput(
+    train_input = EpochInput(
         "train",
         held.get("train"),
         manifest,
@@ -411,7 +282,7 @@ def _inputs(
         shuffle_buffer=plan.shuffle_buffer,
         seed=plan.train.seed,
     )
-    val_input = _EpochInput("val", held.get("val"), manifest, local_batch, device, host)
+    val_input = EpochInput("val", held.get("val"), manifest, local_batch, device, host)
     return train_input, val_input
 
 
@@ -420,8 +291,8 @@ def _train_epoch(
     epoch: int,
     ddp_model: torch.nn.Module,
     guard: StepGuard,
-    train_input: _EpochInput,
-    val_input: _EpochInput,
+    train_input: EpochInput,
+    val_input: EpochInput,
 ) -> dict[str, float]:
     """Train and validate one epoch; its metrics over the worker group (and rank 0's
     objectives in a sweep trial)."""
@@ -438,7 +309,7 @@ def _train_epoch(
     metrics["train/skipped_steps_total"] = float(guard.skipped)
     if run.plan.objectives is not None:
         objectives_start = time.perf_counter()
-        metrics.update(_epoch_objectives(run.model, run.plan, run.host.rank, device))
+        metrics.update(epoch_objectives(run.model, run.plan, run.host.rank, device))
         metrics["perf/objectives_time_s"] = time.perf_counter() - objectives_start
     return metrics
 
@@ -447,7 +318,7 @@ def _check_finite(metrics: dict[str, float], epoch: int, device: torch.device) -
     """Raise NonFiniteError on every rank when any rank's metrics hold a non-finite value."""
     bad = nonfinite_values(metrics)
     # Losses are all-reduced, the objectives rank 0's: agree before stopping together.
-    if _all_reduce({"bad": float(bool(bad))}, device, op="max")["bad"] > 0:
+    if all_reduce({"bad": float(bool(bad))}, device, op="max")["bad"] > 0:
         raise NonFiniteError(epoch, None, bad or {"(rank 0's objectives)": float("nan")})
 
 
@@ -459,7 +330,7 @@ def _report_epoch(run: _WorkerRun, epoch: int, metrics: dict[str, float]) -> Non
     _report(run, metrics, epoch, tracker)
     if tracker is not None:
         images_start = time.perf_counter()
-        _log_epoch_images(run.model, run.plan, tracker, epoch, run.device)
+        log_epoch_images(run.model, run.plan, tracker, epoch, run.device)
         # After the report, so logged beside it: what checkpointing and images cost.
         tracker.log_metrics(
             {
@@ -479,92 +350,7 @@ def _stop_nonfinite(
         tracker.set_tags({"mvtcae.nonfinite": str(err)})
     # The objectives are undefined for this epoch; a sweep records the trial as failed here.
     names = plan.objectives.names if plan.objectives is not None else ()
-    _stop(plan.run_dir, host, err.to_report() | dict.fromkeys(names, float("nan")))
-
-
-def to_val_names(metrics: dict[str, float]) -> dict[str, float]:
-    """An evaluation's ``eval/x`` metrics as ``val/x`` (they were measured on validation)."""
-    return {"val/" + k.removeprefix("eval/"): float(v) for k, v in metrics.items()}
-
-
-def _epoch_objectives(
-    model: MVTCAE, plan: LoopPlan, rank: int, device: torch.device
-) -> dict[str, float]:
-    """Rank 0, in a sweep trial: the objectives' measures of this epoch's model on the validation
-    split (the evaluation forks the generators, so training's random stream is untouched)."""
-    objectives = plan.objectives
-    if rank != 0 or objectives is None:
-        return {}
-    try:
-        report = evaluate(
-            model, plan.dataset_dir, objectives.measures, split=objectives.split, device=device
-        )
-        return to_val_names(report.metrics)
-    except Exception as err:  # noqa: BLE001 - a diverged model can break the probe or the NLL
-        logger.warning("validation measures failed: %s: %s", type(err).__name__, err)
-        return dict.fromkeys(objectives.names, float("nan"))
-    finally:
-        model.train()
-
-
-@functools.lru_cache(maxsize=1)
-def _grid_split(dataset_dir: str, split: str, max_rows: int) -> Any:
-    """The validation samples of the epoch grids, read once per worker (the same every epoch)."""
-    return load_eval_split(dataset_dir, split, max_rows=max_rows)
-
-
-def _log_epoch_images(
-    model: MVTCAE, plan: LoopPlan, tracker: RunLogger, epoch: int, device: torch.device
-) -> None:
-    """Rank 0, every ``images.every`` epochs: reconstruction and cross-modal grids of the same
-    validation samples, as MLflow images at this epoch (image modalities only)."""
-    grids_plan = plan.images
-    every = grids_plan.every
-    if every <= 0 or epoch % every or not image_modalities(model):
-        return
-    try:
-        split = _grid_split(plan.dataset_dir, grids_plan.split, 16 * grids_plan.samples)
-        with tempfile.TemporaryDirectory(prefix="mvtcae-grids-") as scratch:
-            grids = image_grids(model, split, grids_plan.samples, Path(scratch), device)
-            tracker.log_images(grids, epoch)
-    except Exception as err:  # noqa: BLE001 - a picture must not stop training
-        logger.warning("epoch %d: image grids not made: %s: %s", epoch, type(err).__name__, err)
-    finally:
-        model.train()
-
-
-def _stop(run_dir: str, host: LoopHost, record: dict[str, Any]) -> None:
-    """End training on every rank: rank 0 records why for the driver; all ranks report it (so
-    that a Tune callback sees it at this epoch) and return instead of raising, which Ray would
-    answer by restarting the workers."""
-    if host.rank == 0:
-        storage.write_text(storage.join(run_dir, STOP_FILE), json.dumps(record))
-    host.report(record)
-
-
-def read_stop_record(run_dir: str) -> dict[str, Any] | None:
-    """The record of a run's workers stopping on an unfixable error, or None."""
-    location = storage.join(run_dir, STOP_FILE)
-    return json.loads(storage.read_text(location)) if storage.is_file(location) else None
-
-
-def raise_for_stop(record: dict[str, Any] | None) -> None:
-    """Raise the error a stop record describes (NonFiniteError or CorruptCheckpointError)."""
-    if not record:
-        return
-    failure = NonFiniteError.from_report(record)
-    if failure is not None:
-        raise failure
-    if CORRUPT_REPORT_KEY in record:
-        raise CorruptCheckpointError(record[CORRUPT_REPORT_KEY])
-
-
-def clear_stop_record(run_dir: str) -> None:
-    """Forget an earlier stop before the run is fitted again (e.g. resumed with a lower lr)."""
-    location = storage.join(run_dir, STOP_FILE)
-    if storage.is_file(location):
-        fs, path = storage.resolve(location)
-        fs.delete_file(path)
+    stop_workers(plan.run_dir, host, err.to_report() | dict.fromkeys(names, float("nan")))
 
 
 def _group_metrics(
@@ -577,32 +363,11 @@ def _group_metrics(
 ) -> dict[str, float]:
     """The epoch's metrics from every rank's sums (sums added, times the slowest rank's)."""
     slowest = {"time_s": train_sums.pop("time_s"), "first_batch_s": train_sums.pop("first_batch_s")}
-    slowest = _all_reduce(slowest, device, op="max")
-    train_sums = _all_reduce(train_sums, device) | {"first_batch_s": slowest["first_batch_s"]}
-    val_sums = _all_reduce(val_sums, device)
-    epoch_time = _all_reduce({"t": time.perf_counter() - epoch_start}, device, op="max")["t"]
+    slowest = all_reduce(slowest, device, op="max")
+    train_sums = all_reduce(train_sums, device) | {"first_batch_s": slowest["first_batch_s"]}
+    val_sums = all_reduce(val_sums, device)
+    epoch_time = all_reduce({"t": time.perf_counter() - epoch_start}, device, op="max")["t"]
     return epoch_metrics(epoch, train_sums, val_sums, slowest["time_s"], epoch_time, lr)
-
-
-def _rank0_logger(plan: LoopPlan) -> RunLogger | None:
-    """Rank 0's MLflow logger for the driver's run (None when the run is not tracked)."""
-    if not plan.tracked:
-        return None
-    return RunLogger(plan.tracking_uri, plan.run_id, spool=storage.join(plan.run_dir, SPOOL_DIR))
-
-
-def _announce_restore(tracker: RunLogger, restored: _Restored) -> None:
-    epoch = restored.state.epoch
-    logger.info("rank 0 resumes after epoch %d from %s", epoch, restored.path)
-    tags = {"mvtcae.restored_from": restored.path}
-    for note in restored.skipped:
-        logger.warning("skipped corrupt checkpoint %s", note)
-    if restored.skipped:
-        tags["mvtcae.corrupt_checkpoints_skipped"] = " | ".join(restored.skipped)
-    tracker.set_tags(tags)
-    # Restored from this checkpoint before (a resume after a resume): the step is there.
-    if epoch not in tracker.logged_steps(RESUMED_AFTER_KEY):
-        tracker.log_metrics({RESUMED_AFTER_KEY: epoch}, epoch)
 
 
 class _WorkerHandler(logging.StreamHandler):
@@ -666,7 +431,7 @@ def _report(
     MLflow run, so that a sweep can link the trial to it)."""
     host, cfg, run_id = run.host, run.plan.train, run.plan.run_id
     rank, world = host.rank, host.world
-    rng_states = _gather_rng_states(world)
+    rng_states = gather_rng_states(world)
     if rank != 0:
         host.report(metrics)
         return
