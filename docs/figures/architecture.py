@@ -30,7 +30,7 @@ ROLES = {
     "storage": "runs, checkpoints, Ray",
     "tracking": "MLflow runs, registry",
     "evaluation": "probe, coherence, NLL",
-    "training": "Ray Train step/loop",
+    "training": "run lifecycle, Train loop",
     "cluster": "local dev cluster",
     "sweep": "Ray Tune + Optuna",
     "cli": "`mvtcae` commands",
