@@ -84,7 +84,7 @@ class CapacityError(UserError):
     """A run asks for more CPUs or GPUs than the machine (or the cluster) has."""
 
 
-def check_capacity(
+def check_resources(
     asked: dict[str, float],
     what: dict[str, str],
     address: str | None,

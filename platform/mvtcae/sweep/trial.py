@@ -49,7 +49,7 @@ from mvtcae.training import EpochObjectives, plan_loop
 from mvtcae.training.lifecycle import (
     TrackedRun,
     closing,
-    evaluate,
+    evaluate_run,
     fit,
     log_run_inputs,
     raise_if_stopped,
@@ -353,7 +353,7 @@ def _final_evaluation(
     task of its own. Log the measures to the trial's run."""
     location = storage.location_of(cfg.train.storage_path, checkpoint.path)
     eval_cfg = cfg.eval.model_copy(update={"plots": False})
-    done = evaluate(
+    done = evaluate_run(
         [location], context.dataset_dir, eval_cfg, cfg.train, in_process=context.in_process
     )
     tracker.log_metrics(done.report.metrics, checkpoint_epoch(location) or 0)

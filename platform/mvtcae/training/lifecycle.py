@@ -2,7 +2,7 @@
 (`mvtcae.sweep.trial.run_trial`): open its MLflow run (or reopen it on resume) and log its config
 and dataset lineage (`open_run`, `log_run_inputs`), fit it through its host, a Ray Train worker
 group or this process (`fit`), evaluate a checkpoint in this process or in a Ray task
-(`evaluate`), record and register the result, and close the run by how its block ended
+(`evaluate_run`), record and register the result, and close the run by how its block ended
 (`closing`): FINISHED, FAILED with the redacted error in its error tag, or KILLED for an interrupt.
 
 ``train`` runs one: it prepares the dataset, connects to Ray, fits a ``TorchTrainer`` whose workers
@@ -232,7 +232,7 @@ def fit(
     return trainer.fit()
 
 
-def evaluate(
+def evaluate_run(
     candidates: Sequence[str],
     dataset_dir: str,
     eval_cfg: EvaluationSection,
@@ -384,7 +384,7 @@ def _evaluate_and_register(
     # the CPUs it freed, spares a task worker's start and imports (~3 s).
     here = ray_session.started_here()
     with timed(phases, "evaluation"):
-        done = evaluate(
+        done = evaluate_run(
             out.candidates or [out.best_checkpoint],
             dataset_dir,
             cfg.eval,

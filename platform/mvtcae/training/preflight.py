@@ -128,9 +128,9 @@ def requested_resources(cfg: TrainSection) -> tuple[dict[str, float], dict[str, 
 
 def check_capacity(cfg: TrainSection) -> None:
     """Refuse, before any worker starts, a run that cannot fit on this machine's local Ray (see
-    `ray_session.check_capacity`)."""
+    `ray_session.check_resources`)."""
     asked, what = requested_resources(cfg)
-    ray_session.check_capacity(asked, what, cfg.ray_address, cfg.local_num_cpus)
+    ray_session.check_resources(asked, what, cfg.ray_address, cfg.local_num_cpus)
 
 
 def connect_ray(cfg: TrainSection) -> None:
