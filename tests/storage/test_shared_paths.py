@@ -84,7 +84,7 @@ def two_nodes(tmp_path: Path) -> Iterator[tuple[cluster.ClusterSpec, Path]]:
                 os.killpg(proc.pid, signal.SIGTERM)
         for proc in procs:
             try:
-                proc.wait(timeout=20)
+                proc.wait(timeout=5)  # `ray start --block` then takes its group down
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
         cluster.stop_strays(spec)

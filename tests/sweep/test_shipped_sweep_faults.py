@@ -19,7 +19,7 @@ from faultkit import CONFIGS, MVTCAE, Command, mlflow_client, ray_temp_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
-TRIALS = 3
+TRIALS = 2
 # Rows and epochs of the trials' final evaluation, not what it measures.
 EVAL_SHRINK = [
     "eval.max_samples=200",

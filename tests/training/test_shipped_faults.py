@@ -299,7 +299,7 @@ def _reproduce_cpu_overrides(experiment: str) -> list[str]:
     return list(spec["experiments"][experiment]["overrides"])
 
 
-POLYMNIST_ROWS = ["data.n_train=384", "data.n_test=128"]
+POLYMNIST_ROWS = ["data.n_train=256", "data.n_test=128"]
 
 
 @pytest.mark.parametrize(
@@ -307,7 +307,7 @@ POLYMNIST_ROWS = ["data.n_train=384", "data.n_test=128"]
     [
         # PolyMNIST demo: MLP, 2 workers, fp32, constant lr; a driver SIGKILL. The losses of an
         # fp32 resume are held against an uninterrupted run on demo.yaml; here, the rest.
-        ("demo_polymnist.yaml", POLYMNIST_ROWS, 3, "sigkill"),
+        ("demo_polymnist.yaml", POLYMNIST_ROWS, 2, "sigkill"),
         # The paper's PolyMNIST config as reproduce_cpu.yaml runs it on a CPU: conv networks,
         # latent 512, bf16; Ctrl-C. Its data.dir override names the 20k-row dataset: the rows
         # are shrunk, so the dataset is the one at its default location for those rows.
