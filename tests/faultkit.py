@@ -27,6 +27,16 @@ from mvtcae.storage import processes
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "jobs" / "configs"
 MVTCAE = [sys.executable, "-m", "mvtcae.cli"]
+# The shipped configs' evaluation, shrunk in rows and epochs only: what it costs, not what it
+# measures.
+EVAL_SHRINK = [
+    "eval.max_samples=200",
+    "eval.nll_max_samples=20",
+    "eval.classifier_epochs=2",
+    "eval.probe_train_samples=400",
+    "eval.probe_max_iter=50",
+    "eval.projection_samples=100",
+]
 INHERITED_SETTINGS = (
     "MLFLOW_TRACKING_URI",
     "MLFLOW_REGISTRY_URI",

@@ -15,20 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from faultkit import CONFIGS, MVTCAE, Command, mlflow_client, ray_temp_dir
+from faultkit import CONFIGS, EVAL_SHRINK, MVTCAE, Command, mlflow_client, ray_temp_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 TRIALS = 2
-# Rows and epochs of the trials' final evaluation, not what it measures.
-EVAL_SHRINK = [
-    "eval.max_samples=200",
-    "eval.nll_max_samples=20",
-    "eval.classifier_epochs=2",
-    "eval.probe_train_samples=400",
-    "eval.probe_max_iter=50",
-    "eval.projection_samples=100",
-]
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ import yaml
 
 from faultkit import (
     CONFIGS,
+    EVAL_SHRINK,
     MVTCAE,
     Command,
     mlflow_client,
@@ -33,15 +34,6 @@ from mvtcae.config import load_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
-# Evaluation rows and epochs only: what the final evaluation costs, not what it measures.
-EVAL_SHRINK = [
-    "eval.max_samples=200",
-    "eval.nll_max_samples=20",
-    "eval.classifier_epochs=2",
-    "eval.probe_train_samples=400",
-    "eval.probe_max_iter=50",
-    "eval.projection_samples=100",
-]
 LOSS_KEYS = ("train/loss", "val/loss", "train/grad_norm", "lr")
 
 
