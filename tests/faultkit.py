@@ -170,7 +170,8 @@ def wait_for_checkpoint(
     while time.monotonic() < deadline:
         if command.proc.poll() is not None:
             raise AssertionError(f"{command.argv} exited early:\n{command.output()}")
-        for done in run_root.glob(f"*/{name}/checksums.json"):
+        # A run that skipped a corrupt checkpoint names its own with a suffix (epoch-xxxxxx).
+        for done in run_root.glob(f"*/{name}*/checksums.json"):
             run_dir = done.parent.parent
             snapshot = run_dir / "checkpoint_manager_snapshot.json"
             if not registered or (snapshot.is_file() and name in snapshot.read_text()):

@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 EPOCHS = 30  # a quarter of a second each here: the server goes down after the first, and the
 # rest (seconds of them) must still be running then. At 8 epochs, once Ray Train's controller
 # polled every 0.25 s instead of 2 s, the first trial ended before the outage began.
-OUTAGE_S = 12.0
+OUTAGE_S = 6.0
 MAX_OUTAGE_S = 120.0
 
 
