@@ -313,7 +313,7 @@ def volume_row(run: ShippedRun, flop_batch: int) -> dict[str, Any]:
     model = build_model(cfg, manifest)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     grad_bytes = 4 * params
-    workers = cfg.train.num_workers
+    workers = cfg.train.max_workers
     per_worker = cfg.train.batch_size / workers
     return {
         "config": run.label,
@@ -431,7 +431,7 @@ def model_inputs(args: argparse.Namespace) -> ModelInputs:
     cost = step_cost(cfg, manifest, args.flop_batch)
     return ModelInputs(
         config=args.model_config.name,
-        batch_per_gpu=args.batch_per_gpu or cfg.train.batch_size // cfg.train.num_workers,
+        batch_per_gpu=args.batch_per_gpu or cfg.train.batch_size // cfg.train.max_workers,
         grad_bytes=args.grad_value_bytes * params,
         row_bytes=manifest.row_bytes,
         flops_per_sample=cost["flops_per_sample"],

@@ -104,6 +104,36 @@ def test_placement_strategy_reaches_the_scaling_config() -> None:
         load_config(None, ["train.placement_strategy=EVERYWHERE"])
 
 
+def test_an_elastic_worker_range_reaches_ray_and_is_checked() -> None:
+    """``train.num_workers: [min, max]``: Ray's elastic ScalingConfig, the resize check, min
+    for what must fit, max for the batch check, a round trip through YAML; a bad range names
+    the field."""
+    from mvtcae.training import scaling_config
+    from mvtcae.training.preflight import requested_resources
+    from mvtcae.training.run_console import describe_workers
+
+    cfg = load_config(
+        None, ["train.use_gpu=false", "train.num_workers=[1, 4]", "train.elastic_resize_check_s=5"]
+    )
+    scaling = scaling_config(cfg.train)
+    assert scaling.num_workers == (1, 4) and scaling.elasticity_enabled
+    assert (scaling.min_workers, scaling.max_workers) == (1, 4)
+    assert scaling.elastic_resize_monitor_interval_s == 5
+    assert (cfg.train.min_workers, cfg.train.max_workers, cfg.train.elastic) == (1, 4, True)
+    asked, what = requested_resources(cfg.train)
+    assert asked == {"CPU": 1.0} and "train.num_workers min 1" in what["CPU"]
+    assert describe_workers(cfg.train.num_workers, {"CPU": 1}) == "1-4 workers x (CPU 1)"
+    assert describe_workers(2, {"CPU": 1}) == "2 workers x (CPU 1)"
+    assert config_from_dict(cfg.to_dict()).train.num_workers == (1, 4)
+    fixed = load_config(None, ["train.use_gpu=false"]).train
+    assert not fixed.elastic and scaling_config(fixed).num_workers == 2
+    for bad in ("[2, 1]", "[0, 2]", "0", "[1, 2, 3]"):
+        with pytest.raises(ConfigError, match="train.num_workers"):
+            load_config(None, [f"train.num_workers={bad}"])
+    with pytest.raises(ConfigError, match=r"train.num_workers \(300 at most\)"):
+        load_config(None, ["train.num_workers=[1, 300]"])
+
+
 def test_the_final_evaluation_takes_the_cpus_training_freed() -> None:
     from mvtcae.training import evaluation_cpus
 

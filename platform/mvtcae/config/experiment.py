@@ -210,7 +210,28 @@ class TrainSection(Section):
 
     epochs: int = Field(default=30, ge=1)
     batch_size: int = Field(default=128, ge=1, description="global batch, split across workers")
-    num_workers: int = Field(default=2, ge=1)
+    num_workers: int | tuple[int, int] = Field(
+        default=2,
+        description="N workers, or [min, max] for an elastic run: it starts as soon as min fit, "
+        "grows to max when capacity comes (a restart from the newest checkpoint) and goes on "
+        "with fewer when a node is lost; the global batch stays batch_size (each of W workers "
+        "takes batch_size // W rows a step, so when W does not divide it the step's batch is "
+        "batch_size - batch_size % W)",
+    )
+    worker_start_timeout_s: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="how long Ray Train waits for a worker group to start before it gives up and "
+        "retries with what the cluster has (Ray's RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s "
+        "by default; that variable wins when set). Ray may count a node it just lost for a few "
+        "seconds, and an elastic run then waits this long before it restarts on what is left",
+    )
+    elastic_resize_check_s: float = Field(
+        default=60.0,
+        ge=0.0,
+        description="elastic runs: how often a healthy run checks for capacity to grow toward "
+        "max (Ray's ScalingConfig.elastic_resize_monitor_interval_s); each growth is a restart",
+    )
     use_gpu: bool | None = Field(default=None, description="None: use GPUs if the cluster has any")
     resources_per_worker: dict[str, float] | None = Field(
         default=None, description="default {'CPU': 1} (plus {'GPU': 1} on GPU)"
@@ -284,12 +305,38 @@ class TrainSection(Section):
                 raise ValueError(f"resource {name!r}: amount must be >= 0, got {amount}")
         return v
 
+    @field_validator("num_workers")
+    @classmethod
+    def _worker_range(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
+        low, high = (v, v) if isinstance(v, int) else v
+        if low < 1:
+            raise ValueError(f"needs at least 1 worker, got {low}")
+        if low > high:
+            raise ValueError(f"[min, max] must have min <= max, got [{low}, {high}]")
+        return v
+
+    @property
+    def min_workers(self) -> int:
+        """The fewest workers the run trains with (``num_workers``, or its min)."""
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        """The most workers the run trains with (``num_workers``, or its max)."""
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
+
+    @property
+    def elastic(self) -> bool:
+        """Whether the worker count may change during the run."""
+        return self.min_workers != self.max_workers
+
     @model_validator(mode="after")
     def _batch_covers_workers(self) -> TrainSection:
-        if self.batch_size < self.num_workers:
+        if self.batch_size < self.max_workers:
             raise ValueError(
                 f"train.batch_size ({self.batch_size}) is smaller than train.num_workers "
-                f"({self.num_workers}): each worker needs at least one row per step"
+                f"({self.max_workers}{' at most' if self.elastic else ''}): each worker needs "
+                "at least one row per step"
             )
         return self
 

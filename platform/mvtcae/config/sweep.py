@@ -313,7 +313,7 @@ def check_budget(spec: SweepSpec) -> None:
 
 def in_process_possible(spec: SweepSpec) -> bool:
     """Whether every trial trains one worker (what training in the trial's process needs)."""
-    return spec.experiment.train.num_workers == 1 and "train.num_workers" not in spec.tune.space
+    return spec.experiment.train.max_workers == 1 and "train.num_workers" not in spec.tune.space
 
 
 def trials_in_process(spec: SweepSpec) -> bool:

@@ -58,7 +58,9 @@ from mvtcae.training.hosts import InProcessHost, LoopHost, RayTrainHost
 from mvtcae.training.nonfinite import NonFiniteError, StepGuard, nonfinite_values
 from mvtcae.training.plan import PLAN_KEY, LoopPlan
 from mvtcae.training.rank_zero import (
+    WORLD_SIZE_KEY,
     announce_restore,
+    announce_world,
     epoch_objectives,
     log_epoch_images,
     rank0_logger,
@@ -141,7 +143,7 @@ def train_in_process(
     to the plan's ``run_dir``, the run resumes from its newest one, and with
     ``report_to_tune`` every epoch is reported to the Tune trial this runs in."""
     train = plan.train
-    if train.num_workers != 1:
+    if train.max_workers != 1:
         raise ValueError(f"training in process needs train.num_workers 1, not {train.num_workers}")
     host = InProcessHost(
         run_dir=plan.run_dir,
@@ -239,6 +241,8 @@ def _start(
         # The worker's own copy: a model records its custom networks in its config.
         model = MVTCAE(copy.deepcopy(plan.model)).to(device)
         optimizer = build_optimizer(model.named_parameters(), cfg)
+        if tracker is not None:
+            announce_world(tracker, cfg, host.world)
         return _WorkerRun(
             plan, host, device, tracker, model, optimizer, build_scheduler(optimizer, cfg)
         )
@@ -262,6 +266,7 @@ def _start(
     )
     if tracker is not None:
         announce_restore(tracker, restored.state.epoch, restored.path, restored.skipped)
+        announce_world(tracker, cfg, host.world, restored.state.epoch, restored.state.world_size)
         run.logged = frozenset(s for s in tracker.logged_steps("val/loss") if s >= first)
     return run
 
@@ -307,6 +312,7 @@ def _train_epoch(
     val_sums = run_validation(run.model, val_input.batches(epoch))
     metrics = _group_metrics(epoch, train_sums, val_sums, epoch_start, lr, device)
     metrics["train/skipped_steps_total"] = float(guard.skipped)
+    metrics[WORLD_SIZE_KEY] = float(run.host.world)  # elastic runs change it at a restart
     if run.plan.objectives is not None:
         objectives_start = time.perf_counter()
         metrics.update(epoch_objectives(run.model, run.plan, run.host.rank, device))

@@ -111,24 +111,28 @@ def check_dataset(
     )
 
 
-def requested_resources(cfg: TrainSection) -> tuple[dict[str, float], dict[str, str]]:
-    """The CPUs and GPUs one run of ``cfg`` holds, and the settings that ask for each."""
+def requested_resources(
+    cfg: TrainSection, workers: int | None = None
+) -> tuple[dict[str, float], dict[str, str]]:
+    """The CPUs and GPUs ``workers`` workers of ``cfg`` hold (default: the fewest the run
+    trains with), and the settings that ask for each."""
+    workers = cfg.min_workers if workers is None else workers
+    setting = "train.num_workers " + (f"min {workers}" if cfg.elastic else str(workers))
     gpus_asked = cfg.use_gpu is True or (cfg.use_gpu is None and ray_session.machine_gpus() > 0)
     per_worker = worker_resources(cfg, gpus_asked)
     asked, what = {}, {}
     for name in ("CPU", "GPU"):
         if per_worker.get(name):
-            asked[name] = cfg.num_workers * per_worker[name]
-            what[name] = (
-                f"train.num_workers {cfg.num_workers} x train.resources_per_worker.{name} "
-                f"{per_worker[name]:g}" + (" (train.use_gpu)" if name == "GPU" else "")
+            asked[name] = workers * per_worker[name]
+            what[name] = f"{setting} x train.resources_per_worker.{name} {per_worker[name]:g}" + (
+                " (train.use_gpu)" if name == "GPU" else ""
             )
     return asked, what
 
 
 def check_capacity(cfg: TrainSection) -> None:
     """Refuse, before any worker starts, a run that cannot fit on this machine's local Ray (see
-    `ray_session.check_resources`)."""
+    `ray_session.check_resources`): an elastic run needs its min to fit."""
     asked, what = requested_resources(cfg)
     ray_session.check_resources(asked, what, cfg.ray_address, cfg.local_num_cpus)
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from mvtcae import MVTCAE, storage
+from mvtcae.config import TrainSection
 from mvtcae.evaluation import evaluate
 from mvtcae.evaluation.plots import image_grids, image_modalities
 from mvtcae.evaluation.split import load_eval_split
@@ -25,6 +26,9 @@ logger = logging.getLogger(__name__)
 
 
 RESUMED_AFTER_KEY = "train/resumed_after_epoch"
+WORLD_SIZE_KEY = "train/world_size"
+"""The number of workers an epoch ran on (an elastic run's changes at a restart)."""
+RESIZE_TAG_PREFIX = "mvtcae.resize.after_epoch_"
 """Logged at the epoch a run restored from (once per epoch, however often it restored there)."""
 
 
@@ -118,6 +122,30 @@ def rank0_logger(plan: LoopPlan) -> RunLogger | None:
     if not plan.tracked:
         return None
     return RunLogger(plan.tracking_uri, plan.run_id, spool=storage.join(plan.run_dir, SPOOL_DIR))
+
+
+def announce_world(
+    tracker: RunLogger,
+    cfg: TrainSection,
+    world: int,
+    after_epoch: int = 0,
+    was: int | None = None,
+) -> None:
+    """Say when an elastic run trains below its max, and tag a restart on another number of
+    workers than the checkpoint was written by (``mvtcae.resize.after_epoch_NNNN``)."""
+    if cfg.elastic and world < cfg.max_workers:
+        logger.info(
+            "training on %d of up to %d workers (train.num_workers [%d, %d]); it grows "
+            "when capacity comes, checked every %g s",
+            world,
+            cfg.max_workers,
+            cfg.min_workers,
+            cfg.max_workers,
+            cfg.elastic_resize_check_s,
+        )
+    if was is not None and was != world:
+        logger.info("resized after epoch %d: %d -> %d workers", after_epoch, was, world)
+        tracker.set_tags({f"{RESIZE_TAG_PREFIX}{after_epoch:04d}": f"{was} -> {world} workers"})
 
 
 def announce_restore(tracker: RunLogger, epoch: int, path: str, skipped: list[str]) -> None:

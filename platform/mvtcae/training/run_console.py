@@ -95,10 +95,12 @@ def _upload(run_dir: str, run_id: str, tracking_uri: str) -> None:
         )
 
 
-def describe_workers(num_workers: int, resources: dict[str, Any]) -> str:
-    """``2 workers x {CPU: 1}`` for a header."""
+def describe_workers(num_workers: int | tuple[int, int], resources: dict[str, Any]) -> str:
+    """``2 workers x (CPU 1)`` (``1-4 workers x (CPU 1)`` when elastic) for a header."""
     per = ", ".join(f"{k} {v:g}" for k, v in resources.items())
-    return f"{num_workers} worker{'s' if num_workers != 1 else ''} x ({per})"
+    low, high = (num_workers, num_workers) if isinstance(num_workers, int) else num_workers
+    count = str(high) if low == high else f"{low}-{high}"
+    return f"{count} worker{'s' if high != 1 else ''} x ({per})"
 
 
 @contextmanager

@@ -27,8 +27,13 @@ from mvtcae.training.run_console import train_logging_config
 
 CONTROLLER_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 """Ray Train's environment setting of its controller's poll interval (seconds)."""
+WORKER_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+"""Ray Train's environment setting of how long a worker group may take to start (seconds)."""
 
-_POLL_FROM_ENVIRONMENT = os.environ.get(CONTROLLER_POLL_ENV)  # a user's own, read at import
+# A user's own settings, read at import: the config sets them only where the user did not.
+_FROM_ENVIRONMENT = {
+    name: os.environ.get(name) for name in (CONTROLLER_POLL_ENV, WORKER_START_TIMEOUT_ENV)
+}
 
 
 def scaling_config(cfg: TrainSection) -> ScalingConfig:
@@ -37,7 +42,10 @@ def scaling_config(cfg: TrainSection) -> ScalingConfig:
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
     return ScalingConfig(
+        # (min, max): Ray Train's elastic policy starts with what fits of max (at least min)
+        # and restarts the group from the newest checkpoint to grow or after losing workers.
         num_workers=cfg.num_workers,
+        elastic_resize_monitor_interval_s=cfg.elastic_resize_check_s,
         use_gpu=use_gpu,
         resources_per_worker=worker_resources(cfg, use_gpu),
         placement_strategy=cfg.placement_strategy,
@@ -52,11 +60,20 @@ def _data_config() -> DataConfig:
     return DataConfig(datasets_to_split=["train", "val"], execution_options=options)
 
 
-def _set_controller_poll(seconds: float) -> None:
-    """Ray Train's controller poll interval, unless the user's environment sets it: Ray reads it
-    from the driver's environment and passes it to the controller it starts in ``fit``."""
-    if _POLL_FROM_ENVIRONMENT is None:
-        os.environ[CONTROLLER_POLL_ENV] = str(seconds)
+def _set_controller_settings(cfg: TrainSection) -> None:
+    """Ray Train's controller poll interval and worker-group start timeout, unless the user's
+    environment sets them: Ray reads them from the driver's environment and passes them to the
+    controller it starts in ``fit``."""
+    wanted = {
+        CONTROLLER_POLL_ENV: cfg.controller_poll_s,
+        WORKER_START_TIMEOUT_ENV: cfg.worker_start_timeout_s,
+    }
+    for name, seconds in wanted.items():
+        if _FROM_ENVIRONMENT[name] is None:
+            if seconds is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = str(seconds)
 
 
 def build_trainer(
@@ -84,7 +101,7 @@ def trainer_for(
 ) -> ray.train.torch.TorchTrainer:
     """The TorchTrainer of a planned run (see `build_trainer`)."""
     tc = cfg.train
-    _set_controller_poll(tc.controller_poll_s)
+    _set_controller_settings(tc)
     run_config = RunConfig(
         name=run_name,
         storage_path=str(tc.storage_path),
@@ -165,4 +182,4 @@ def evaluation_cpus(cfg: TrainSection, largest_node: int) -> int:
     returned (the likelihood estimate runs about twice as fast on 2 threads as on 1), but no
     more than the ``largest_node`` has (the workers may have been on several nodes)."""
     per_worker = worker_resources(cfg, False).get("CPU", 1.0)
-    return max(1, min(int(cfg.num_workers * per_worker), largest_node))
+    return max(1, min(int(cfg.max_workers * per_worker), largest_node))
