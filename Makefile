@@ -101,8 +101,9 @@ TRAIN_CONFIG ?= jobs/configs/demo.yaml
 # Checkpoints go to the cluster's shared directory, which every node reaches.
 SUBMIT_SET := --set train.storage_path=$(CLUSTER_DIR)/storage/ray_results
 
-cluster-up: install ## Start a local 2-node Ray cluster and an MLflow server (token auth, 127.0.0.1)
-	$(CLUSTER) up
+WORKER_NODES ?= 1
+cluster-up: install ## Start a local Ray cluster (head + WORKER_NODES nodes) and an MLflow server (token auth, 127.0.0.1)
+	$(CLUSTER) up --worker-nodes $(WORKER_NODES)
 
 cluster-down: ## Stop exactly what cluster-up started, by PID
 	$(CLUSTER) down

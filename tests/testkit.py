@@ -234,13 +234,15 @@ class MlflowServer:
         self.stop()
 
 
-def free_port_block() -> int:
+def free_port_block(worker_nodes: int = 2) -> int:
     """The first port block (see `mvtcae.cluster.ClusterSpec`) from 17600 on where nothing
-    listens: room for a local Ray cluster of two nodes."""
+    listens: room for a local Ray cluster of a head and ``worker_nodes`` nodes."""
     from mvtcae import cluster
 
     for base in range(17600, 30000, 500):
-        ports = cluster.ClusterSpec(Path("/x"), Path("/h"), Path("/n"), base, base + 8, base + 9)
+        ports = cluster.ClusterSpec(
+            Path("/x"), Path("/h"), Path("/n"), base, base + 8, base + 9, worker_nodes=worker_nodes
+        )
         if not cluster.busy_ports(ports.all_ports()):
             return base
-    raise RuntimeError("no free block of 300 ports between 17600 and 30000")
+    raise RuntimeError("no free block of 500 ports between 17600 and 30000")

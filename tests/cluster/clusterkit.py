@@ -23,10 +23,17 @@ REPORT_ENV = "MVTCAE_TEST_CLUSTER_REPORT"
 STARTED_ENV = "MVTCAE_TEST_INTERRUPT_STARTED"
 
 
+WORKER_NODES_ENV = "MVTCAE_TEST_CLUSTER_WORKER_NODES"
+"""Worker nodes of a test cluster (default 2: a head and two nodes, as the node-loss drill
+needs); tests/cluster/test_interrupt.py asks its child pytest for one."""
+
+
 def cluster_overrides(state_dir: Path, tag: str = "") -> dict[str, str]:
     """MVTCAE_CLUSTER_* settings of a test cluster: free ports, state in ``state_dir``, and temp
-    dirs short enough for Ray's socket paths (/tmp/mvt-<pid><tag>-h, -n)."""
-    base = free_port_block()
+    dirs short enough for Ray's socket paths (/tmp/mvt-<pid><tag>-h, -n, -n-3), and
+    worker nodes beside the head (`WORKER_NODES_ENV`)."""
+    worker_nodes = int(os.environ.get(WORKER_NODES_ENV, "2"))
+    base = free_port_block(worker_nodes)
     short = f"/tmp/mvt-{os.getpid()}{tag}"
     return {
         "MVTCAE_CLUSTER_DIR": str(state_dir),
@@ -35,6 +42,7 @@ def cluster_overrides(state_dir: Path, tag: str = "") -> dict[str, str]:
         "MVTCAE_CLUSTER_PORT_BASE": str(base),
         "MVTCAE_CLUSTER_DASHBOARD_PORT": str(base + 8),
         "MVTCAE_CLUSTER_MLFLOW_PORT": str(base + 9),
+        cluster.WORKER_NODES_ENV: str(worker_nodes),
     }
 
 

@@ -38,5 +38,5 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningCluster
     finally:
         with clusterkit.signals_held():
             cluster.down(spec)
-            for temp_dir in (spec.head_temp_dir, spec.node_temp_dir):
+            for temp_dir in spec.temp_dirs:
                 shutil.rmtree(temp_dir, ignore_errors=True)

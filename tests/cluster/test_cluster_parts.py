@@ -50,6 +50,31 @@ def test_ports_are_distinct_and_inside_the_block(spec):
     assert set(head.values()).isdisjoint(node.values())
 
 
+def test_more_worker_nodes_keep_their_ports_and_temp_dirs_apart(spec):
+    """`up --worker-nodes 3`: four nodes' ports distinct and inside a 500-port block, a temp dir
+    each; a `down` told of fewer nodes still searches every recorded node's temp dir."""
+    import dataclasses
+
+    from mvtcae.cluster.control import as_recorded
+
+    four = dataclasses.replace(spec, worker_nodes=3)
+    ports = four.all_ports()
+    assert len(ports) == len(set(ports)) and max(ports) < four.port_base + 500
+    dirs = four.temp_dirs
+    assert dirs[:2] == [spec.head_temp_dir, spec.node_temp_dir] and len(set(dirs)) == 4
+    assert f"--temp-dir={dirs[3]}" in cluster.ray_start_argv(four, 3)
+    assert all(len(str(d)) <= 40 for d in dirs)  # Ray's socket paths
+    recorded = {
+        "processes": [
+            {"name": n} for n in ("mlflow", "ray-head", "ray-node2", "ray-node3", "ray-node4")
+        ]
+    }
+    assert as_recorded(spec, recorded).temp_dirs == dirs
+    for bad in (0, cluster.MAX_WORKER_NODES + 1):
+        with pytest.raises(cluster.ClusterError, match="worker nodes"):
+            dataclasses.replace(spec, worker_nodes=bad)
+
+
 def test_ray_start_commands_keep_nodes_apart_and_dashboard_local(spec):
     head, node = cluster.ray_start_argv(spec, 0), cluster.ray_start_argv(spec, 1)
     assert "--head" in head and "--dashboard-host=127.0.0.1" in head

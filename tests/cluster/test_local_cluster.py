@@ -1,9 +1,10 @@
 """End to end on a real local cluster: `python -m mvtcae.cli cluster up` (what `make cluster-up`
-runs) starts a Ray head, a second Ray node and an MLflow server; the job API refuses requests
+runs) starts a Ray head, two worker nodes and an MLflow server; the job API refuses requests
 without the token and MLflow refuses them without the credentials; a tiny training job submitted
 with `ray job submit --working-dir .` succeeds and its run and registered model version are
 visible through the MLflow server; the MLflow password shows up in no output, log or job
-record; `down` stops every process by PID.
+record; an elastic job survives a worker node SIGKILLed under it and grows back when the node
+returns; `down` stops every process by PID.
 
 One cluster per module (start-up is the fixed cost; the `running` fixture is in conftest.py);
 the last test tears it down and checks that nothing is left, and the fixture tears down again in
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 import time
 import urllib.request
@@ -94,13 +96,17 @@ def _post(url: str, payload: dict, token: str | None = None) -> int:
         return e.code
 
 
-def test_two_nodes_and_mlflow_serve_on_loopback_only(running):
+def test_three_nodes_and_mlflow_serve_on_loopback_only(running):
+    """`up` with MVTCAE_CLUSTER_WORKER_NODES=2: a head and two nodes, each a `ray start` of its
+    own with its own temp dir, and the MLflow server."""
     spec, env, _ = running
     status = _cli(env, "status")
     assert status.returncode == 0, status.stderr
-    assert "Ray nodes alive: 2" in status.stdout
+    assert "Ray nodes alive: 3 of 3 started" in status.stdout
     assert f"password in {spec.mlflow_credentials_path}" in status.stdout
-    assert cluster.alive_nodes(spec, cluster.read_token(spec)) == 2
+    assert cluster.alive_nodes(spec, cluster.read_token(spec)) == 3
+    for temp_dir in spec.temp_dirs:
+        assert (temp_dir / "session_latest").exists(), temp_dir
     assert cluster.http_get(f"{spec.mlflow_uri}/health")[0] == 200
     for port in (spec.dashboard_port, spec.mlflow_port):
         assert _listening_addresses(port) == {"127.0.0.1"}, port
@@ -147,7 +153,7 @@ def test_mlflow_refuses_requests_without_the_credentials(running):
     assert "MLFLOW_TRACKING_PASSWORD" not in cluster.runtime_env(spec)["env_vars"]
 
 
-def _write_tiny_dataset(directory: Path) -> None:
+def _write_tiny_dataset(directory: Path, n_train: int = 400) -> None:
     """Three 12-d views of a 4-class latent, written with the platform's own writer."""
     from mvtcae.data import write_arrays
 
@@ -160,11 +166,12 @@ def _write_tiny_dataset(directory: Path) -> None:
         views = {f"v{i}": np.tanh(z @ w).astype(np.float32) for i, w in enumerate(mixing)}
         return {"data": views, "labels": labels}
 
-    write_arrays(directory, {"train": split(400), "test": split(100)}, num_classes=4)
+    write_arrays(directory, {"train": split(n_train), "test": split(100)}, num_classes=4)
 
 
-def _training_entrypoint(storage: Path) -> list[str]:
-    """The real training job and demo config, shrunk to seconds (paths on shared storage)."""
+def _training_entrypoint(storage: Path, *extra: str) -> list[str]:
+    """The real training job and demo config, shrunk to seconds (paths on shared storage);
+    ``extra`` overrides come last."""
     overrides = [
         "name=cluster-submit",
         "data.dataset=custom",
@@ -190,7 +197,7 @@ def _training_entrypoint(storage: Path) -> list[str]:
         "eval.grid_samples=2",
     ]
     argv = ["python", "jobs/train.py", "--config", "jobs/configs/demo.yaml"]
-    for item in overrides:
+    for item in [*overrides, *extra]:
         argv += ["--set", item]
     return argv
 
@@ -211,13 +218,74 @@ def _wait_for_job(spec: cluster.ClusterSpec, submission_id: str) -> dict:
     raise AssertionError(f"job {submission_id} not finished after {JOB_TIMEOUT_S}s")
 
 
-def test_submitted_training_job_is_tracked_through_the_server(running):
+EPOCHS = 40  # about a second each: the two-worker stretch must outlast a node's return (~40 s)
+
+
+def _newest_checkpoint_state(run_root: Path) -> dict | None:
+    """The trainer state of the newest complete checkpoint of any run under ``run_root``."""
+    done = sorted(run_root.glob("*/checkpoint_epoch_*/checksums.json"), key=lambda p: p.parent.name)
+    return json.loads((done[-1].parent / "trainer_state.json").read_text()) if done else None
+
+
+def _wait_for_state(run_root: Path, done, spec, submission_id: str, timeout_s: float = 300):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        state = _newest_checkpoint_state(run_root)
+        if state and done(state):
+            return state, time.monotonic()
+        status, body = cluster.http_get(
+            f"{spec.dashboard_url}/api/jobs/{submission_id}", token=cluster.read_token(spec)
+        )
+        if status == 200 and json.loads(body)["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
+            raise AssertionError(f"the job ended before the drill's step: {body[-2000:]!r}")
+        time.sleep(0.2)
+    raise AssertionError(f"no checkpoint as the drill needs after {timeout_s} s: {state}")
+
+
+def _node_holding_a_training_worker(spec) -> dict:
+    """The record of a worker node (not the head) with a Ray Train worker in its process tree."""
+    from mvtcae.storage.processes import descendants
+
+    for record in json.loads(spec.state_file.read_text())["processes"]:
+        if not record["name"].startswith("ray-node"):
+            continue
+        for pid in descendants(record["pid"]):
+            try:
+                if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+                    return record
+            except OSError:
+                continue
+    raise AssertionError("no worker node holds a training worker")
+
+
+def test_a_submitted_elastic_job_survives_a_lost_node_tracked_through_the_server(running):
+    """The training job through `ray job submit --working-dir .`, and the node-loss drill: the
+    cluster has a head and two worker nodes of 2 CPUs; the job asks train.num_workers [1, 3] of
+    2 CPUs each, so it starts on all three nodes. After epoch 2 a worker node is SIGKILLed (its
+    `ray start`, raylet and training worker, by PID, no notice); the run goes on with two
+    workers from its newest checkpoint; the node is started again and the run grows back to
+    three. One MLflow run, each epoch once with the world size it ran on, a tag per resize, the
+    model evaluated and registered, every request authenticated, and the password nowhere."""
     from mlflow import MlflowClient
 
+    from mvtcae.cluster.process_trees import spawn
+    from mvtcae.cluster.state import save_state
+    from mvtcae.storage.processes import descendants, signal_all
+
     spec, env, up_output = running
-    _write_tiny_dataset(spec.storage_dir / "data" / "tiny")
+    _write_tiny_dataset(spec.storage_dir / "data" / "tiny", n_train=2400)
+    run_root = spec.storage_dir / "ray_results"
+    entrypoint = _training_entrypoint(
+        spec.storage_dir,
+        f"train.epochs={EPOCHS}",
+        "train.num_workers=[1, 3]",
+        "train.resources_per_worker={CPU: 2}",
+        "train.threads_per_worker=1",
+        "train.elastic_resize_check_s=2",
+        "train.worker_start_timeout_s=10",
+        "train.max_failures=3",
+    )
     submission_id = f"train-{uuid.uuid4().hex[:8]}"
-    entrypoint = _training_entrypoint(spec.storage_dir)
     server_log = spec.log_dir / "mlflow.log"
     logged_before = len(server_log.read_bytes())
     submitted = _cli(
@@ -225,6 +293,32 @@ def test_submitted_training_job_is_tracked_through_the_server(running):
     )
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     assert "--working-dir=." in submitted.stdout
+
+    # The drill.
+    three_after_two = lambda state: state["epoch"] >= 2 and state["world_size"] == 3  # noqa: E731
+    _wait_for_state(run_root, three_after_two, spec, submission_id)
+    victim = _node_holding_a_training_worker(spec)
+    signal_all({victim["pid"], *descendants(victim["pid"])}, signal.SIGKILL)
+    killed_at = time.monotonic()
+    state, shrunk_at = _wait_for_state(
+        run_root, lambda s: s["world_size"] == 2, spec, submission_id
+    )
+    # The node comes back: the same `ray start`, recorded in place of the dead one.
+    records = json.loads(spec.state_file.read_text())["processes"]
+    index = next(i for i, r in enumerate(records) if r["name"] == victim["name"])
+    records[index] = spawn(victim["name"], victim["argv"], cluster.client_env(spec), spec)
+    save_state(spec, records)
+    back_at = time.monotonic()
+    _, grown_at = _wait_for_state(
+        run_root,
+        lambda s: s["world_size"] == 3 and s["epoch"] > state["epoch"],
+        spec,
+        submission_id,
+    )
+    print(
+        f"drill: lost node -> training on 2 workers in {shrunk_at - killed_at:.0f} s; "
+        f"node back -> 3 workers in {grown_at - back_at:.0f} s"
+    )
 
     info = _wait_for_job(spec, submission_id)
     logs = cluster.http_get(
@@ -240,7 +334,7 @@ def test_submitted_training_job_is_tracked_through_the_server(running):
     # Workers reach this cluster's state API, not whichever Ray they would find on the host.
     assert "Found multiple active Ray instances" not in logs
     # Train V2's patched print would tee each worker line twice; the epoch line comes once.
-    assert logs.count("[mvtcae] epoch 1/1 ") == 1, logs[-6000:]
+    assert logs.count(f"[mvtcae] epoch 1/{EPOCHS} ") == 1, logs[-6000:]
 
     with _mlflow_login(spec):
         client = MlflowClient(tracking_uri=spec.mlflow_uri, registry_uri=spec.mlflow_uri)
@@ -248,16 +342,23 @@ def test_submitted_training_job_is_tracked_through_the_server(running):
         assert experiment is not None
         (run,) = client.search_runs([experiment.experiment_id])
         assert run.info.status == "FINISHED"
-        assert run.data.params["train.epochs"] == "1"
+        assert run.data.params["train.epochs"] == str(EPOCHS)
         assert "val/loss" in run.data.metrics and "eval/joint_nll" in run.data.metrics
-        assert len(client.get_metric_history(run.info.run_id, "val/loss")) == 1
+        for key in ("train/loss", "val/loss", "train/world_size"):
+            steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+            assert steps == list(range(1, EPOCHS + 1)), (key, steps)
+        history = client.get_metric_history(run.info.run_id, "train/world_size")
+        sizes = [int(m.value) for m in sorted(history, key=lambda m: m.step)]
+        assert [n for i, n in enumerate(sizes) if i == 0 or sizes[i - 1] != n] == [3, 2, 3], sizes
+        resizes = sorted(v for k, v in run.data.tags.items() if k.startswith("mvtcae.resize."))
+        assert resizes == ["2 -> 3 workers", "3 -> 2 workers"], resizes
         (version,) = client.search_model_versions(f"name='{REGISTERED_MODEL}'")
         assert version.run_id == run.info.run_id and version.status == "READY"
         champion = client.get_model_version_by_alias(REGISTERED_MODEL, "champion")
         assert champion.version == version.version
     # Artifacts went through the server into its store, checkpoints into the shared storage.
     assert any((spec.mlflow_dir / "artifacts").rglob("MLmodel"))
-    assert any((spec.storage_dir / "ray_results").rglob("checkpoint_epoch_0001"))
+    assert any(run_root.rglob(f"checkpoint_epoch_{EPOCHS:04d}"))
 
     # The password is in none of what the cluster and the job showed or wrote down.
     _, password = cluster.mlflow_credentials(spec)
@@ -271,7 +372,7 @@ def test_submitted_training_job_is_tracked_through_the_server(running):
         "`submit` output": submitted.stdout + submitted.stderr,
         "job logs": logs,
         "job record (runtime env)": job_record,
-        **_files_text(spec.log_dir, spec.head_temp_dir, spec.node_temp_dir),
+        **_files_text(spec.log_dir, *spec.temp_dirs),
     }
     runtime_env = json.loads(job_record)["runtime_env"]
     assert runtime_env["env_vars"]["MVTCAE_MLFLOW_CREDENTIALS_FILE"] == str(
@@ -284,7 +385,7 @@ def test_submitted_training_job_is_tracked_through_the_server(running):
 def test_down_stops_every_process_it_started(running):
     spec, env, _ = running
     recorded = [p["pid"] for p in json.loads(spec.state_file.read_text())["processes"]]
-    assert len(recorded) == 3
+    assert len(recorded) == 4  # MLflow and three Ray nodes (one of them restarted by the drill)
     down = _cli(env, "down", timeout=120)
     assert down.returncode == 0, down.stdout + down.stderr
     assert all(proc_stat(pid) is None for pid in recorded)

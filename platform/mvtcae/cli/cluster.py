@@ -1,12 +1,14 @@
 """``mvtcae cluster``: a local Ray cluster with an MLflow server, for trying ``ray job submit``.
 
-``up`` starts a Ray head, a second Ray node and an MLflow server (basic auth) on 127.0.0.1;
+``up`` starts a Ray head, one or more Ray worker nodes (``--worker-nodes``) and an MLflow server
+(basic auth) on 127.0.0.1;
 ``down`` stops exactly what ``up`` started, by PID; ``status`` and ``env`` show it; ``submit``
 runs ``ray job submit --working-dir .`` against it. See `mvtcae.cluster`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shlex
 import signal
@@ -49,9 +51,18 @@ def cluster_command() -> None:
 
 
 @cluster_command.command("up")
-def up_command() -> None:
-    """Start the Ray head, a second node and the MLflow server."""
+@click.option(
+    "--worker-nodes",
+    type=click.IntRange(1, cluster.MAX_WORKER_NODES),
+    default=None,
+    help=f"Ray nodes that join the head (default ${cluster.WORKER_NODES_ENV}, else 1): a "
+    "multi-node cluster on one host, for elastic training and node-loss drills",
+)
+def up_command(worker_nodes: int | None) -> None:
+    """Start the Ray head, its worker nodes and the MLflow server."""
     spec = _spec()
+    if worker_nodes is not None:
+        spec = dataclasses.replace(spec, worker_nodes=worker_nodes)
     # Terminated half-way, `up` stops what it started, as on Ctrl-C.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -87,7 +98,9 @@ def status_command() -> None:
         sys.exit(1)
     for r in records:
         click.echo(f"{r['name']:<10} pid {r['pid']:<8} log {r['log']}")
-    click.echo(f"Ray nodes alive: {cluster.alive_nodes(spec, cluster.read_token(spec))}")
+    started = sum(1 for r in records if r["name"].startswith("ray-"))
+    alive = cluster.alive_nodes(spec, cluster.read_token(spec))
+    click.echo(f"Ray nodes alive: {alive} of {started} started")
     click.echo(f"dashboard / job API: {spec.dashboard_url}   MLflow: {spec.mlflow_uri}")
     click.echo(f"MLflow login: {cluster.MLFLOW_ADMIN}, password in {spec.mlflow_credentials_path}")
     click.echo(f"checkpoint storage: {spec.storage_dir}")

@@ -1,7 +1,8 @@
 """A local multi-node Ray cluster with an MLflow server, stopped by PID, and job submission.
 
-``make cluster-up`` starts a Ray head, a second Ray node and ``mlflow server`` on this machine,
-each in its own process session, and records their PIDs in ``.cluster/state.json``;
+``make cluster-up`` starts a Ray head, one or more Ray worker nodes (``WORKER_NODES=N``) and
+``mlflow server`` on this machine, each in its own process session, and records their PIDs in
+``.cluster/state.json``;
 ``make cluster-down`` stops exactly those process trees (``ray stop`` would kill every Ray process
 on the machine). Everything listens on 127.0.0.1 on non-default ports. Ray's token authentication
 is on, with a token of this cluster's own in ``.cluster/auth_token``, and the MLflow server runs
@@ -28,12 +29,21 @@ from mvtcae.cluster.credentials import (
 from mvtcae.cluster.environment import client_env, client_exports, mlflow_server_env, runtime_env
 from mvtcae.cluster.health import alive_nodes, busy_ports, http_get, mlflow_experiments_url
 from mvtcae.cluster.process_trees import stop_process_trees, stop_strays, strays
-from mvtcae.cluster.spec import PROJECT_DIR_ENV, ClusterError, ClusterSpec, default_spec
+from mvtcae.cluster.spec import (
+    MAX_WORKER_NODES,
+    PROJECT_DIR_ENV,
+    WORKER_NODES_ENV,
+    ClusterError,
+    ClusterSpec,
+    default_spec,
+)
 from mvtcae.cluster.state import running_processes
 
 __all__ = [
+    "MAX_WORKER_NODES",
     "MLFLOW_ADMIN",
     "PROJECT_DIR_ENV",
+    "WORKER_NODES_ENV",
     "ClusterError",
     "ClusterSpec",
     "alive_nodes",

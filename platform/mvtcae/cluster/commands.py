@@ -18,7 +18,7 @@ def console_script(name: str) -> str:
 
 def ray_start_argv(spec: ClusterSpec, index: int) -> list[str]:
     """``ray start --block`` for node ``index`` (0: the head)."""
-    temp_dir = spec.head_temp_dir if index == 0 else spec.node_temp_dir
+    temp_dir = spec.temp_dir(index)
     argv = [
         console_script("ray"),
         "start",

@@ -3,6 +3,7 @@ and ``submit``."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shlex
 import subprocess
@@ -31,6 +32,7 @@ def clear_stale(spec: ClusterSpec) -> list[int]:
     dirs) and removes its state file.
     """
     state = load_state(spec)
+    spec = as_recorded(spec, state)
     records = (state or {}).get("processes", [])
     if alive := [r for r in records if is_running(r)]:
         listing = ", ".join(f"{r['name']} pid {r['pid']}" for r in alive)
@@ -76,12 +78,13 @@ def _tail(path: str, lines: int = 20) -> str:
 
 
 def up(spec: ClusterSpec, timeout_s: float = 180.0) -> dict[str, Any]:
-    """Start head, second node and MLflow server; return the state. Stops all of it on failure.
+    """Start the head, ``spec.worker_nodes`` more nodes and the MLflow server; return the state.
+    Stops all of it on failure.
 
     A cluster from an earlier `up` that still runs is refused; what one left behind is stopped
     first (`clear_stale`).
     """
-    for path in (spec.head_temp_dir, spec.node_temp_dir):
+    for path in spec.temp_dirs:
         # Ray's Unix sockets live under the temp dir; their paths are limited to ~107 bytes.
         if len(str(path)) > 40:
             raise ClusterError(f"temp dir {path} is too long for Ray's socket paths")
@@ -108,8 +111,14 @@ def up(spec: ClusterSpec, timeout_s: float = 180.0) -> dict[str, Any]:
         start("mlflow", mlflow_server_argv(spec), mlflow_server_env(spec))
         start("ray-head", ray_start_argv(spec, 0), env)
         _wait("the Ray head", lambda: alive_nodes(spec, token) >= 1, timeout_s, records)
-        start("ray-node2", ray_start_argv(spec, 1), env)
-        _wait("the second Ray node", lambda: alive_nodes(spec, token) >= 2, timeout_s, records)
+        for index in range(1, spec.worker_nodes + 1):
+            start(f"ray-node{index + 1}", ray_start_argv(spec, index), env)
+            _wait(
+                f"Ray node {index + 1}",
+                lambda n=index + 1: alive_nodes(spec, token) >= n,
+                timeout_s,
+                records,
+            )
         _wait(
             "the MLflow server",
             lambda: http_get(f"{spec.mlflow_uri}/health")[0] == 200,
@@ -123,9 +132,18 @@ def up(spec: ClusterSpec, timeout_s: float = 180.0) -> dict[str, Any]:
     return load_state(spec) or {}
 
 
+def as_recorded(spec: ClusterSpec, state: dict[str, Any] | None) -> ClusterSpec:
+    """``spec`` with as many worker nodes as the recorded cluster started (its temp dirs are
+    then all searched for strays, whatever this command was told)."""
+    names = [r.get("name", "") for r in (state or {}).get("processes", [])]
+    recorded = sum(1 for n in names if n.startswith("ray-node"))
+    return dataclasses.replace(spec, worker_nodes=max(recorded, spec.worker_nodes))
+
+
 def down(spec: ClusterSpec) -> list[int]:
     """Stop the recorded processes and anything left that runs in this cluster's temp dirs."""
     state = load_state(spec)
+    spec = as_recorded(spec, state)
     stopped = stop_process_trees((state or {}).get("processes", []))
     # Processes re-parented away from the recorded trees (a detached job driver) still name
     # this cluster's temp dirs in their command line or working directory.

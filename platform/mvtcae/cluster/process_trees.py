@@ -27,7 +27,7 @@ from mvtcae.storage.processes import (
 
 def strays(spec: ClusterSpec) -> list[int]:
     """Processes that still belong to this cluster (by its temp dirs), if any."""
-    dirs = [spec.head_temp_dir, spec.node_temp_dir]
+    dirs = spec.temp_dirs
     me = os.getpid()
     return sorted(p for p in all_pids() if p != me and belongs_to(p, dirs))
 

@@ -29,6 +29,10 @@ def project_dir() -> Path:
     )
 
 
+MAX_WORKER_NODES = 8  # ten ports per node from +10 stay below the worker ports at +100
+WORKER_NODES_ENV = "MVTCAE_CLUSTER_WORKER_NODES"
+
+
 class ClusterError(UserError, RuntimeError):
     """The local cluster cannot start, be reached or be stopped; the message says what to do."""
 
@@ -39,7 +43,9 @@ class ClusterSpec:
 
     Ports come from one block starting at ``port_base``: GCS, Ray client and the autoscaler's
     and dashboard's metrics (+0, +1, +6, +7), ten per node from +10 (node manager, object
-    manager, agents, metrics), then 100 worker ports per node from +100.
+    manager, agents, metrics), then 100 worker ports per node from +100. ``worker_nodes``
+    Ray nodes join the head (1 to `MAX_WORKER_NODES`); the first keeps its temp dir in
+    ``node_temp_dir``, the k-th node of the cluster (k >= 3) in ``<node_temp_dir>-<k>``.
     """
 
     state_dir: Path
@@ -50,6 +56,24 @@ class ClusterSpec:
     mlflow_port: int = 5055
     cpus_per_node: int = 2
     object_store_bytes: int = 512 * 1024**2
+    worker_nodes: int = 1
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.worker_nodes <= MAX_WORKER_NODES:
+            raise ClusterError(
+                f"worker nodes: 1 to {MAX_WORKER_NODES} join the head, not {self.worker_nodes}"
+            )
+
+    def temp_dir(self, index: int) -> Path:
+        """Ray's temp dir of node ``index`` (0: the head)."""
+        if index == 0:
+            return self.head_temp_dir
+        return self.node_temp_dir if index == 1 else Path(f"{self.node_temp_dir}-{index + 1}")
+
+    @property
+    def temp_dirs(self) -> list[Path]:
+        """The temp dirs of every node of this cluster, head first."""
+        return [self.temp_dir(i) for i in range(self.worker_nodes + 1)]
 
     @property
     def gcs_address(self) -> str:
@@ -122,7 +146,7 @@ class ClusterSpec:
     def all_ports(self) -> list[int]:
         fixed = [self.port_base + i for i in (0, 1, 6, 7)] + [self.dashboard_port, self.mlflow_port]
         ranged = []
-        for i in (0, 1):
+        for i in range(self.worker_nodes + 1):
             p = self.node_ports(i)
             ranged += [v for k, v in p.items() if not k.endswith("worker-port")]
             ranged += range(p["min-worker-port"], p["max-worker-port"] + 1)
@@ -139,4 +163,12 @@ def default_spec() -> ClusterSpec:
         port_base=int(env("MVTCAE_CLUSTER_PORT_BASE", "16400")),
         dashboard_port=int(env("MVTCAE_CLUSTER_DASHBOARD_PORT", "18265")),
         mlflow_port=int(env("MVTCAE_CLUSTER_MLFLOW_PORT", "5055")),
+        worker_nodes=_count(env(WORKER_NODES_ENV) or "1", WORKER_NODES_ENV),
     )
+
+
+def _count(text: str, name: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ClusterError(f"{name}: expected a whole number, got {text!r}") from None
