@@ -12,6 +12,7 @@ import copy
 import json
 import os
 import re
+import shlex
 import subprocess
 import tomllib
 from collections.abc import Iterator
@@ -297,7 +298,7 @@ def test_rayjobs_match_the_long_lived_cluster():
 def test_rayjob_runs_the_repository_job(name, script, data_dir):
     (job,) = [j for j in objects_of("RayJob") if j["metadata"]["name"] == name]
     spec = job["spec"]
-    argv = spec["entrypoint"].split()
+    argv = shlex.split(spec["entrypoint"])
     assert argv[:2] == ["python", f"jobs/{script}.py"]
     config = argv[argv.index("--config") + 1]
     for relative in (argv[1], config):
@@ -316,6 +317,28 @@ def test_rayjob_runs_the_repository_job(name, script, data_dir):
     assert {"/.git/", "/.venv/", "/data/", "/mlruns/", "*.db", "/checkpoints/"} <= set(
         runtime_env["excludes"]
     )
+
+
+def test_the_elastic_training_job_and_its_gpu_group_agree():
+    """The training RayJob's train.num_workers [min, max] is its GPU worker group's
+    minReplicas/maxReplicas (one training worker per GPU pod), and a valid config."""
+    from mvtcae.config import load_config
+
+    (job,) = [j for j in objects_of("RayJob") if j["metadata"]["name"] == "mvtcae-train"]
+    argv = shlex.split(job["spec"]["entrypoint"])
+    sets = [argv[i + 1] for i, word in enumerate(argv) if word == "--set"]
+    (workers,) = [s for s in sets if s.startswith("train.num_workers=")]
+    cfg = load_config(REPO / argv[argv.index("--config") + 1], [workers])
+    (gpu,) = [
+        g for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"] if g["groupName"] == "gpu"
+    ]
+    assert cfg.train.elastic
+    assert (gpu["minReplicas"], gpu["maxReplicas"]) == (
+        cfg.train.min_workers,
+        cfg.train.max_workers,
+    )
+    assert gpu["minReplicas"] <= gpu["replicas"] <= gpu["maxReplicas"]
+    assert cfg.train.resources_per_worker["GPU"] == 1
 
 
 # --- secure defaults ---------------------------------------------------------------------------
