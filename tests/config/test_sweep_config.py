@@ -97,3 +97,18 @@ def test_single_worker_trials_train_in_process_unless_told_otherwise(tmp_path):
         load_sweep_config(mfeat, ["tune.trials_in_process=true", "train.num_workers=2"])
     with pytest.raises(ConfigError, match=r"no train\.num_workers in tune\.space"):
         load_sweep_config(_write(tmp_path, {"space": searched, "trials_in_process": True}), one)
+
+
+def test_elastic_trials_train_in_worker_groups_with_their_range():
+    """``train.num_workers: [min, max]`` in a sweep: every trial's Train run is elastic with that
+    range, so trials train in worker groups of their own, never in the trial's process."""
+    from mvtcae.config.sweep import trial_config, trials_in_process
+    from mvtcae.training import scaling_config
+
+    mfeat = REPO / "jobs" / "configs" / "tune_mfeat.yaml"
+    spec = load_sweep_config(mfeat, ["train.num_workers=[1, 2]", "train.use_gpu=false"])
+    assert not trials_in_process(spec)
+    trial = trial_config(spec.experiment.to_dict(), {"model.beta": 1.0})
+    assert scaling_config(trial.train).num_workers == (1, 2)
+    with pytest.raises(ConfigError, match=r"trials_in_process: true needs train\.num_workers 1"):
+        load_sweep_config(mfeat, ["tune.trials_in_process=true", "train.num_workers=[1, 2]"])
