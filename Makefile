@@ -93,7 +93,7 @@ clean: ## Remove the virtual environment and caches
 
 .PHONY: help install test lint bench-model bench-data demo bench-train bench-tune bench-overhead bench-scaling bench-learning reproduce clean mlflow-ui ray-dashboard optuna-dashboard tune serve
 
-# --- Ray cluster: a local head + second node + MLflow server, and job submission -------------
+# --- Ray cluster: a local head + WORKER_NODES nodes + MLflow server, and job submission -------
 # (docs/cluster.md). Everything binds to 127.0.0.1; processes are stopped by their PIDs.
 CLUSTER_DIR ?= $(CURDIR)/.cluster
 CLUSTER := MVTCAE_CLUSTER_DIR=$(CLUSTER_DIR) $(BIN)/mvtcae cluster
@@ -111,12 +111,12 @@ cluster-down: ## Stop exactly what cluster-up started, by PID
 cluster-status: ## Show the local cluster's processes, nodes and addresses
 	$(CLUSTER) status
 
-submit-train: install ## ray job submit jobs/train.py to the local cluster (TRAIN_CONFIG=...)
-	$(CLUSTER) submit -- python jobs/train.py --config $(TRAIN_CONFIG) $(SUBMIT_SET)
+submit-train: install ## ray job submit jobs/train.py to the local cluster (TRAIN_CONFIG=..., ARGS="--set ...")
+	$(CLUSTER) submit -- python jobs/train.py --config $(TRAIN_CONFIG) $(SUBMIT_SET) $(ARGS)
 
-submit-tune: install ## ray job submit jobs/tune.py to the local cluster (TUNE_CONFIG=...)
+submit-tune: install ## ray job submit jobs/tune.py to the local cluster (TUNE_CONFIG=..., ARGS="--set ...")
 	$(CLUSTER) submit -- python jobs/tune.py --config $(TUNE_CONFIG) $(SUBMIT_SET) \
-		--set tune.storage=sqlite:///$(CLUSTER_DIR)/storage/optuna.db
+		--set tune.storage=sqlite:///$(CLUSTER_DIR)/storage/optuna.db $(ARGS)
 
 test-cluster: install ## Run only the infra manifest and local-cluster tests
 	$(BIN)/pytest -q --timeout=900 tests/infra tests/cluster
