@@ -75,6 +75,53 @@ def test_more_worker_nodes_keep_their_ports_and_temp_dirs_apart(spec):
             dataclasses.replace(spec, worker_nodes=bad)
 
 
+def test_kill_node_and_start_node_name_what_is_wrong(spec):
+    """The drill commands refuse an unknown node, a dead node to kill and a live node to start,
+    naming the node; `start-node` keeps the dead node's logs and replaces its record by the new
+    process."""
+    spec.state_dir.mkdir(parents=True)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        alive = {"name": "ray-node2", "pid": sleeper.pid, "start_time": proc_stat(sleeper.pid)[2]}
+        dead = {
+            "name": "ray-node3",
+            "pid": 999999,
+            "start_time": 1,
+            "log": "x",
+            "argv": [sys.executable, "-c", "import time; time.sleep(60)"],
+        }
+        save_state(spec, [alive, dead])
+        with pytest.raises(cluster.ClusterError, match="no worker node 4 .*2, 3"):
+            cluster.kill_node(spec, 4)
+        with pytest.raises(cluster.ClusterError, match="worker node 3 is not running"):
+            cluster.kill_node(spec, 3)
+        with pytest.raises(cluster.ClusterError, match="worker node 2 is running"):
+            cluster.start_node(spec, 2)
+        assert sleeper.pid in cluster.kill_node(spec, 2)
+        assert sleeper.wait(timeout=10) == -9
+        # The dead node's temp dir (its workers' logs) moves into the cluster's log dir, so that
+        # Ray does not send those logs to the jobs a second time when the node joins again.
+        old_logs = spec.temp_dir(2) / "session_latest" / "logs"
+        old_logs.mkdir(parents=True)
+        (old_logs / "worker.out").write_text("epoch 1/40\n")
+        record = cluster.start_node(spec, 3)
+        assert not spec.temp_dir(2).exists()
+        (kept,) = spec.log_dir.glob("ray-node3-lost-*")
+        assert (kept / "session_latest" / "logs" / "worker.out").read_text() == "epoch 1/40\n"
+        try:
+            assert [r["name"] for r in cluster.recorded_processes(spec)] == [
+                "ray-node2",
+                "ray-node3",
+            ]
+            assert cluster.recorded_processes(spec)[1]["pid"] == record["pid"] != 999999
+            assert [r["pid"] for r in cluster.running_processes(spec)] == [record["pid"]]
+        finally:
+            cluster.stop_process_trees([record], grace_s=1)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
 def test_ray_start_commands_keep_nodes_apart_and_dashboard_local(spec):
     head, node = cluster.ray_start_argv(spec, 0), cluster.ray_start_argv(spec, 1)
     assert "--head" in head and "--dashboard-host=127.0.0.1" in head

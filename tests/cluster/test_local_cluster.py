@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import stat
 import time
 import urllib.request
@@ -261,16 +260,12 @@ def _node_holding_a_training_worker(spec) -> dict:
 def test_a_submitted_elastic_job_survives_a_lost_node_tracked_through_the_server(running):
     """The training job through `ray job submit --working-dir .`, and the node-loss drill: the
     cluster has a head and two worker nodes of 2 CPUs; the job asks train.num_workers [1, 3] of
-    2 CPUs each, so it starts on all three nodes. After epoch 2 a worker node is SIGKILLed (its
-    `ray start`, raylet and training worker, by PID, no notice); the run goes on with two
-    workers from its newest checkpoint; the node is started again and the run grows back to
-    three. One MLflow run, each epoch once with the world size it ran on, a tag per resize, the
+    2 CPUs each, so it starts on all three nodes. After epoch 2 `mvtcae cluster kill-node`
+    SIGKILLs the worker node that holds a training worker (its `ray start`, raylet and workers,
+    by PID, no notice); the run goes on with two workers from its newest checkpoint;
+    `mvtcae cluster start-node` brings the node back and the run grows back to three. One MLflow run, each epoch once with the world size it ran on, a tag per resize, the
     model evaluated and registered, every request authenticated, and the password nowhere."""
     from mlflow import MlflowClient
-
-    from mvtcae.cluster.process_trees import spawn
-    from mvtcae.cluster.state import save_state
-    from mvtcae.storage.processes import descendants, signal_all
 
     spec, env, up_output = running
     _write_tiny_dataset(spec.storage_dir / "data" / "tiny", n_train=2400)
@@ -297,17 +292,19 @@ def test_a_submitted_elastic_job_survives_a_lost_node_tracked_through_the_server
     # The drill.
     three_after_two = lambda state: state["epoch"] >= 2 and state["world_size"] == 3  # noqa: E731
     _wait_for_state(run_root, three_after_two, spec, submission_id)
-    victim = _node_holding_a_training_worker(spec)
-    signal_all({victim["pid"], *descendants(victim["pid"])}, signal.SIGKILL)
+    node = _node_holding_a_training_worker(spec)["name"].removeprefix("ray-node")
+    print(_cli(env, "status").stdout)  # the closing note of issue 24 quotes it
+    killed = _cli(env, "kill-node", node)
+    assert killed.returncode == 0, killed.stdout + killed.stderr
     killed_at = time.monotonic()
+    status = _cli(env, "status").stdout
+    assert f"ray-node{node}" in status and "(exited)" in status, status
     state, shrunk_at = _wait_for_state(
         run_root, lambda s: s["world_size"] == 2, spec, submission_id
     )
     # The node comes back: the same `ray start`, recorded in place of the dead one.
-    records = json.loads(spec.state_file.read_text())["processes"]
-    index = next(i for i, r in enumerate(records) if r["name"] == victim["name"])
-    records[index] = spawn(victim["name"], victim["argv"], cluster.client_env(spec), spec)
-    save_state(spec, records)
+    started = _cli(env, "start-node", node)
+    assert started.returncode == 0, started.stdout + started.stderr
     back_at = time.monotonic()
     _, grown_at = _wait_for_state(
         run_root,

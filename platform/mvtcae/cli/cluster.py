@@ -3,7 +3,8 @@
 ``up`` starts a Ray head, one or more Ray worker nodes (``--worker-nodes``) and an MLflow server
 (basic auth) on 127.0.0.1;
 ``down`` stops exactly what ``up`` started, by PID; ``status`` and ``env`` show it; ``submit``
-runs ``ray job submit --working-dir .`` against it. See `mvtcae.cluster`.
+runs ``ray job submit --working-dir .`` against it; ``kill-node`` and ``start-node`` take a
+worker node away with no notice and bring it back (node-loss drills). See `mvtcae.cluster`.
 """
 
 from __future__ import annotations
@@ -96,14 +97,39 @@ def status_command() -> None:
     if not records:
         click.echo(f"no local cluster running from {spec.state_dir}")
         sys.exit(1)
-    for r in records:
-        click.echo(f"{r['name']:<10} pid {r['pid']:<8} log {r['log']}")
-    started = sum(1 for r in records if r["name"].startswith("ray-"))
+    recorded = cluster.recorded_processes(spec)
+    for r in recorded:
+        state = "" if r in records else "  (exited)"
+        click.echo(f"{r['name']:<10} pid {r['pid']:<8} log {r['log']}{state}")
+    started = sum(1 for r in recorded if r["name"].startswith("ray-"))
     alive = cluster.alive_nodes(spec, cluster.read_token(spec))
     click.echo(f"Ray nodes alive: {alive} of {started} started")
     click.echo(f"dashboard / job API: {spec.dashboard_url}   MLflow: {spec.mlflow_uri}")
     click.echo(f"MLflow login: {cluster.MLFLOW_ADMIN}, password in {spec.mlflow_credentials_path}")
     click.echo(f"checkpoint storage: {spec.storage_dir}")
+
+
+@cluster_command.command("kill-node")
+@click.argument("node", type=click.IntRange(2, cluster.MAX_WORKER_NODES + 1))
+def kill_node_command(node: int) -> None:
+    """SIGKILL worker NODE (2: the first after the head) with no notice, as a lost machine:
+    its `ray start`, raylet and workers, by PID. A drill: see `start-node`."""
+    try:
+        pids = cluster.kill_node(_spec(), node)
+    except cluster.ClusterError as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"killed worker node {node}: {len(pids)} processes")
+
+
+@cluster_command.command("start-node")
+@click.argument("node", type=click.IntRange(2, cluster.MAX_WORKER_NODES + 1))
+def start_node_command(node: int) -> None:
+    """Start worker NODE again with the command `up` started it with."""
+    try:
+        record = cluster.start_node(_spec(), node)
+    except cluster.ClusterError as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"started worker node {node}: pid {record['pid']}")
 
 
 @cluster_command.command("env")

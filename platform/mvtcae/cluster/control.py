@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shlex
+import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -19,6 +21,7 @@ from mvtcae.cluster.health import alive_nodes, busy_ports, check_mlflow_auth, ht
 from mvtcae.cluster.process_trees import is_running, spawn, stop_process_trees, stop_strays
 from mvtcae.cluster.spec import ClusterError, ClusterSpec, project_dir
 from mvtcae.cluster.state import load_state, running_processes, save_state
+from mvtcae.storage.processes import descendants, signal_all
 
 _log = logging.getLogger(__name__)
 
@@ -152,6 +155,59 @@ def down(spec: ClusterSpec) -> list[int]:
     finally:
         spec.state_file.unlink(missing_ok=True)
     return sorted(stopped)
+
+
+def _node_record(state: dict[str, Any] | None, node: int) -> tuple[int, dict[str, Any]]:
+    """Where in the state's processes worker node ``node`` (2: the first after the head) is."""
+    records = (state or {}).get("processes", [])
+    name = f"ray-node{node}"
+    for index, record in enumerate(records):
+        if record["name"] == name:
+            return index, record
+    nodes = sorted(
+        r["name"].removeprefix("ray-node")
+        for r in records
+        if r["name"] != "ray-head" and r["name"].startswith("ray-node")
+    )
+    raise ClusterError(
+        f"no worker node {node} in this cluster (its worker nodes: {', '.join(nodes) or 'none'}; "
+        "node 1 is the head)"
+    )
+
+
+def kill_node(spec: ClusterSpec, node: int) -> list[int]:
+    """SIGKILL worker node ``node`` at once, with no notice: its ``ray start``, raylet and every
+    process below it, by PID (a machine that vanished). Returns the PIDs signalled; the record
+    stays, so that `start_node` and `down` still know the node."""
+    _, record = _node_record(load_state(spec), node)
+    if not is_running(record):
+        raise ClusterError(f"worker node {node} is not running (pid {record['pid']} has exited)")
+    pids = {record["pid"], *descendants(record["pid"])}
+    signal_all(pids, signal.SIGKILL)
+    return sorted(pids)
+
+
+def start_node(spec: ClusterSpec, node: int) -> dict[str, Any]:
+    """Start worker node ``node`` again (after `kill_node` or a crash) with the command it was
+    started with, recorded in place of the dead process. Returns the new record.
+
+    The dead node's Ray temp dir is moved into the cluster's log dir first: a node that joins
+    with the old one would have Ray's log monitor send the dead workers' output to the jobs'
+    logs a second time (seen in the node-loss drill: epoch lines of a killed rank 0 twice).
+    """
+    state = load_state(spec)
+    index, record = _node_record(state, node)
+    if is_running(record):
+        raise ClusterError(f"worker node {node} is running (pid {record['pid']})")
+    temp_dir = spec.temp_dir(node - 1)
+    if temp_dir.exists():
+        kept = spec.log_dir / f"{record['name']}-lost-{time.strftime('%Y%m%d-%H%M%S')}"
+        shutil.move(temp_dir, kept)
+        _log.info("the lost node's Ray logs: %s", kept)
+    records = list((state or {}).get("processes", []))
+    records[index] = spawn(record["name"], record["argv"], client_env(spec), spec)
+    save_state(spec, records)
+    return records[index]
 
 
 def submit(

@@ -40,7 +40,11 @@ def save_state(spec: ClusterSpec, processes: list[dict[str, Any]]) -> None:
     tmp.replace(spec.state_file)
 
 
+def recorded_processes(spec: ClusterSpec) -> list[dict[str, Any]]:
+    """Every process `up` (or `start-node`) recorded, running or not."""
+    return list((load_state(spec) or {}).get("processes", []))
+
+
 def running_processes(spec: ClusterSpec) -> list[dict[str, Any]]:
     """The recorded processes that still run."""
-    state = load_state(spec)
-    return [p for p in (state or {}).get("processes", []) if is_running(p)]
+    return [p for p in recorded_processes(spec) if is_running(p)]
