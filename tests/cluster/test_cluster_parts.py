@@ -73,6 +73,11 @@ def test_more_worker_nodes_keep_their_ports_and_temp_dirs_apart(spec):
     for bad in (0, cluster.MAX_WORKER_NODES + 1):
         with pytest.raises(cluster.ClusterError, match="worker nodes"):
             dataclasses.replace(spec, worker_nodes=bad)
+    with (
+        mock.patch.dict(os.environ, {cluster.WORKER_NODES_ENV: "two"}),
+        pytest.raises(cluster.ClusterError, match="MVTCAE_CLUSTER_WORKER_NODES: expected a whole"),
+    ):
+        cluster.default_spec()
 
 
 def test_kill_node_and_start_node_name_what_is_wrong(spec):

@@ -14,6 +14,8 @@ import logging
 import shlex
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import click
 
@@ -38,11 +40,18 @@ def _log_to_stderr() -> None:
     log.propagate = False
 
 
-def _spec() -> cluster.ClusterSpec:
+@contextmanager
+def _cluster_errors() -> Iterator[None]:
+    """A ClusterError as click's one-line error (exit 1)."""
     try:
-        return cluster.default_spec()
+        yield
     except cluster.ClusterError as err:
         raise click.ClickException(str(err)) from None
+
+
+def _spec() -> cluster.ClusterSpec:
+    with _cluster_errors():
+        return cluster.default_spec()
 
 
 @click.group("cluster")
@@ -67,9 +76,8 @@ def up_command(worker_nodes: int | None) -> None:
     # Terminated half-way, `up` stops what it started, as on Ctrl-C.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        state = cluster.up(spec)
-    except cluster.ClusterError as err:
-        raise click.ClickException(str(err)) from None
+        with _cluster_errors():
+            state = cluster.up(spec)
     except KeyboardInterrupt:
         click.echo("interrupted; stopped what it had started", err=True)
         sys.exit(130)
@@ -82,10 +90,8 @@ def up_command(worker_nodes: int | None) -> None:
 @cluster_command.command("down")
 def down_command() -> None:
     """Stop exactly what `up` started, by PID."""
-    try:
+    with _cluster_errors():
         stopped = cluster.down(_spec())
-    except cluster.ClusterError as err:
-        raise click.ClickException(str(err)) from None
     click.echo(f"stopped {len(stopped)} processes" if stopped else "nothing was running")
 
 
@@ -114,10 +120,8 @@ def status_command() -> None:
 def kill_node_command(node: int) -> None:
     """SIGKILL worker NODE (2: the first after the head) with no notice, as a lost machine:
     its `ray start`, raylet and workers, by PID. A drill: see `start-node`."""
-    try:
+    with _cluster_errors():
         pids = cluster.kill_node(_spec(), node)
-    except cluster.ClusterError as err:
-        raise click.ClickException(str(err)) from None
     click.echo(f"killed worker node {node}: {len(pids)} processes")
 
 
@@ -125,10 +129,8 @@ def kill_node_command(node: int) -> None:
 @click.argument("node", type=click.IntRange(2, cluster.MAX_WORKER_NODES + 1))
 def start_node_command(node: int) -> None:
     """Start worker NODE again with the command `up` started it with."""
-    try:
+    with _cluster_errors():
         record = cluster.start_node(_spec(), node)
-    except cluster.ClusterError as err:
-        raise click.ClickException(str(err)) from None
     click.echo(f"started worker node {node}: pid {record['pid']}")
 
 
@@ -152,10 +154,8 @@ def submit_command(submission_id: str | None, no_wait: bool, entrypoint: tuple[s
     args = list(entrypoint)
     args = args[1:] if args[:1] == ["--"] else args
     spec = _spec()
-    try:
+    with _cluster_errors():
         # The command line is part of what the user asked for: show it as ray's own CLI would.
         click.echo("+ " + shlex.join(cluster.submit_argv(spec, args, submission_id, not no_wait)))
         code = cluster.submit(spec, args, submission_id, wait=not no_wait)
-    except cluster.ClusterError as err:
-        raise click.ClickException(str(err)) from None
     sys.exit(code)

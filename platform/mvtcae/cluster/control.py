@@ -164,11 +164,7 @@ def _node_record(state: dict[str, Any] | None, node: int) -> tuple[int, dict[str
     for index, record in enumerate(records):
         if record["name"] == name:
             return index, record
-    nodes = sorted(
-        r["name"].removeprefix("ray-node")
-        for r in records
-        if r["name"] != "ray-head" and r["name"].startswith("ray-node")
-    )
+    nodes = sorted(r["name"].removeprefix("ray-node") for r in records if "node" in r["name"])
     raise ClusterError(
         f"no worker node {node} in this cluster (its worker nodes: {', '.join(nodes) or 'none'}; "
         "node 1 is the head)"

@@ -111,12 +111,10 @@ def check_dataset(
     )
 
 
-def requested_resources(
-    cfg: TrainSection, workers: int | None = None
-) -> tuple[dict[str, float], dict[str, str]]:
-    """The CPUs and GPUs ``workers`` workers of ``cfg`` hold (default: the fewest the run
-    trains with), and the settings that ask for each."""
-    workers = cfg.min_workers if workers is None else workers
+def requested_resources(cfg: TrainSection) -> tuple[dict[str, float], dict[str, str]]:
+    """The CPUs and GPUs the fewest workers ``cfg`` trains with hold, and the settings that ask
+    for each."""
+    workers = cfg.min_workers
     setting = "train.num_workers " + (f"min {workers}" if cfg.elastic else str(workers))
     gpus_asked = cfg.use_gpu is True or (cfg.use_gpu is None and ray_session.machine_gpus() > 0)
     per_worker = worker_resources(cfg, gpus_asked)
