@@ -26,10 +26,11 @@ logger = logging.getLogger(__name__)
 
 
 RESUMED_AFTER_KEY = "train/resumed_after_epoch"
+"""Logged at the epoch a run restored from (once per epoch, however often it restored there)."""
 WORLD_SIZE_KEY = "train/world_size"
 """The number of workers an epoch ran on (an elastic run's changes at a restart)."""
 RESIZE_TAG_PREFIX = "mvtcae.resize.after_epoch_"
-"""Logged at the epoch a run restored from (once per epoch, however often it restored there)."""
+"""A run's tag for each restart on another number of workers: ``<prefix>NNNN: 3 -> 2 workers``."""
 
 
 @contextmanager
