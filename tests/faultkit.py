@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -161,29 +162,54 @@ def _cmdline(pid: int) -> str:
 
 
 def wait_for_checkpoint(
-    run_root: Path, epoch: int, command: Command, timeout_s: float = 400, registered: bool = True
+    run_root: Path,
+    epoch: int,
+    command: Command,
+    timeout_s: float = 400,
+    registered: bool = True,
+    step: int = 0,
 ) -> Path:
-    """The run directory once its epoch's checkpoint is complete (its checksums written) and,
-    with ``registered``, recorded in Ray Train's checkpoint snapshot."""
-    name = f"checkpoint_epoch_{epoch:04d}"
+    """The run directory once the checkpoint of the end of ``epoch`` (or, with ``step``, of
+    that step inside it) is complete (its checksums written) and, with ``registered``, recorded
+    in Ray Train's checkpoint snapshot (an epoch's: those inside epochs are not reported)."""
+    name = f"checkpoint_epoch_{epoch:04d}" + (f"_step_{step:06d}" if step else "")
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if command.proc.poll() is not None:
             raise AssertionError(f"{command.argv} exited early:\n{command.output()}")
         # A run that skipped a corrupt checkpoint names its own with a suffix (epoch-xxxxxx).
         for done in run_root.glob(f"*/{name}*/checksums.json"):
+            if done.parent.name != name and not done.parent.name.startswith(f"{name}-"):
+                continue  # a checkpoint inside the epoch, not the one waited for
             run_dir = done.parent.parent
             snapshot = run_dir / "checkpoint_manager_snapshot.json"
-            if not registered or (snapshot.is_file() and name in snapshot.read_text()):
+            if not registered or step or (snapshot.is_file() and name in snapshot.read_text()):
                 return run_dir
         time.sleep(0.05)
     raise AssertionError(f"no {name} after {timeout_s} s:\n{command.output()}")
 
 
-def newest_intact_epoch(run_dir: Path) -> int:
-    """The newest epoch whose checkpoint is complete on disk (0 when none is)."""
-    epochs = [
-        int(p.parent.name.split("_")[-1].split("-")[0])
+CHECKPOINT_NAME = re.compile(r"^checkpoint_epoch_(\d+)(?:_step_(\d+))?(?:-[0-9a-f]+)?$")
+
+
+def checkpoint_position(name: str) -> tuple[int, int]:
+    """(epochs done, steps of the next epoch done) of a checkpoint directory's name."""
+    match = CHECKPOINT_NAME.match(name)
+    assert match, name
+    epoch, step = int(match.group(1)), int(match.group(2) or 0)
+    return (epoch - 1, step) if step else (epoch, 0)
+
+
+def newest_intact_position(run_dir: Path) -> tuple[int, int]:
+    """(epochs done, steps of the next epoch done) of the newest complete checkpoint on disk
+    ((0, 0) when none is)."""
+    positions = [
+        checkpoint_position(p.parent.name)
         for p in run_dir.glob("checkpoint_epoch_*/checksums.json")
     ]
-    return max(epochs, default=0)
+    return max(positions, default=(0, 0))
+
+
+def newest_intact_epoch(run_dir: Path) -> int:
+    """The epochs done at the newest checkpoint complete on disk (0 when none is)."""
+    return newest_intact_position(run_dir)[0]

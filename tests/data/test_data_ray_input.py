@@ -20,9 +20,12 @@ from mvtcae.data import (
     to_model_batch,
 )
 from mvtcae.data.files import dataset_files
+from mvtcae.data.format import ID_COLUMN
 from mvtcae.data.held import HeldSplit, put_splits
 from mvtcae.data.ray_input import should_materialize
 from mvtcae.model.batch import MultimodalBatch
+from mvtcae.training.epoch_input import EpochInput
+from mvtcae.training.hosts import InProcessHost
 
 # Ray warns when it groups small shard lists into fewer read tasks than the concurrency cap.
 pytestmark = [
@@ -134,7 +137,8 @@ def test_held_splits_are_shared_and_sampled_like_a_distributed_sampler(written) 
     epochs = {}
     for epoch in (1, 2):
         shares = [
-            held.rank_rows(rank, world, shuffle=True, seed=5, epoch=epoch) for rank in range(world)
+            held.step_rows(rank, world, 10, shuffle=True, seed=5, epoch=epoch)
+            for rank in range(world)
         ]
         assert [len(s) for s in shares] == [32, 32, 32]  # equal: DDP steps in lockstep
         read, sizes = collect(b for s in shares for b in held.batches(s, 10))
@@ -143,16 +147,75 @@ def test_held_splits_are_shared_and_sampled_like_a_distributed_sampler(written) 
         epochs[epoch] = read["ids"]
     assert not np.array_equal(epochs[1], epochs[2])  # a new permutation every epoch
     # An epoch's order depends only on (seed, epoch, rank, world): what a resumed run relies on.
-    again = HeldSplit.fetch(refs["train"], manifest, "cpu").rank_rows(
-        0, world, shuffle=True, seed=5, epoch=2
+    again = HeldSplit.fetch(refs["train"], manifest, "cpu").step_rows(
+        0, world, 10, shuffle=True, seed=5, epoch=2
     )
     np.testing.assert_array_equal(collect(held.batches(again, 10))[0]["ids"], epochs[2][:32])
     # Without equal shares (validation), 24 test rows over 5 ranks: every row exactly once.
     test = HeldSplit.fetch(refs["test"], manifest, "cpu")
-    shares = [test.rank_rows(r, 5, shuffle=False, equal=False) for r in range(5)]
+    shares = [test.rank_rows(r, 5, shuffle=False) for r in range(5)]
     assert [len(s) for s in shares] == [5, 5, 5, 5, 4]
     read, _ = collect(b for s in shares for b in test.batches(s, 5))
     assert_matches_arrays(read, arrays["test"])
+
+
+def _group_steps(held: HeldSplit, world: int, batch: int, start: int) -> list[list[int]]:
+    """The sample ids of each step of the group (rank 0's batch first) in epoch 4, from
+    position ``start`` of its order."""
+    per_rank = []
+    for rank in range(world):
+        rows = held.step_rows(rank, world, batch, shuffle=True, seed=3, epoch=4, start=start)
+        per_rank.append([b.meta["sample_id"].tolist() for b in held.batches(rows, batch)])
+    return [sum((ranks[s] for ranks in per_rank), []) for s in range(len(per_rank[0]))]
+
+
+def test_a_group_restarted_inside_an_epoch_on_another_world_goes_on_where_it_stopped(
+    written,
+) -> None:
+    """The group's steps walk one permutation of the epoch from its start, so that after k
+    steps the rows trained are a prefix of it: a restart from that position, on 3 workers
+    after 2 or on the same 2, trains the remaining rows once and none of the first ones."""
+    root, _ = written
+    held = HeldSplit.fetch(
+        put_splits(dataset_files(root), ["train"])["train"], load_manifest(root), "cpu"
+    )
+    ids = held.columns[ID_COLUMN].tolist()
+    order = torch.randperm(96, generator=torch.Generator().manual_seed(3 + 4)).tolist()
+    whole = _group_steps(held, 2, 8, start=0)  # 2 workers x 8 rows: 6 steps of 16
+    assert [len(s) for s in whole] == [16] * 6
+    flat = sum(whole, [])
+    assert flat == [ids[i] for i in order]  # the epoch's permutation, in step order
+    # Two steps trained (positions 0..31), then the restart at position 32.
+    for world in (2, 3):
+        rest = sum(_group_steps(held, world, 8, start=32), [])
+        # Each remaining row at most once, none of the first ones; of the 64 left, at most
+        # world - 1 sit out the last, shorter step.
+        assert len(set(rest)) == len(rest) >= 64 - (world - 1)
+        assert set(rest) <= set(flat[32:])
+    assert sum(_group_steps(held, 2, 8, start=32), []) == flat[32:]  # as if never stopped
+
+
+def test_a_streamed_shard_restarted_inside_an_epoch_trains_what_it_had_left(written) -> None:
+    """A streamed split cannot seek: a worker restarted at position 16 of an epoch reads and
+    drops its first 16 // batch_size batches, and trains the rest (``limit`` counts those).
+    Ray Data's read order is not reproducible from one read of an epoch to the next (two reads
+    differ here, with or without a shuffle buffer), so the dropped rows need not be the ones
+    trained before: the bound is the count. The epoch trains as many rows as it had left, every
+    one once; at most the 16 trained before the restart can be among them."""
+    root, _ = written
+    manifest = load_manifest(root)
+    splits = open_splits(root, materialize=False, splits=["train"])
+    host = InProcessHost(run_dir=str(root), keep=None, datasets=splits)
+    for buffer in (0, 32):
+        stream = EpochInput(
+            "train", None, manifest, 8, torch.device("cpu"), host, shuffle_buffer=buffer
+        )
+        whole = [b.meta["sample_id"].tolist() for b in stream.batches(3)]
+        assert sum(len(b) for b in whole) == 96
+        rest = [b.meta["sample_id"].tolist() for b in stream.batches(3, start=16)]
+        after = [i for b in rest for i in b]
+        assert len(rest) == len(whole) - 2 and len(after) == len(set(after)) == 80
+        assert len(list(stream.batches(3, limit=3, start=16))) == 3
 
 
 def test_equal_shares_leave_out_at_most_world_minus_one_rows(written) -> None:
@@ -160,7 +223,7 @@ def test_equal_shares_leave_out_at_most_world_minus_one_rows(written) -> None:
     held = HeldSplit.fetch(
         put_splits(dataset_files(root), ["test"])["test"], load_manifest(root), "cpu"
     )
-    shares = [held.rank_rows(r, 5, shuffle=True, seed=1, epoch=0) for r in range(5)]
+    shares = [held.step_rows(r, 5, 3, shuffle=True, seed=1, epoch=0) for r in range(5)]
     used = torch.cat(shares)
     assert len(used) == 20 and len(set(used.tolist())) == 20  # 24 rows, 4 sit out
 

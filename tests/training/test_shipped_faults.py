@@ -25,8 +25,10 @@ from faultkit import (
     EVAL_SHRINK,
     MVTCAE,
     Command,
+    checkpoint_position,
     mlflow_client,
     newest_intact_epoch,
+    newest_intact_position,
     ray_temp_dir,
     wait_for_checkpoint,
 )
@@ -159,9 +161,9 @@ def sigkill_driver(command: Command, run_dir: Path) -> None:
     started = time.monotonic()
     assert command.leftovers(settle_s=10.0) == [], "a killed driver's processes lived on"
     stopped_within = time.monotonic() - started
-    written = newest_intact_epoch(run_dir)
+    written = newest_intact_position(run_dir)
     time.sleep(2.0)
-    assert newest_intact_epoch(run_dir) == written, "checkpoints after the driver died"
+    assert newest_intact_position(run_dir) == written, "checkpoints after the driver died"
     assert stopped_within < 10.0
 
 
@@ -175,13 +177,22 @@ DEMO_EPOCHS = 10
 
 def corrupt_newest(run_dir: Path) -> tuple[str, int]:
     """Truncate the newest checkpoint's weights as an interrupted upload would: its name, and the
-    epoch a resume must fall back to (the one before it, which ``num_to_keep: 2`` keeps)."""
-    newest = newest_intact_epoch(run_dir)
-    (checkpoint,) = run_dir.glob(f"checkpoint_epoch_{newest:04d}*")
+    epochs done at the one a resume must fall back to (the newest before it)."""
+    intact = sorted(
+        (checkpoint_position(p.parent.name), p.parent) for p in run_dir.glob("*/checksums.json")
+    )
+    assert len(intact) >= 2, intact
+    (_, checkpoint), ((fallback, _), _) = intact[-1], intact[-2]
     weights = checkpoint / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    assert newest - 1 >= 1 and list(run_dir.glob(f"checkpoint_epoch_{newest - 1:04d}*"))
-    return checkpoint.name, newest - 1
+    assert fallback >= 1
+    return checkpoint.name, fallback
+
+
+# On top of demo.yaml in the gauntlet: a checkpoint every 4 of an epoch's 13 steps, so that a
+# fault lands inside an epoch and the run resumes there (the reference run has none: they
+# change no number).
+INSIDE_EPOCHS = ["train.checkpoint.every_steps=4"]
 
 
 def test_the_demo_config_survives_every_fault_in_turn(
@@ -191,9 +202,11 @@ def test_the_demo_config_survives_every_fault_in_turn(
     fault in turn, each followed by ``--resume``: the driver SIGKILLed; Ctrl-C, after which the
     newest checkpoint is found truncated (the resume falls back to the one before and says so in
     a tag); SIGTERM (``kill``, ``ray job stop``), resumed with --verbose; a training worker
-    SIGKILLed (Ray Train restarts the worker group). Every epoch equals the uninterrupted run's."""
+    SIGKILLed (Ray Train restarts the worker group). It checkpoints every 4 steps as well
+    (`INSIDE_EPOCHS`), and the driver is killed inside epoch 2: the resume goes on from that
+    step. Every epoch equals the uninterrupted run's."""
     store, resumed_after = Store(tmp_path / "store"), []
-    argv = store.argv("demo.yaml", DEMO_EPOCHS)
+    argv = store.argv("demo.yaml", DEMO_EPOCHS, *INSIDE_EPOCHS)
     with ray_temp_dir() as ray_tmp:
         commands: list[Command] = []
 
@@ -204,9 +217,11 @@ def test_the_demo_config_survives_every_fault_in_turn(
 
         try:
             commands.append(first := run(argv, workdir, tmp_path / "1.log", ray_tmp))
-            run_dir = wait_for_checkpoint(store.runs, 1, first)
+            run_dir = wait_for_checkpoint(store.runs, 2, first, step=4)
             sigkill_driver(first, run_dir)
-            resumed_after.append(newest_intact_epoch(run_dir))
+            inside = newest_intact_position(run_dir)
+            assert inside[0] == 1 and inside[1] >= 4, inside  # killed inside epoch 2
+            resumed_after.append(inside[0])
 
             second = resume(2)
             wait_for_checkpoint(store.runs, resumed_after[-1] + 2, second)
@@ -234,6 +249,8 @@ def test_the_demo_config_survives_every_fault_in_turn(
             for command in commands:
                 command.kill_all()
     check_continuity(store, demo_reference, DEMO_EPOCHS, resumed_after)
+    said = (tmp_path / "2.log").read_text(errors="replace")
+    assert f"resumes epoch 2 at step {inside[1]} from " in said, said[-3000:]
     # --verbose: Ray Train's INFO lines reach the console too (they are quiet without it).
     verbose = (tmp_path / "4.log").read_text(errors="replace")
     assert RAY_REPORT_LINE in verbose and RAY_CHECKPOINT_LINE in verbose, verbose[-3000:]

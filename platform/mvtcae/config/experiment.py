@@ -198,11 +198,44 @@ class ScheduleSection(Section):
 
 
 class CheckpointSection(Section):
-    """Which checkpoints to keep."""
+    """When checkpoints are written, and which are kept.
 
-    num_to_keep: int = Field(default=2, ge=1)
+    Every epoch ends with one. ``every_steps`` and ``every_minutes`` add checkpoints inside an
+    epoch, so that a restart (a resize, a preemption, a failure) repeats at most that much work;
+    ``on_preemption`` adds one at the first step boundary after Ray Train says a node of the run
+    is being drained. A restart resumes from the newest checkpoint, mid-epoch included.
+    """
+
+    num_to_keep: int = Field(
+        default=2,
+        ge=1,
+        description="epoch checkpoints kept, best first by `metric` (the newest checkpoint, "
+        "mid-epoch or not, is kept as well)",
+    )
     metric: str = "val/loss"
     mode: Literal["min", "max"] = "min"
+    every_steps: int | None = Field(
+        default=None,
+        ge=1,
+        description="also checkpoint every N optimisation steps inside an epoch (None: only at "
+        "epoch ends); training runs only, not sweep trials",
+    )
+    every_minutes: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="also checkpoint inside an epoch once this many minutes passed since the "
+        "last checkpoint (checked every few steps); training runs only, not sweep trials",
+    )
+    on_preemption: bool = Field(
+        default=True,
+        description="checkpoint at the next step boundary when a node of the run is being "
+        "drained for preemption (ray.train.get_preemption_info); training runs only",
+    )
+
+    @property
+    def mid_epoch(self) -> bool:
+        """Whether checkpoints are written inside epochs on a schedule."""
+        return self.every_steps is not None or self.every_minutes is not None
 
 
 class TrainSection(Section):
@@ -260,6 +293,13 @@ class TrainSection(Section):
     max_batches_per_epoch: int | None = Field(default=None, ge=1, description="cap, for smoke runs")
     checkpoint: CheckpointSection = CheckpointSection()
     max_failures: int = Field(default=2, ge=0, description="worker-group restarts before failing")
+    max_preemption_failures: int = Field(
+        default=-1,
+        ge=-1,
+        description="restarts after a node was preempted (drained with a deadline, then lost), "
+        "counted apart from max_failures (Ray's FailureConfig.max_preemption_failures); "
+        "-1: no limit",
+    )
     controller_poll_s: float = Field(
         default=0.25,
         gt=0.0,

@@ -272,6 +272,7 @@ def load_sweep_config(
     check_space_against_base(spec)
     check_budget(spec)
     check_in_process(spec)
+    check_epoch_checkpoints(spec)
     return spec
 
 
@@ -328,6 +329,23 @@ def check_in_process(spec: SweepSpec) -> None:
         raise ConfigError(
             "tune.trials_in_process: true needs train.num_workers 1 (it is "
             f"{spec.experiment.train.num_workers}) and no train.num_workers in tune.space"
+        )
+
+
+def check_epoch_checkpoints(spec: SweepSpec) -> None:
+    """Raise ConfigError when a sweep's trials are asked for checkpoints inside epochs: every
+    report of a trial is a result of the sweep (a Tune iteration with the objectives), so its
+    trials checkpoint at epoch ends only."""
+    checkpoint = spec.experiment.train.checkpoint
+    asked = [
+        f"train.checkpoint.{name}"
+        for name in ("every_steps", "every_minutes")
+        if getattr(checkpoint, name) is not None
+    ]
+    if asked:
+        raise ConfigError(
+            f"{' and '.join(asked)}: sweep trials checkpoint at the end of each epoch only "
+            "(each report of a trial is a sweep result); drop it from the sweep's base config"
         )
 
 

@@ -7,7 +7,9 @@ per run and trial for a few MB. Here the driver reads each split once with pyarr
 (`load_split_arrays`) and puts it in the object store (`put_splits`); each worker gets it
 zero-copy on its node (`HeldSplit.fetch`) and, every epoch, takes its share of one permutation
 of the whole split that depends only on (seed, epoch), so that every rank draws a disjoint,
-equal share and the order is the same after a resume. Values stay in their stored dtype (uint8
+equal share and the order is the same after a resume; in training, the group's steps walk that
+permutation from its start (`HeldSplit.step_rows`), so that a restart inside an epoch goes on
+from where the last checkpoint was, on any number of workers. Values stay in their stored dtype (uint8
 images stay 4x smaller) and become model input batch by batch (`to_model_batch`).
 """
 
@@ -57,21 +59,38 @@ class HeldSplit:
         return int(self.columns[ID_COLUMN].shape[0])
 
     def rank_rows(
+        self, rank: int, world: int, *, shuffle: bool, seed: int = 0, epoch: int = 0
+    ) -> torch.Tensor:
+        """This rank's rows of an evaluation pass: every ``world``-th row of one permutation of
+        the split (seeded by ``seed + epoch``, the same on every rank) or of the stored order,
+        so that the group reads every row once."""
+        n = len(self)
+        if shuffle:
+            generator = torch.Generator().manual_seed(int(seed + epoch) % 2**63)
+            return torch.randperm(n, generator=generator)[rank::world]
+        return torch.arange(n)[rank::world]
+
+    def step_rows(
         self,
         rank: int,
         world: int,
+        batch_size: int,
         *,
         shuffle: bool,
         seed: int = 0,
         epoch: int = 0,
-        equal: bool = True,
+        start: int = 0,
     ) -> torch.Tensor:
-        """This rank's row indices for an epoch: its share of one permutation of the split
-        (seeded by ``seed + epoch``, the same on every rank), or of the stored order.
+        """This rank's training rows for an epoch, in step order: step ``s`` of the group takes
+        positions ``start + s*G`` to ``start + (s+1)*G`` of one permutation of the split
+        (seeded by ``seed + epoch``, the same on every rank; ``G = batch_size * world``), each
+        rank ``batch_size`` of them. The rows left for a last, shorter step are shared equally
+        (at most ``world - 1`` sit out).
 
-        ``equal`` gives every rank ``len // world`` rows (DDP needs the same number of steps on
-        every rank; at most ``world - 1`` rows sit out an epoch, different ones each epoch when
-        shuffled); otherwise ranks take every ``world``-th row and every row is used.
+        The positions the group has trained are therefore always a prefix of the epoch's order,
+        whatever ``world`` is: a run restarted inside an epoch, on as many workers or on
+        another number, goes on from position ``start`` and trains every row of the epoch
+        once. Read as ``batches(rows, batch_size)``.
         """
         n = len(self)
         if shuffle:
@@ -79,10 +98,13 @@ class HeldSplit:
             order = torch.randperm(n, generator=generator)
         else:
             order = torch.arange(n)
-        if equal:
-            share = n // world
-            return order[rank * share : (rank + 1) * share]
-        return order[rank::world]
+        order = order[min(start, n) :]
+        group = batch_size * world
+        full = len(order) // group
+        steps = order[: full * group].reshape(full, world, batch_size)[:, rank, :].reshape(-1)
+        tail = order[full * group :]
+        share = len(tail) // world
+        return torch.cat([steps, tail[rank * share : (rank + 1) * share]])
 
     def batches(self, rows: torch.Tensor, batch_size: int) -> Iterator[MultimodalBatch]:
         """Model batches of the given rows, in that order."""

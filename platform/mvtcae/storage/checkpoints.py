@@ -44,10 +44,11 @@ OPTIMIZER_STATE = "optimizer.pt"
 SCHEDULER_STATE = "scheduler.pt"
 RNG_STATE = "rng_state.json"
 CHECKSUMS = "checksums.json"
-# checkpoint_epoch_0007, or checkpoint_epoch_0007-3f2a9c for an epoch trained again after a
-# restore fell back past a corrupt checkpoint (a new name, so that Ray's bookkeeping of the old
-# directory never deletes the new one).
-CHECKPOINT_DIR_PATTERN = re.compile(r"^checkpoint_epoch_(\d+)(?:-[0-9a-f]+)?$")
+# checkpoint_epoch_0007 (the end of epoch 7), checkpoint_epoch_0008_step_000040 (epoch 8 after
+# its 40th step), or either with -3f2a9c for work trained again after a restore fell back past
+# a corrupt checkpoint (a new name, so that Ray's bookkeeping of the old directory never
+# deletes the new one).
+CHECKPOINT_DIR_PATTERN = re.compile(r"^checkpoint_epoch_(\d+)(?:_step_(\d+))?(?:-[0-9a-f]+)?$")
 
 logger = logging.getLogger(__name__)
 
@@ -58,12 +59,23 @@ class CorruptCheckpointError(UserError, RuntimeError):
 
 @dataclass
 class TrainerState:
-    """Where training stood when the checkpoint was written."""
+    """Where training stood when the checkpoint was written: ``epoch`` epochs done and, for a
+    checkpoint inside the next epoch, ``step`` of its steps trained over its first ``rows``
+    rows (positions in the epoch's order), with the group's loss sums of those steps in
+    ``partial`` (so that the epoch's metrics still cover all of it after a restart)."""
 
     epoch: int
     metrics: dict[str, float] = field(default_factory=dict)
     precision: str = "fp32"
     world_size: int = 1
+    step: int = 0
+    rows: int = 0
+    partial: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def position(self) -> tuple[int, int]:
+        """(epochs done, steps of the next epoch done): checkpoints order by it."""
+        return (self.epoch, self.step)
 
 
 def save_checkpoint(
@@ -315,20 +327,32 @@ class RestoredCheckpoint:
     skipped: list[str] = field(default_factory=list)
 
 
-def checkpoint_dir_name(epoch: int, suffix: str = "") -> str:
-    """The checkpoint directory name of an epoch (``suffix``: see CHECKPOINT_DIR_PATTERN)."""
-    return f"checkpoint_epoch_{epoch:04d}" + (f"-{suffix}" if suffix else "")
+def checkpoint_dir_name(epoch: int, suffix: str = "", step: int = 0) -> str:
+    """The checkpoint directory name of the end of ``epoch``, or, with ``step``, of ``epoch``
+    after that many of its steps (``suffix``: see CHECKPOINT_DIR_PATTERN)."""
+    name = f"checkpoint_epoch_{epoch:04d}" + (f"_step_{step:06d}" if step else "")
+    return name + (f"-{suffix}" if suffix else "")
+
+
+def checkpoint_position(path: str) -> tuple[int, int] | None:
+    """(epochs done, steps of the next epoch done) of a checkpoint directory name, else None:
+    ``checkpoint_epoch_0007`` is (7, 0), ``checkpoint_epoch_0008_step_000040`` is (7, 40)."""
+    match = CHECKPOINT_DIR_PATTERN.match(posixpath.basename(path.rstrip("/")))
+    if not match:
+        return None
+    epoch, step = int(match.group(1)), int(match.group(2) or 0)
+    return (epoch - 1, step) if step else (epoch, 0)
 
 
 def checkpoint_epoch(path: str) -> int | None:
-    """The epoch in a ``checkpoint_epoch_NNNN`` directory name, else None."""
-    match = CHECKPOINT_DIR_PATTERN.match(posixpath.basename(path.rstrip("/")))
-    return int(match.group(1)) if match else None
+    """The epochs a checkpoint directory's name says were done, else None."""
+    position = checkpoint_position(path)
+    return None if position is None else position[0]
 
 
 def restore_candidates(filesystem: pafs.FileSystem, latest: str) -> list[str]:
-    """The checkpoints of ``latest``'s run directory, newest epoch first (``latest`` first
-    among equals).
+    """The checkpoints of ``latest``'s run directory, newest first (``latest`` first among
+    equals).
 
     ``latest`` is the newest checkpoint Ray Train registered. One written after it can exist:
     an interrupt can land after a worker wrote a checkpoint and before the controller recorded
@@ -341,12 +365,12 @@ def restore_candidates(filesystem: pafs.FileSystem, latest: str) -> list[str]:
         info.path
         for info in filesystem.get_file_info(selector)
         if info.type == pafs.FileType.Directory
-        and checkpoint_epoch(info.path) is not None
+        and checkpoint_position(info.path) is not None
         and info.path.rstrip("/") != latest.rstrip("/")
     ]
     candidates = [latest, *others]
-    # A stable sort: ``latest`` stays ahead of another directory of its epoch.
-    candidates.sort(key=lambda p: checkpoint_epoch(p) or 0, reverse=True)
+    # A stable sort: ``latest`` stays ahead of another directory of its position.
+    candidates.sort(key=lambda p: checkpoint_position(p) or (0, 0), reverse=True)
     return candidates
 
 

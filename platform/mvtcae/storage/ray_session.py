@@ -246,6 +246,15 @@ def started_here() -> bool:
     )
 
 
+def preemption_watched() -> bool:
+    """Whether Ray Train tells this session's runs about node drains: everywhere but on the
+    one-machine Ray that `start_local_ray` started without its preemption watcher (the default
+    there, since such a Ray has no node to drain)."""
+    if not started_here():
+        return True
+    return os.environ.get(PREEMPTION_WATCHER_ENV, "0") != "0"
+
+
 def _dashboard_port(preferred: int) -> int:
     """``preferred`` when it is free on 127.0.0.1, else a free port."""
     for candidate in (preferred, 0):

@@ -40,23 +40,41 @@ class EpochInput:
         self.held_ref = held_ref
         self._held: HeldSplit | None = None
 
-    def batches(self, epoch: int, limit: int | None = None) -> Iterator[MultimodalBatch]:
-        """This epoch's batches (at most ``limit``)."""
+    def batches(
+        self, epoch: int, limit: int | None = None, start: int = 0
+    ) -> Iterator[MultimodalBatch]:
+        """This epoch's batches (at most ``limit``), from position ``start`` of the epoch's
+        order: the rows the group trained before a mid-epoch checkpoint are not trained again.
+
+        Held splits restart exactly there, on any number of workers (`HeldSplit.step_rows`).
+        A streamed shard cannot seek: each worker reads and drops its first
+        ``start // (batch_size * world)`` batches. On as many workers as before, with the
+        deterministic order of `data_order_seed`, those are the rows trained before; on another
+        number the shards differ, so the epoch trains as many rows as it has left, but some of
+        them may have been trained already in this epoch and as many others are not.
+        """
         shuffle = self.shuffle_buffer > 0
+        skip = 0
         if self.held_ref is not None:
             if self._held is None:
                 self._held = HeldSplit.fetch(self.held_ref, self.manifest, self.device)
-            # Training shares must be equal (DDP steps in lockstep); validation uses every row.
-            rows = self._held.rank_rows(
-                self.rank,
-                self.world,
-                shuffle=shuffle,
-                seed=self.seed,
-                epoch=epoch,
-                equal=self.split == "train",
-            )
+            if self.split == "train":  # DDP steps in lockstep: equal steps, in the epoch's order
+                rows = self._held.step_rows(
+                    self.rank,
+                    self.world,
+                    self.batch_size,
+                    shuffle=shuffle,
+                    seed=self.seed,
+                    epoch=epoch,
+                    start=start,
+                )
+            else:  # validation uses every row
+                rows = self._held.rank_rows(
+                    self.rank, self.world, shuffle=shuffle, seed=self.seed, epoch=epoch
+                )
             batches = self._held.batches(rows, self.batch_size)
         else:
+            skip = start // (self.batch_size * self.world)
             batches = iter_model_batches(
                 self.host.shard(self.split),
                 self.manifest,
@@ -67,9 +85,13 @@ class EpochInput:
                 seed=data_order_seed(self.seed, self.rank),
                 epoch=epoch,
             )
+        taken = 0
         for i, batch in enumerate(batches):
-            if limit is not None and i >= limit:
+            if i < skip:
+                continue
+            if limit is not None and taken >= limit:
                 break
+            taken += 1
             yield batch
 
 

@@ -31,7 +31,7 @@ import ray.tune
 import torch
 
 from mvtcae import storage
-from mvtcae.storage.checkpoints import TRAINER_STATE, checkpoint_epoch
+from mvtcae.storage.checkpoints import TRAINER_STATE, checkpoint_position
 
 logger = logging.getLogger(__name__)
 
@@ -75,22 +75,36 @@ class LoopHost(Protocol):
         """Report an epoch's metrics, with the checkpoint written in ``checkpoint_dir``."""
         ...
 
+    def preemption_notice(self) -> Any | None:
+        """Ray Train's notice that a node of the run is being drained, else None (a barrier:
+        every rank calls it together)."""
+        ...
+
 
 class RayTrainHost:
     """A worker of a Ray Train worker group."""
 
     kind = "ray train worker group"
 
-    def __init__(self) -> None:
+    def __init__(self, run_dir: str) -> None:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.local_rank = ctx.get_local_rank()
+        self.run_dir = run_dir
 
     def device(self) -> torch.device:
         return ray.train.torch.get_device()
 
     def restore_point(self) -> ray.train.Checkpoint | None:
-        return ray.train.get_checkpoint()
+        reported = ray.train.get_checkpoint()
+        if reported is not None:  # newer ones beside it are found by the restore
+            return reported
+        # None reported yet: the run may still have checkpoints from inside its first epoch.
+        names = run_checkpoints(self.run_dir)
+        if not names:
+            return None
+        fs, path = storage.resolve(storage.join(self.run_dir, names[-1]))
+        return ray.train.Checkpoint(path=path, filesystem=fs)
 
     def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return ray.train.torch.prepare_model(model)
@@ -106,6 +120,9 @@ class RayTrainHost:
     ) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=dir_name)
+
+    def preemption_notice(self) -> Any | None:
+        return ray.train.get_preemption_info()
 
 
 @dataclass
@@ -154,6 +171,9 @@ class InProcessHost:
     def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
 
+    def preemption_notice(self) -> Any | None:
+        return None  # no node of its own to lose: the trial's Tune actor is what is restarted
+
     def shard(self, split: str) -> Any:
         if not self.datasets or split not in self.datasets:
             raise KeyError(f"no dataset {split!r} was given to the in-process run")
@@ -183,9 +203,21 @@ class InProcessHost:
 
 
 def run_checkpoints(run_dir: str) -> list[str]:
-    """The checkpoint directory names of a run, oldest epoch first."""
-    names = [n for n in storage.list_dirs(run_dir) if checkpoint_epoch(n) is not None]
-    return sorted(names, key=lambda n: (checkpoint_epoch(n) or 0, n))
+    """The checkpoint directory names of a run, oldest first."""
+    names = [n for n in storage.list_dirs(run_dir) if checkpoint_position(n) is not None]
+    return sorted(names, key=lambda n: (checkpoint_position(n) or (0, 0), n))
+
+
+def prune_inside_epochs(run_dir: str, newest: str) -> None:
+    """Delete the run's checkpoints from inside epochs that lie before ``newest`` (a checkpoint
+    just written): only the newest position matters for a restart, and the epochs' own
+    checkpoints are Ray's (or `persist_checkpoint`'s) to keep."""
+    position = checkpoint_position(newest) or (0, 0)
+    for name in run_checkpoints(run_dir):
+        here = checkpoint_position(name)
+        if name != newest and here is not None and here[1] and here < position:
+            fs, path = storage.resolve(storage.join(run_dir, name))
+            fs.delete_dir(path)
 
 
 def persist_checkpoint(

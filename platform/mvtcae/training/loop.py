@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,12 +52,20 @@ from mvtcae.storage.checkpoints import (
     save_checkpoint,
 )
 from mvtcae.tracking.run_logger import RunLogger
+from mvtcae.training.checkpoint_schedule import CheckpointSchedule, Due, describe_notice
 from mvtcae.training.collectives import all_reduce, gather_rng_states, min_over_workers
 from mvtcae.training.epoch_input import EpochInput
-from mvtcae.training.hosts import InProcessHost, LoopHost, RayTrainHost
+from mvtcae.training.hosts import (
+    InProcessHost,
+    LoopHost,
+    RayTrainHost,
+    persist_checkpoint,
+    prune_inside_epochs,
+)
 from mvtcae.training.nonfinite import NonFiniteError, StepGuard, nonfinite_values
 from mvtcae.training.plan import PLAN_KEY, LoopPlan
 from mvtcae.training.rank_zero import (
+    PREEMPTION_TAG_PREFIX,
     WORLD_SIZE_KEY,
     announce_restore,
     announce_world,
@@ -124,7 +132,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     at the same step; the workers then report the reason (`NonFiniteError.to_report`) and
     return, so that Ray does not restart them for it.
     """
-    run_loop(config[PLAN_KEY], RayTrainHost())
+    plan = config[PLAN_KEY]
+    run_loop(plan, RayTrainHost(plan.run_dir))
 
 
 @dataclass
@@ -196,6 +205,10 @@ class _WorkerRun:
     logged: frozenset[int] = frozenset()
     """Epochs the run logged after the restored checkpoint, before its process died: trained
     again from it (the same numbers), but not logged twice."""
+    inside: TrainerState | None = None
+    """The restored checkpoint when it was written inside ``first_epoch``: that epoch goes on
+    after its steps, from its position, with its sums."""
+    schedule: CheckpointSchedule | None = None
 
 
 def _train(
@@ -212,6 +225,7 @@ def _train(
             cfg.on_nonfinite, cfg.max_nonfinite_steps, min_over_workers, run.skipped_steps
         )
         train_input, val_input = _inputs(plan, manifest, device, host)
+        run.schedule = _schedule(plan, host, device)
         if tracker is not None:
             tracker.set_tags(
                 {
@@ -263,9 +277,10 @@ def _start(
         first_epoch=first,
         skipped_steps=int(restored.state.metrics.get("train/skipped_steps_total", 0)),
         dir_suffix=uuid.uuid4().hex[:6] if restored.skipped else "",
+        inside=restored.state if restored.state.step else None,
     )
     if tracker is not None:
-        announce_restore(tracker, restored.state.epoch, restored.path, restored.skipped)
+        announce_restore(tracker, restored.state, restored.path, restored.skipped)
         announce_world(tracker, cfg, host.world, restored.state.epoch, restored.state.world_size)
         run.logged = frozenset(s for s in tracker.logged_steps("val/loss") if s >= first)
     return run
@@ -304,9 +319,34 @@ def _train_epoch(
     cfg, device = run.plan.train, run.device
     epoch_start = time.perf_counter()
     lr = run.optimizer.param_groups[0]["lr"]
-    train_batches = train_input.batches(epoch, limit=cfg.max_batches_per_epoch)
+    inside = run.inside if run.inside is not None and run.first_epoch == epoch else None
+    run.inside = None
+    first_step = inside.step if inside is not None else 0
+    limit = cfg.max_batches_per_epoch
+    train_batches = train_input.batches(
+        epoch,
+        limit=None if limit is None else max(0, limit - first_step),
+        start=inside.rows if inside is not None else 0,
+    )
+    schedule = run.schedule
+
+    def after_step(step: int, totals: Callable[[], dict[str, float]]) -> None:
+        due = schedule.due(step) if schedule is not None and schedule.active else None
+        if due is not None:
+            _checkpoint_inside(run, epoch, step, totals(), guard, due)
+
     train_sums = run_train_epoch(
-        ddp_model, train_batches, run.optimizer, device, cfg, epoch=epoch, guard=guard
+        ddp_model,
+        train_batches,
+        run.optimizer,
+        device,
+        cfg,
+        epoch=epoch,
+        guard=guard,
+        first_step=first_step,
+        # The group's sums from before the checkpoint, added once (by rank 0).
+        carried=inside.partial if inside is not None and run.host.rank == 0 else None,
+        after_step=after_step,
     )
     run.scheduler.step()
     val_sums = run_validation(run.model, val_input.batches(epoch))
@@ -326,6 +366,63 @@ def _check_finite(metrics: dict[str, float], epoch: int, device: torch.device) -
     # Losses are all-reduced, the objectives rank 0's: agree before stopping together.
     if all_reduce({"bad": float(bool(bad))}, device, op="max")["bad"] > 0:
         raise NonFiniteError(epoch, None, bad or {"(rank 0's objectives)": float("nan")})
+
+
+def _schedule(plan: LoopPlan, host: LoopHost, device: torch.device) -> CheckpointSchedule | None:
+    """The run's checkpoints inside epochs; None in a sweep trial, whose every report is a
+    result of the sweep (its epochs are checkpointed as before)."""
+    if plan.objectives is not None:
+        return None
+    return CheckpointSchedule(
+        plan.train.checkpoint, device, notices=host if plan.watch_preemption else None
+    )
+
+
+def _checkpoint_inside(
+    run: _WorkerRun,
+    epoch: int,
+    step: int,
+    totals: dict[str, float],
+    guard: StepGuard,
+    due: Due,
+) -> None:
+    """Every rank: a checkpoint of the group after ``step`` steps of ``epoch``, holding the
+    group's sums of those steps and its position in the epoch's order; rank 0 writes it.
+
+    It is not reported to Ray Train: a report is an epoch's result (ranked by its metric, and in
+    a sweep a result of the trial). Rank 0 writes it into the run's directory itself, beside the
+    epochs' checkpoints, and keeps only the newest; a restore takes the newest of all
+    (`restore_candidates`), and a run with none of Ray's yet finds it there (`RayTrainHost`)."""
+    host, cfg, device = run.host, run.plan.train, run.device
+    totals.pop("first_batch_s", None)
+    slowest = all_reduce({"time_s": totals.pop("time_s")}, device, op="max")
+    group = all_reduce(totals, device) | slowest
+    rng_states = gather_rng_states(host.world)
+    if run.schedule is not None:
+        run.schedule.written()
+    if host.rank != 0:
+        return
+    if due.notice is not None:
+        note = describe_notice(due.notice)
+        logger.warning("%s: checkpointing epoch %d at step %d", note, epoch, step)
+        if run.tracker is not None:
+            run.tracker.set_tags({f"{PREEMPTION_TAG_PREFIX}{epoch:04d}_step_{step:06d}": note})
+    else:
+        logger.debug("epoch %d: checkpoint at step %d (%s)", epoch, step, due.reason)
+    state = TrainerState(
+        epoch=epoch - 1,
+        metrics={"train/skipped_steps_total": float(guard.skipped)},
+        precision=cfg.precision,
+        world_size=host.world,
+        step=step,
+        rows=int(group["seen_rows"]),
+        partial=group,
+    )
+    name = checkpoint_dir_name(epoch, run.dir_suffix, step=step)
+    with tempfile.TemporaryDirectory(prefix="mvtcae-ckpt-") as tmp:
+        save_checkpoint(tmp, run.model, run.optimizer, run.scheduler, state, rng_states)
+        persist_checkpoint(tmp, run.plan.run_dir, name, keep=None)
+    prune_inside_epochs(run.plan.run_dir, name)
 
 
 def _report_epoch(run: _WorkerRun, epoch: int, metrics: dict[str, float]) -> None:
@@ -438,6 +535,8 @@ def _report(
     host, cfg, run_id = run.host, run.plan.train, run.plan.run_id
     rank, world = host.rank, host.world
     rng_states = gather_rng_states(world)
+    if run.schedule is not None:
+        run.schedule.written()
     if rank != 0:
         host.report(metrics)
         return
@@ -457,3 +556,5 @@ def _report(
         save_checkpoint(tmp, run.model, run.optimizer, run.scheduler, state, rng_states)
         dir_name = checkpoint_dir_name(epoch, run.dir_suffix)
         host.report(reported, checkpoint_dir=tmp, dir_name=dir_name)
+    if run.schedule is not None and run.schedule.active:
+        prune_inside_epochs(run.plan.run_dir, dir_name)

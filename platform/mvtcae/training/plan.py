@@ -18,6 +18,7 @@ from mvtcae.data import open_splits
 from mvtcae.data.files import DatasetError, dataset_files
 from mvtcae.data.held import put_splits
 from mvtcae.data.ray_input import should_materialize
+from mvtcae.storage import ray_session
 from mvtcae.training.phases import PhaseTimes, timed
 from mvtcae.training.step import model_config_for
 
@@ -66,6 +67,9 @@ class LoopPlan:
     tracking_uri: str | None = field(default=None, repr=False)  # may hold credentials
     tracking_grace_s: float = 120.0
     system_metrics_interval_s: float = 0.0
+    watch_preemption: bool = False
+    """Whether the workers ask Ray Train for preemption notices (`train.checkpoint.on_preemption`
+    on a Ray that sends them, outside sweeps)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.train, TrainSection) or not isinstance(self.model, MVTCAEConfig):
@@ -211,5 +215,8 @@ def plan_loop(
         tracking_uri=tracking_uri,
         tracking_grace_s=cfg.tracking.outage_grace_s,
         system_metrics_interval_s=cfg.tracking.system_metrics_interval_s,
+        watch_preemption=(
+            tc.checkpoint.on_preemption and objectives is None and ray_session.preemption_watched()
+        ),
     )
     return FitPlan(loop=loop, datasets=None if choice.held else splits)

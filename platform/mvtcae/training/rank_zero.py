@@ -19,6 +19,7 @@ from mvtcae.config import TrainSection
 from mvtcae.evaluation import evaluate
 from mvtcae.evaluation.plots import image_grids, image_modalities
 from mvtcae.evaluation.split import load_eval_split
+from mvtcae.storage.checkpoints import TrainerState
 from mvtcae.tracking.run_logger import SPOOL_DIR, RunLogger, client_uri
 from mvtcae.training.plan import LoopPlan
 
@@ -31,6 +32,9 @@ WORLD_SIZE_KEY = "train/world_size"
 """The number of workers an epoch ran on (an elastic run's changes at a restart)."""
 RESIZE_TAG_PREFIX = "mvtcae.resize.after_epoch_"
 """A run's tag for each restart on another number of workers: ``<prefix>NNNN: 3 -> 2 workers``."""
+PREEMPTION_TAG_PREFIX = "mvtcae.preemption.epoch_"
+"""A run's tag for each preemption notice it checkpointed on: ``<prefix>EEEE_step_SSSSSS``, the
+nodes drained and the time that was left."""
 
 
 @contextmanager
@@ -149,9 +153,13 @@ def announce_world(
         tracker.set_tags({f"{RESIZE_TAG_PREFIX}{after_epoch:04d}": f"{was} -> {world} workers"})
 
 
-def announce_restore(tracker: RunLogger, epoch: int, path: str, skipped: list[str]) -> None:
+def announce_restore(
+    tracker: RunLogger, state: TrainerState, path: str, skipped: list[str]
+) -> None:
     """Log the restore, and tag and log it on the run (once per restore point)."""
-    logger.info("rank 0 resumes after epoch %d from %s", epoch, path)
+    epoch = state.epoch
+    where = f"epoch {epoch + 1} at step {state.step}" if state.step else f"after epoch {epoch}"
+    logger.info("rank 0 resumes %s from %s", where, path)
     tags = {"mvtcae.restored_from": path}
     for note in skipped:
         logger.warning("skipped corrupt checkpoint %s", note)

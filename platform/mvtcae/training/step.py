@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -153,6 +153,12 @@ def _to_floats(totals: dict[str, Any]) -> dict[str, float]:
     return {key: float(value) for key, value in totals.items()}
 
 
+AfterStep = Callable[[int, Callable[[], dict[str, float]]], None]
+"""Called after each step of an epoch with the number of its steps done so far and a function
+that returns this rank's sums so far (as `run_train_epoch` returns them; reading them back is a
+device sync, so it is only done when asked)."""
+
+
 def run_train_epoch(
     model: torch.nn.Module,
     batches: Iterable[MultimodalBatch],
@@ -162,34 +168,50 @@ def run_train_epoch(
     *,
     epoch: int = 1,
     guard: StepGuard | None = None,
+    first_step: int = 0,
+    carried: dict[str, float] | None = None,
+    after_step: AfterStep | None = None,
 ) -> dict[str, float]:
     """Train over an iterable of batches; return this rank's loss sums, rows, time, grad norm
-    and skipped steps. A non-finite step raises NonFiniteError (or is skipped, see StepGuard)."""
+    and skipped steps. A non-finite step raises NonFiniteError (or is skipped, see StepGuard).
+
+    An epoch resumed from a checkpoint inside it starts at step ``first_step + 1``, and adds the
+    sums ``carried`` over from before that checkpoint to its own."""
     guard = guard or StepGuard(cfg.on_nonfinite, cfg.max_nonfinite_steps)
     model.train()
     accumulated: dict[str, Any] = {}
-    rows = steps = skipped = 0
+    # seen_rows: rows of every step, skipped ones included (how far the epoch's order went).
+    counts = {"rows": 0, "steps": 0, "skipped_steps": 0, "seen_rows": 0}
     start = time.perf_counter()
     first_batch_s = None
-    for step, batch in enumerate(batches, 1):
+
+    def totals() -> dict[str, float]:
+        out = _to_floats(accumulated)
+        out.update({k: float(v) for k, v in counts.items()})
+        out.setdefault("grad_norm_sum", 0.0)
+        out["time_s"] = time.perf_counter() - start
+        for key, value in (carried or {}).items():
+            out[key] = out.get(key, 0.0) + value
+        out["first_batch_s"] = first_batch_s or 0.0
+        return out
+
+    for step, batch in enumerate(batches, first_step + 1):
         if first_batch_s is None:
             first_batch_s = time.perf_counter() - start
         sums, applied = train_step(
             model, batch, optimizer, device, cfg.precision, cfg.grad_clip_norm, guard
         )
-        if not applied:
+        counts["seen_rows"] += len(batch)
+        if applied:
+            _add(accumulated, sums)
+            counts["rows"] += len(batch)
+            counts["steps"] += 1
+        else:
             guard.reject(epoch, step, sums)
-            skipped += 1
-            continue
-        _add(accumulated, sums)
-        rows += len(batch)
-        steps += 1
-    totals = _to_floats(accumulated)
-    totals.update(rows=float(rows), steps=float(steps), skipped_steps=float(skipped))
-    totals.setdefault("grad_norm_sum", 0.0)
-    totals["time_s"] = time.perf_counter() - start
-    totals["first_batch_s"] = first_batch_s or 0.0
-    return totals
+            counts["skipped_steps"] += 1
+        if after_step is not None:
+            after_step(step, totals)
+    return totals()
 
 
 @torch.no_grad()
@@ -208,7 +230,10 @@ def run_validation(model: MVTCAE, batches: Iterable[MultimodalBatch]) -> dict[st
 
 def _per_sample(prefix: str, sums: dict[str, float]) -> dict[str, float]:
     rows = max(sums.get("rows", 0.0), 1.0)
-    skip = {"rows", "steps", "time_s", "first_batch_s", "grad_norm_sum", "skipped_steps"}
+    skip = {
+        *("rows", "seen_rows", "steps", "skipped_steps"),
+        *("time_s", "first_batch_s", "grad_norm_sum"),
+    }
     return {f"{prefix}/{k}": v / rows for k, v in sums.items() if k not in skip}
 
 

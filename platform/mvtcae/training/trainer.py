@@ -110,7 +110,11 @@ def trainer_for(
             checkpoint_score_attribute=tc.checkpoint.metric,
             checkpoint_score_order=tc.checkpoint.mode,
         ),
-        failure_config=FailureConfig(max_failures=tc.max_failures),
+        failure_config=FailureConfig(
+            max_failures=tc.max_failures,
+            # A node drained with a deadline and then lost: its own budget, as Ray counts it.
+            max_preemption_failures=tc.max_preemption_failures,
+        ),
         callbacks=list(callbacks or []),
         logging_config=train_logging_config(),  # Ray Train's INFO lines: run log (console)
     )
