@@ -81,9 +81,9 @@ def test_more_worker_nodes_keep_their_ports_and_temp_dirs_apart(spec):
 
 
 def test_kill_node_and_start_node_name_what_is_wrong(spec):
-    """The drill commands refuse an unknown node, a dead node to kill and a live node to start,
-    naming the node; `start-node` keeps the dead node's logs and replaces its record by the new
-    process."""
+    """The drill commands refuse an unknown node, a dead node to kill or drain and a live node
+    to start, naming the node; `start-node` keeps the dead node's logs and replaces its record
+    by the new process."""
     spec.state_dir.mkdir(parents=True)
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -100,6 +100,10 @@ def test_kill_node_and_start_node_name_what_is_wrong(spec):
             cluster.kill_node(spec, 4)
         with pytest.raises(cluster.ClusterError, match="worker node 3 is not running"):
             cluster.kill_node(spec, 3)
+        with pytest.raises(cluster.ClusterError, match="no worker node 4 .*2, 3"):
+            cluster.drain_node(spec, 4, deadline_s=5)
+        with pytest.raises(cluster.ClusterError, match="worker node 3 is not running"):
+            cluster.drain_node(spec, 3, deadline_s=5)
         with pytest.raises(cluster.ClusterError, match="worker node 2 is running"):
             cluster.start_node(spec, 2)
         assert sleeper.pid in cluster.kill_node(spec, 2)
@@ -134,6 +138,8 @@ def test_ray_start_commands_keep_nodes_apart_and_dashboard_local(spec):
     assert f"--temp-dir={spec.node_temp_dir}" in node
     assert f"--address={spec.gcs_address}" in node and "--head" not in node
     assert "--block" in head and "--block" in node
+    # Each node's number as a Ray label: how `drain-node` finds the node Ray knows.
+    assert "--labels=mvtcae-node=1" in head and "--labels=mvtcae-node=2" in node
     server = cluster.mlflow_server_argv(spec)
     assert server[server.index("--host") + 1] == "127.0.0.1"
     assert server[server.index("--backend-store-uri") + 1].startswith("sqlite:///")

@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 from clusterkit import cli as _cli
 
+from faultkit import checkpoint_position
 from mvtcae import cluster
 from mvtcae.storage.processes import proc_stat
 from mvtcae.tracking import auth as mlflow_auth
@@ -217,13 +218,24 @@ def _wait_for_job(spec: cluster.ClusterSpec, submission_id: str) -> dict:
     raise AssertionError(f"job {submission_id} not finished after {JOB_TIMEOUT_S}s")
 
 
-EPOCHS = 40  # about a second each: the two-worker stretch must outlast a node's return (~40 s)
+# About a second each: the two-worker stretch must outlast a node's return (~40 s), and the
+# preemption after it its deadline and restart.
+EPOCHS = 48
+DRAIN_DEADLINE_S = 8
 
 
 def _newest_checkpoint_state(run_root: Path) -> dict | None:
     """The trainer state of the newest complete checkpoint of any run under ``run_root``."""
-    done = sorted(run_root.glob("*/checkpoint_epoch_*/checksums.json"), key=lambda p: p.parent.name)
-    return json.loads((done[-1].parent / "trainer_state.json").read_text()) if done else None
+    done = sorted(
+        run_root.glob("*/checkpoint_epoch_*/checksums.json"),
+        key=lambda p: checkpoint_position(p.parent.name),
+    )
+    for checksums in reversed(done):
+        try:  # Ray uploads an epoch's checkpoint file by file, its checksums maybe first
+            return json.loads((checksums.parent / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def _wait_for_state(run_root: Path, done, spec, submission_id: str, timeout_s: float = 300):
@@ -263,7 +275,11 @@ def test_a_submitted_elastic_job_survives_a_lost_node_tracked_through_the_server
     2 CPUs each, so it starts on all three nodes. After epoch 2 `mvtcae cluster kill-node`
     SIGKILLs the worker node that holds a training worker (its `ray start`, raylet and workers,
     by PID, no notice); the run goes on with two workers from its newest checkpoint;
-    `mvtcae cluster start-node` brings the node back and the run grows back to three. One MLflow run, each epoch once with the world size it ran on, a tag per resize, the
+    `mvtcae cluster start-node` brings the node back and the run grows back to three. Then a
+    preemption: `mvtcae cluster drain-node` tells Ray that a node with a training worker is
+    drained with 8 s left and kills it at the deadline; the workers checkpoint on the notice
+    (a tag says so), Ray counts the restart as a preemption, and the run ends on two workers.
+    One MLflow run, each epoch once with the world size it ran on, a tag per resize, the
     model evaluated and registered, every request authenticated, and the password nowhere."""
     from mlflow import MlflowClient
 
@@ -279,6 +295,7 @@ def test_a_submitted_elastic_job_survives_a_lost_node_tracked_through_the_server
         "train.elastic_resize_check_s=2",
         "train.worker_start_timeout_s=10",
         "train.max_failures=3",
+        "train.checkpoint.every_steps=8",
     )
     submission_id = f"train-{uuid.uuid4().hex[:8]}"
     server_log = spec.log_dir / "mlflow.log"
@@ -312,9 +329,23 @@ def test_a_submitted_elastic_job_survives_a_lost_node_tracked_through_the_server
         spec,
         submission_id,
     )
+    # A preemption: a node with a training worker is drained with a deadline, then killed.
+    grown = _newest_checkpoint_state(run_root)
+    node = _node_holding_a_training_worker(spec)["name"].removeprefix("ray-node")
+    drained_at = time.monotonic()
+    drained = _cli(env, "drain-node", node, "--deadline-s", str(DRAIN_DEADLINE_S))
+    assert drained.returncode == 0, drained.stdout + drained.stderr
+    assert "killed at the deadline" in drained.stdout, drained.stdout
+    _, preempted_at = _wait_for_state(
+        run_root,
+        lambda s: s["world_size"] == 2 and s["epoch"] > grown["epoch"],
+        spec,
+        submission_id,
+    )
     print(
         f"drill: lost node -> training on 2 workers in {shrunk_at - killed_at:.0f} s; "
-        f"node back -> 3 workers in {grown_at - back_at:.0f} s"
+        f"node back -> 3 workers in {grown_at - back_at:.0f} s; "
+        f"drained ({DRAIN_DEADLINE_S} s) -> 2 workers in {preempted_at - drained_at:.0f} s"
     )
 
     info = _wait_for_job(spec, submission_id)
@@ -346,9 +377,15 @@ def test_a_submitted_elastic_job_survives_a_lost_node_tracked_through_the_server
             assert steps == list(range(1, EPOCHS + 1)), (key, steps)
         history = client.get_metric_history(run.info.run_id, "train/world_size")
         sizes = [int(m.value) for m in sorted(history, key=lambda m: m.step)]
-        assert [n for i, n in enumerate(sizes) if i == 0 or sizes[i - 1] != n] == [3, 2, 3], sizes
+        changes = [n for i, n in enumerate(sizes) if i == 0 or sizes[i - 1] != n]
+        assert changes == [3, 2, 3, 2], sizes
         resizes = sorted(v for k, v in run.data.tags.items() if k.startswith("mvtcae.resize."))
-        assert resizes == ["2 -> 3 workers", "3 -> 2 workers"], resizes
+        assert resizes == ["2 -> 3 workers", "3 -> 2 workers", "3 -> 2 workers"], resizes
+        # The workers heard the notice and checkpointed on it, inside an epoch.
+        notices = {k: v for k, v in run.data.tags.items() if k.startswith("mvtcae.preemption.")}
+        assert len(notices) == 1, notices
+        ((tag, note),) = notices.items()
+        assert "_step_" in tag and "drained for preemption" in note, notices
         (version,) = client.search_model_versions(f"name='{REGISTERED_MODEL}'")
         assert version.run_id == run.info.run_id and version.status == "READY"
         champion = client.get_model_version_by_alias(REGISTERED_MODEL, "champion")
@@ -356,6 +393,17 @@ def test_a_submitted_elastic_job_survives_a_lost_node_tracked_through_the_server
     # Artifacts went through the server into its store, checkpoints into the shared storage.
     assert any((spec.mlflow_dir / "artifacts").rglob("MLmodel"))
     assert any(run_root.rglob(f"checkpoint_epoch_{EPOCHS:04d}"))
+
+    # Ray Train charged the drained node to the preemption budget, not to max_failures: its
+    # controller's decisions, in its log on the head.
+    decisions = [
+        json.loads(line)["message"]
+        for log in spec.head_temp_dir.glob("session_latest/logs/train/ray-train-sys-controller-*")
+        for line in log.read_text().splitlines()
+        if "[FailurePolicy]" in line
+    ]
+    sources = [m.split("Source: ")[1].split("\n")[0] for m in decisions]
+    assert "preemption" in sources, decisions
 
     # The password is in none of what the cluster and the job showed or wrote down.
     _, password = cluster.mlflow_credentials(spec)

@@ -115,3 +115,20 @@ def test_sweeps_refuse_checkpoints_inside_epochs() -> None:
             load_sweep_config(configs / "tune_demo.yaml", [option])
     with pytest.raises(ValueError):
         CheckpointSection(every_steps=0)
+
+
+def test_after_a_notice_the_group_waits_for_the_deadline(monkeypatch) -> None:
+    """After the checkpoint a notice asked for, the group trains no further: it waits until the
+    deadline (and a margin) for Ray to stop it; without a deadline, a fixed time."""
+    clock = [1_000.0]
+    monkeypatch.setattr(checkpoint_schedule.time, "time", lambda: clock[0])
+
+    def sleep(seconds: float) -> None:
+        clock[0] += seconds
+
+    notice = type("Info", (), {"deadline_ms": 1_008_000, "preempted_node_to_ranks": {}})()
+    waited = checkpoint_schedule.wait_for_deadline(notice, sleep=sleep)
+    assert waited == pytest.approx(8.0 + checkpoint_schedule.DEADLINE_MARGIN_S)
+    no_deadline = type("Info", (), {"deadline_ms": None, "preempted_node_to_ranks": {}})()
+    waited = checkpoint_schedule.wait_for_deadline(no_deadline, sleep=sleep)
+    assert waited == pytest.approx(checkpoint_schedule.UNKNOWN_DEADLINE_WAIT_S)

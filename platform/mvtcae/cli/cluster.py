@@ -125,6 +125,31 @@ def kill_node_command(node: int) -> None:
     click.echo(f"killed worker node {node}: {len(pids)} processes")
 
 
+@cluster_command.command("drain-node")
+@click.argument("node", type=click.IntRange(2, cluster.MAX_WORKER_NODES + 1))
+@click.option(
+    "--deadline-s",
+    type=click.IntRange(1, 3600),
+    default=30,
+    show_default=True,
+    help="seconds from the notice to the node's end",
+)
+@click.option(
+    "--kill/--no-kill",
+    default=True,
+    show_default=True,
+    help="SIGKILL the node at the deadline, as the cloud would (Ray does not)",
+)
+def drain_node_command(node: int, deadline_s: int, kill: bool) -> None:
+    """Preempt worker NODE as a cloud reclaims a spot VM: Ray is told it is drained for
+    preemption with DEADLINE-S seconds left (runs checkpoint on the notice), then the node is
+    SIGKILLed at the deadline. A drill: see `start-node`."""
+    with _cluster_errors():
+        pids = cluster.drain_node(_spec(), node, deadline_s, kill_at_deadline=kill)
+    what = f"killed at the deadline: {len(pids)} processes" if kill else "left running"
+    click.echo(f"drained worker node {node} for preemption ({deadline_s} s); {what}")
+
+
 @cluster_command.command("start-node")
 @click.argument("node", type=click.IntRange(2, cluster.MAX_WORKER_NODES + 1))
 def start_node_command(node: int) -> None:

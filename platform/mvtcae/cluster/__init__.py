@@ -9,17 +9,25 @@ is on, with a token of this cluster's own in ``.cluster/auth_token``, and the ML
 MLflow's basic-auth app, with a generated admin password in ``.cluster/mlflow_credentials``: both
 files are owner-only, and clients and jobs get their paths, never their content.
 
-Run as ``mvtcae cluster {up,down,status,env,submit,kill-node,start-node}`` (or
+Run as ``mvtcae cluster {up,down,status,env,submit,kill-node,drain-node,start-node}`` (or
 ``python -m mvtcae.cli cluster ...``).
 The modules, by concern: ``spec`` (state directory, ports, the checkout served), ``credentials``
 (token and MLflow login), ``environment`` (what clients, the server and jobs see),
 ``commands`` (``ray start``, ``mlflow server``, ``ray job submit``), ``process_trees`` (starting
 and stopping by PID), ``state`` (the state file), ``health`` (HTTP checks, busy ports) and
-``control`` (up, down, submit, kill_node, start_node).
+``control`` (up, down, submit, kill_node, drain_node, start_node).
 """
 
 from mvtcae.cluster.commands import mlflow_server_argv, ray_start_argv, submit_argv
-from mvtcae.cluster.control import clear_stale, down, kill_node, start_node, submit, up
+from mvtcae.cluster.control import (
+    clear_stale,
+    down,
+    drain_node,
+    kill_node,
+    start_node,
+    submit,
+    up,
+)
 from mvtcae.cluster.credentials import (
     MLFLOW_ADMIN,
     ensure_mlflow_auth,
@@ -57,6 +65,7 @@ __all__ = [
     "ensure_mlflow_auth",
     "ensure_token",
     "http_get",
+    "drain_node",
     "kill_node",
     "mlflow_credentials",
     "mlflow_experiments_url",

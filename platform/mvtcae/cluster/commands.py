@@ -10,6 +10,9 @@ from pathlib import Path
 from mvtcae.cluster.environment import runtime_env
 from mvtcae.cluster.spec import ClusterError, ClusterSpec
 
+NODE_LABEL = "mvtcae-node"
+"""The Ray label that holds a local cluster node's number (1: the head, 2: the first worker)."""
+
 
 def console_script(name: str) -> str:
     """A console script of this interpreter's environment (.venv/bin/ray, .venv/bin/mlflow)."""
@@ -31,6 +34,8 @@ def ray_start_argv(spec: ClusterSpec, index: int) -> list[str]:
         "--disable-usage-stats",
     ]
     argv += [f"--{k}={v}" for k, v in spec.node_ports(index).items()]
+    # The node's number (1: the head) as a Ray label: how `drain_node` finds its Ray node id.
+    argv.append(f"--labels={NODE_LABEL}={index + 1}")
     if index == 0:
         argv += [
             "--head",

@@ -14,10 +14,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mvtcae.cluster.commands import mlflow_server_argv, ray_start_argv, submit_argv
+from mvtcae.cluster.commands import (
+    console_script,
+    mlflow_server_argv,
+    ray_start_argv,
+    submit_argv,
+)
 from mvtcae.cluster.credentials import ensure_mlflow_auth, ensure_token, read_token
 from mvtcae.cluster.environment import client_env, mlflow_server_env
-from mvtcae.cluster.health import alive_nodes, busy_ports, check_mlflow_auth, http_get
+from mvtcae.cluster.health import (
+    alive_nodes,
+    busy_ports,
+    check_mlflow_auth,
+    http_get,
+    ray_node_id,
+)
 from mvtcae.cluster.process_trees import is_running, spawn, stop_process_trees, stop_strays
 from mvtcae.cluster.spec import ClusterError, ClusterSpec, project_dir
 from mvtcae.cluster.state import load_state, running_processes, save_state
@@ -181,6 +192,39 @@ def kill_node(spec: ClusterSpec, node: int) -> list[int]:
     pids = {record["pid"], *descendants(record["pid"])}
     signal_all(pids, signal.SIGKILL)
     return sorted(pids)
+
+
+def drain_node(
+    spec: ClusterSpec, node: int, deadline_s: int, kill_at_deadline: bool = True
+) -> list[int]:
+    """Preempt worker node ``node`` as a cloud reclaims a spot VM: ask Ray to drain it for
+    preemption with ``deadline_s`` seconds left (``ray drain-node``; Ray Train's preemption
+    watcher then tells the run's workers), and, with ``kill_at_deadline``, SIGKILL it at the
+    deadline (`kill_node`; Ray itself never kills a drained node). Returns the PIDs killed."""
+    _, record = _node_record(load_state(spec), node)
+    if not is_running(record):
+        raise ClusterError(f"worker node {node} is not running (pid {record['pid']} has exited)")
+    node_id = ray_node_id(spec, read_token(spec), node)
+    if node_id is None:
+        raise ClusterError(f"worker node {node} is not an ALIVE node of the Ray cluster")
+    argv = [
+        console_script("ray"),
+        "drain-node",
+        f"--address={spec.gcs_address}",
+        f"--node-id={node_id}",
+        "--reason=DRAIN_NODE_REASON_PREEMPTION",
+        f"--reason-message=mvtcae cluster drain-node {node}",
+        f"--deadline-remaining-seconds={deadline_s}",
+    ]
+    deadline = time.monotonic() + deadline_s
+    done = subprocess.run(argv, env=client_env(spec), capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ClusterError(f"ray drain-node failed ({done.returncode}): {done.stderr.strip()}")
+    _log.info("worker node %d (%s) drained for preemption, %d s left", node, node_id, deadline_s)
+    if not kill_at_deadline:
+        return []
+    time.sleep(max(0.0, deadline - time.monotonic()))
+    return kill_node(spec, node)
 
 
 def start_node(spec: ClusterSpec, node: int) -> dict[str, Any]:

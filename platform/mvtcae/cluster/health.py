@@ -9,6 +9,7 @@ import socket
 import urllib.error
 import urllib.request
 
+from mvtcae.cluster.commands import NODE_LABEL
 from mvtcae.cluster.credentials import mlflow_credentials
 from mvtcae.cluster.spec import ClusterError, ClusterSpec
 
@@ -43,6 +44,19 @@ def alive_nodes(spec: ClusterSpec, token: str) -> int:
         return 0
     nodes = json.loads(body)["data"]["result"]["result"]
     return sum(1 for n in nodes if n.get("state") == "ALIVE")
+
+
+def ray_node_id(spec: ClusterSpec, token: str, node: int) -> str | None:
+    """The Ray node id of the cluster's ALIVE node ``node`` (1: the head), from the dashboard's
+    state API and the node's label (`NODE_LABEL`); None when no such node is alive."""
+    status, body = http_get(f"{spec.dashboard_url}/api/v0/nodes?limit=100&detail=true", token)
+    if status != 200:
+        raise ClusterError(f"the dashboard answered {status} to a list of the cluster's nodes")
+    for found in json.loads(body)["data"]["result"]["result"]:
+        labels = found.get("labels") or {}
+        if found.get("state") == "ALIVE" and labels.get(NODE_LABEL) == str(node):
+            return str(found["node_id"])
+    return None
 
 
 def mlflow_experiments_url(spec: ClusterSpec) -> str:

@@ -1,5 +1,6 @@
 """When a worker group writes a checkpoint inside an epoch: every N steps, every M minutes, and
-at the first step boundary after Ray Train says that a node of the run is being drained.
+at the first step boundary after Ray Train says that a node of the run is being drained (after
+which the group waits for the node's deadline, `wait_for_deadline`).
 
 Every rank asks at every step and must get the same answer, since writing a checkpoint is a
 collective. Steps are counted alike on every rank; clocks are not, so every `AGREE_EVERY_STEPS`
@@ -26,6 +27,10 @@ AGREE_EVERY_STEPS = 4
 """Steps between the group's agreements on its clocks (an all-reduce of two numbers)."""
 PREEMPTION_POLL_S = 1.0
 """The least time between two preemption polls (each is a barrier of every worker)."""
+DEADLINE_MARGIN_S = 60.0
+"""How long past a notice's deadline the group waits for Ray to stop it before training on."""
+UNKNOWN_DEADLINE_WAIT_S = 180.0
+"""How long the group waits after a notice without a deadline (Ray Train gives those 120 s)."""
 
 
 class NoticeSource(Protocol):
@@ -92,6 +97,27 @@ class CheckpointSchedule:
     def written(self) -> None:
         """A checkpoint was written (inside the epoch or at its end): the clock starts again."""
         self.last_written = time.monotonic()
+
+
+def wait_for_deadline(notice: Any, sleep: Any = time.sleep) -> float:
+    """Every rank, after the checkpoint a notice asked for: train no further and wait for Ray
+    Train to stop the group at the notice's deadline (returns the seconds waited).
+
+    What the group would train after the checkpoint is lost at the restart anyway. And a group
+    still stepping when the drained node goes down fails in its collectives first (the peers'
+    connections reset), which Ray counts as a worker failure, against ``max_failures``; a group
+    that waits is stopped by Ray at the deadline as a preemption. Should Ray not stop it (a
+    drain without a deadline waits `UNKNOWN_DEADLINE_WAIT_S`), training goes on after
+    `DEADLINE_MARGIN_S` more."""
+    deadline_ms = getattr(notice, "deadline_ms", None)
+    if deadline_ms is None:
+        until = time.time() + UNKNOWN_DEADLINE_WAIT_S
+    else:
+        until = deadline_ms / 1000.0 + DEADLINE_MARGIN_S
+    started = time.time()
+    while (left := until - time.time()) > 0:
+        sleep(min(left, 1.0))
+    return time.time() - started
 
 
 def describe_notice(notice: Any) -> str:

@@ -31,7 +31,7 @@ import ray.tune
 import torch
 
 from mvtcae import storage
-from mvtcae.storage.checkpoints import TRAINER_STATE, checkpoint_position
+from mvtcae.storage.checkpoints import CHECKSUMS, TRAINER_STATE, checkpoint_position
 
 logger = logging.getLogger(__name__)
 
@@ -223,11 +223,17 @@ def prune_inside_epochs(run_dir: str, newest: str) -> None:
 def persist_checkpoint(
     local_dir: str | Path, run_dir: str, dir_name: str, keep: int | None
 ) -> ray.train.Checkpoint:
-    """Copy a checkpoint written in ``local_dir`` to ``<run_dir>/<dir_name>``, then delete all
-    but the newest ``keep`` checkpoints of the run (None keeps all). The new one is complete
-    before any old one goes."""
+    """Move a checkpoint written in ``local_dir`` to ``<run_dir>/<dir_name>`` (its checksums
+    last), then delete all but the newest ``keep`` checkpoints of the run (None keeps all). The
+    new one is complete before any old one goes."""
     location = storage.join(run_dir, dir_name)
+    # The checksums go last: a checkpoint directory with its checksums is complete, which a
+    # reader of the run directory may rely on before it verifies them.
+    checksums = Path(local_dir) / CHECKSUMS
+    text = checksums.read_text()
+    checksums.unlink()
     storage.upload_directory(local_dir, location)
+    storage.write_text(storage.join(location, CHECKSUMS), text)
     if keep is not None:
         for name in run_checkpoints(run_dir)[:-keep]:
             if name != dir_name:

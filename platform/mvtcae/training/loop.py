@@ -52,7 +52,12 @@ from mvtcae.storage.checkpoints import (
     save_checkpoint,
 )
 from mvtcae.tracking.run_logger import RunLogger
-from mvtcae.training.checkpoint_schedule import CheckpointSchedule, Due, describe_notice
+from mvtcae.training.checkpoint_schedule import (
+    CheckpointSchedule,
+    Due,
+    describe_notice,
+    wait_for_deadline,
+)
 from mvtcae.training.collectives import all_reduce, gather_rng_states, min_over_workers
 from mvtcae.training.epoch_input import EpochInput
 from mvtcae.training.hosts import (
@@ -334,6 +339,10 @@ def _train_epoch(
         due = schedule.due(step) if schedule is not None and schedule.active else None
         if due is not None:
             _checkpoint_inside(run, epoch, step, totals(), guard, due)
+        if due is not None and due.notice is not None:
+            waited = wait_for_deadline(due.notice)
+            if run.host.rank == 0:
+                logger.warning("Ray did not stop the group %.0f s after the notice", waited)
 
     train_sums = run_train_epoch(
         ddp_model,
@@ -402,13 +411,6 @@ def _checkpoint_inside(
         run.schedule.written()
     if host.rank != 0:
         return
-    if due.notice is not None:
-        note = describe_notice(due.notice)
-        logger.warning("%s: checkpointing epoch %d at step %d", note, epoch, step)
-        if run.tracker is not None:
-            run.tracker.set_tags({f"{PREEMPTION_TAG_PREFIX}{epoch:04d}_step_{step:06d}": note})
-    else:
-        logger.debug("epoch %d: checkpoint at step %d (%s)", epoch, step, due.reason)
     state = TrainerState(
         epoch=epoch - 1,
         metrics={"train/skipped_steps_total": float(guard.skipped)},
@@ -423,6 +425,19 @@ def _checkpoint_inside(
         save_checkpoint(tmp, run.model, run.optimizer, run.scheduler, state, rng_states)
         persist_checkpoint(tmp, run.plan.run_dir, name, keep=None)
     prune_inside_epochs(run.plan.run_dir, name)
+    if due.notice is not None:
+        note = describe_notice(due.notice)
+        logger.warning(
+            "%s: checkpointed epoch %d at step %d; waiting for the deadline, then the run "
+            "restarts from it on the remaining nodes",
+            note,
+            epoch,
+            step,
+        )
+        if run.tracker is not None:
+            run.tracker.set_tags({f"{PREEMPTION_TAG_PREFIX}{epoch:04d}_step_{step:06d}": note})
+    else:
+        logger.debug("epoch %d: checkpoint at step %d (%s)", epoch, step, due.reason)
 
 
 def _report_epoch(run: _WorkerRun, epoch: int, metrics: dict[str, float]) -> None:
