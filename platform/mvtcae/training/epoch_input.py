@@ -48,10 +48,11 @@ class EpochInput:
 
         Held splits restart exactly there, on any number of workers (`HeldSplit.step_rows`).
         A streamed shard cannot seek: each worker reads and drops its first
-        ``start // (batch_size * world)`` batches. On as many workers as before, with the
-        deterministic order of `data_order_seed`, those are the rows trained before; on another
-        number the shards differ, so the epoch trains as many rows as it has left, but some of
-        them may have been trained already in this epoch and as many others are not.
+        ``start // (batch_size * world)`` batches, so the epoch trains as many rows as it had
+        left. Ray Data does not read an epoch's blocks in the same order twice (measured: two
+        reads of one shard differ, with or without a shuffle buffer), so the dropped rows need
+        not be the ones trained before: some rows of that epoch may be trained twice, and as
+        many not at all.
         """
         shuffle = self.shuffle_buffer > 0
         skip = 0
@@ -96,6 +97,8 @@ class EpochInput:
 
 
 def data_order_seed(seed: int, rank: int) -> int:
-    """The base seed of a rank's row order; epoch ``e`` shuffles with ``data_order_seed + e``,
-    so the order of any epoch depends only on (seed, rank, epoch), also after a resume."""
+    """The base seed of a rank's shuffle buffer; epoch ``e`` shuffles with
+    ``data_order_seed + e``. (The rows that reach the buffer come in the order Ray Data reads
+    them, which is not the same from one read to the next: a streamed epoch is not repeated
+    exactly after a resume; a held one is, see `HeldSplit`.)"""
     return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
