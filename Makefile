@@ -23,8 +23,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## Create .venv and install the model, the platform, dashboards, demo data and dev tools
 
-test: install ## Run the test suite (two lanes at once: the fault drills and the rest)
-	bash tests/run_lanes.sh $(BIN)
+test: install ## Run the test suite
+	$(BIN)/pytest -q --timeout=900 --durations=25
 
 lint: install ## Run ruff and the layering check (docs/architecture.md)
 	$(BIN)/ruff check platform tests jobs
