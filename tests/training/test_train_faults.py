@@ -84,7 +84,11 @@ def test_a_resume_with_no_intact_checkpoint_fails_naming_them(tmp_path, tiny_dat
     corrupt newest checkpoint with an intact one before it is drilled on demo.yaml in
     test_shipped_faults.py: the resume falls back to the older one.)"""
     extra = ("name=corrupt-test", "train.checkpoint.metric=epoch", "train.checkpoint.mode=max")
-    cfg = make_config(tmp_path, tiny_dataset, *extra, "eval.coherence=false", "eval.plots=false")
+    # The first run only leaves checkpoints behind: no evaluation, no model logged.
+    quick = ("eval.latent_accuracy=false", "eval.joint_nll=false", "tracking.log_model=false")
+    cfg = make_config(
+        tmp_path, tiny_dataset, *extra, *quick, "eval.coherence=false", "eval.plots=false"
+    )
     first = train(cfg)
     run_dir = Path(first.run_dir)
     assert sorted(p.name for p in run_dir.glob("checkpoint_epoch_*")) == [

@@ -216,8 +216,11 @@ def drain_node(
         f"--reason-message=mvtcae cluster drain-node {node}",
         f"--deadline-remaining-seconds={deadline_s}",
     ]
-    deadline = time.monotonic() + deadline_s
     done = subprocess.run(argv, env=client_env(spec), capture_output=True, text=True)
+    # Ray's deadline runs from when the GCS took the request, inside the command (which takes
+    # seconds to start): counted from its end, the kill comes just after Ray's deadline, never
+    # before it (a node killed early fails the group's collectives before Ray acts on the drain).
+    deadline = time.monotonic() + deadline_s
     if done.returncode != 0:
         raise ClusterError(f"ray drain-node failed ({done.returncode}): {done.stderr.strip()}")
     _log.info("worker node %d (%s) drained for preemption, %d s left", node, node_id, deadline_s)
